@@ -1,0 +1,561 @@
+"""DenseCLIP: language-guided semantic segmentation with context-aware prompting (Rao et al., CVPR 2022).
+
+Read top to bottom, this file follows the data:
+pixels -> CLIP image tokens -> stride 4/8/16/32 pyramid and the language-compatible map z (Eq. 1)
+-> class text embeddings t from learnable contexts (Eq. 3) -> post-model prompting (Eqs. 5-6)
+-> pixel-text score map s (Eq. 2) -> FPN neck -> Semantic FPN head -> logits, and the losses (Eq. 7).
+"""
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import CLIPTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import initialization as init
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
+
+from .configuration_denseclip import DenseClipConfig
+
+PYRAMID_STRIDES = (4, 8, 16, 32)
+
+
+@dataclass
+class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
+    r"""
+    Output of [`DenseClipForSemanticSegmentation`].
+
+    Args:
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            `decode_loss + identity_loss_weight * identity_loss`.
+        logits (`torch.FloatTensor` of shape `(batch, num_labels, height / 4, width / 4)`):
+            Per-pixel class scores at a quarter of the input size.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The 4 image-encoder pyramid levels `(batch, channels, height / stride, width / stride)` for strides 4, 8,
+            16 and 32, before the score map is concatenated.
+        score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
+            Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT).
+        text_embeddings (`torch.FloatTensor` of shape `(batch, num_labels, projection_dim)`):
+            Class text embeddings t after post-model prompting (Eq. 6), not normalized.
+        decode_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Cross-entropy of the logits upsampled to the label size.
+        identity_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
+            Unweighted auxiliary cross-entropy of `score_map / temperature` (Eq. 7).
+    """
+
+    score_map: torch.FloatTensor | None = None
+    text_embeddings: torch.FloatTensor | None = None
+    decode_loss: torch.FloatTensor | None = None
+    identity_loss: torch.FloatTensor | None = None
+
+
+@dataclass
+class DenseClipImageEncoderOutput(ModelOutput):
+    r"""
+    Args:
+        pyramid (`tuple(torch.FloatTensor)`):
+            4 feature maps `(batch, channels, height / stride, width / stride)` for strides 4, 8, 16 and 32.
+        global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
+            The global image embedding z_bar (Eq. 1).
+        dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
+            The language-compatible feature map z (Eq. 1), not normalized.
+    """
+
+    pyramid: tuple[torch.FloatTensor, ...] | None = None
+    global_embedding: torch.FloatTensor | None = None
+    dense_embedding: torch.FloatTensor | None = None
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image side: pixels -> CLIP ViT tokens -> pyramid, z_bar and z (Eq. 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def resize_position_grid(grid: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resizes a square grid of positional embeddings `(side * side, channels)` to `(height * width, channels)`."""
+    side = math.isqrt(grid.shape[0])
+    if (side, side) == tuple(size):
+        return grid
+    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
+    return grid.flatten(2).transpose(1, 2)[0]
+
+
+def _pyramid_level(channels: int, patch_size: int, stride: int) -> nn.Sequential:
+    """GroupNorm, then 2x transposed convolutions (with BatchNorm + GELU between) or a max-pool to reach `stride`."""
+    layers: list[nn.Module] = [nn.GroupNorm(1, channels)]
+    if stride > patch_size:
+        layers.append(nn.MaxPool2d(stride // patch_size))
+    for step in range(int(math.log2(patch_size // stride)) if patch_size > stride else 0):
+        if step > 0:
+            layers += [nn.BatchNorm2d(channels), nn.GELU()]
+        layers.append(nn.ConvTranspose2d(channels, channels, kernel_size=2, stride=2))
+    return nn.Sequential(*layers)
+
+
+class DenseClipViTPyramid(nn.Module):
+    """Turns 4 ViT feature maps at stride `patch_size` into a stride 4/8/16/32 pyramid (the authors' `fpn1-4`).
+
+    For ViT-B/16: level 0 upsamples 4x with two transposed convolutions, level 1 upsamples 2x, level 2 keeps the
+    map and level 3 max-pools 2x; every level starts with a GroupNorm over all channels.
+    """
+
+    def __init__(self, channels: int, patch_size: int):
+        super().__init__()
+        self.levels = nn.ModuleList(_pyramid_level(channels, patch_size, stride) for stride in PYRAMID_STRIDES)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """`features`: 4 maps `(batch, channels, h, w)` -> 4 maps `(batch, channels, H / stride, W / stride)`."""
+        return tuple(level(feature) for level, feature in zip(self.levels, features))
+
+
+class DenseClipViTImageEncoder(nn.Module):
+    """CLIP ViT image encoder that also returns the pyramid and the dense embedding z.
+
+    Input `pixel_values` `(batch, 3, height, width)` of any size divisible by the patch size, square or not: the
+    positional embedding is resized to the patch grid on every call (`config.position_embedding_interpolation`).
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        vision_config = config.vision_config
+        self.vision_model = CLIPVisionModel._from_config(vision_config)
+        self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
+        self.pyramid = DenseClipViTPyramid(vision_config.hidden_size, vision_config.patch_size)
+        self.feature_layers = list(config.vision_feature_layers)
+        self.interpolation = config.position_embedding_interpolation
+
+    @property
+    def pyramid_channels(self) -> list[int]:
+        return [self.vision_model.config.hidden_size] * len(PYRAMID_STRIDES)
+
+    def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+        """Patch + class tokens plus positions: `(batch, 1 + h * w, hidden)` and the patch grid `(h, w)`."""
+        embeddings = self.vision_model.embeddings
+        patches = embeddings.patch_embedding(pixel_values.to(embeddings.patch_embedding.weight.dtype))
+        batch, _, height, width = patches.shape
+        class_token = embeddings.class_embedding.expand(batch, 1, -1)
+        tokens = torch.cat([class_token, patches.flatten(2).transpose(1, 2)], dim=1)
+        positions = embeddings.position_embedding.weight
+        patch_positions = resize_position_grid(positions[1:], (height, width), self.interpolation)
+        return tokens + torch.cat([positions[:1], patch_positions]).unsqueeze(0), (height, width)
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.vision_model.config.num_channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {self.vision_model.config.num_channels}, height, width), "
+                f"got {tuple(pixel_values.shape)}."
+            )
+        patch_size = self.vision_model.config.patch_size
+        if pixel_values.shape[-2] % patch_size or pixel_values.shape[-1] % patch_size:
+            raise ValueError(
+                f"pixel_values height and width must be multiples of the patch size {patch_size}, got "
+                f"{tuple(pixel_values.shape[-2:])}: resize or pad the images (DenseClipImageProcessor does this)."
+            )
+        hidden_states, (height, width) = self.embed(pixel_values)
+        hidden_states = self.vision_model.pre_layrnorm(hidden_states)
+        features = []
+        for index, layer in enumerate(self.vision_model.encoder.layers):
+            hidden_states = layer(hidden_states, None)
+            if index in self.feature_layers:
+                features.append(hidden_states[:, 1:].transpose(1, 2).unflatten(2, (height, width)))
+
+        # Eq. 1 (ViT): post_layernorm + projection of ALL final tokens; token 0 is z_bar, the others form z.
+        embeddings = self.visual_projection(self.vision_model.post_layernorm(hidden_states))
+        return DenseClipImageEncoderOutput(
+            pyramid=self.pyramid(features),
+            global_embedding=embeddings[:, 0],
+            dense_embedding=embeddings[:, 1:].transpose(1, 2).unflatten(2, (height, width)),
+        )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Text side: class names + learnable contexts -> CLIP text tower -> t (Eq. 3)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipTextEncoder(nn.Module):
+    """CLIP text tower that reads `[SOT, p_1..p_N, name tokens, EOT]`: N learnable contexts after the start token."""
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
+
+    def forward(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """`class_token_ids` `(classes, length)` and `contexts` `(N, hidden)` -> text embeddings `(classes, D)`."""
+        text_model = self.text_model
+        token_embeddings = text_model.embeddings.token_embedding(class_token_ids)
+        num_classes = token_embeddings.shape[0]
+        contexts = contexts.to(token_embeddings.dtype).unsqueeze(0).expand(num_classes, -1, -1)
+        # Eq. 3: [p, e_k], with the start token kept in front as in the authors' code.
+        inputs_embeds = torch.cat([token_embeddings[:, :1], contexts, token_embeddings[:, 1:]], dim=1)
+        hidden_states = text_model.embeddings(inputs_embeds=inputs_embeds)
+        causal_mask = create_causal_mask(
+            config=text_model.config, inputs_embeds=hidden_states, attention_mask=None, past_key_values=None
+        )
+        hidden_states = text_model.encoder(
+            inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True
+        ).last_hidden_state
+        hidden_states = text_model.final_layer_norm(hidden_states)
+        end_positions = (class_token_ids == text_model.config.eos_token_id).int().argmax(-1) + contexts.shape[1]
+        pooled = hidden_states[torch.arange(num_classes, device=hidden_states.device), end_positions]
+        return self.text_projection(pooled)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Post-model vision-to-language prompting (Eqs. 5-6)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipContextAttention(nn.Module):
+    """Multi-head attention with bias-free q/k/v projections and a dropout after the output projection."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.num_heads = num_heads
+        self.q_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.k_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.v_proj = nn.Linear(hidden_size, hidden_size, bias=False)
+        self.out_proj = nn.Linear(hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """`queries` `(batch, Q, hidden)` attend to `memory` `(batch, M, hidden)` -> `(batch, Q, hidden)`."""
+
+        def heads(states: torch.Tensor) -> torch.Tensor:
+            return states.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
+
+        attended = F.scaled_dot_product_attention(
+            heads(self.q_proj(queries)), heads(self.k_proj(memory)), heads(self.v_proj(memory))
+        )
+        return self.dropout(self.out_proj(attended.transpose(1, 2).flatten(2)))
+
+
+class DenseClipContextDecoderLayer(nn.Module):
+    """Pre-norm Transformer decoder layer: self-attention, cross-attention to the visual context, 4x GELU MLP."""
+
+    def __init__(self, hidden_size: int, num_heads: int, dropout: float):
+        super().__init__()
+        self.norm1 = nn.LayerNorm(hidden_size)
+        self.self_attn = DenseClipContextAttention(hidden_size, num_heads, dropout)
+        self.norm2 = nn.LayerNorm(hidden_size)
+        self.cross_attn = DenseClipContextAttention(hidden_size, num_heads, dropout)
+        self.norm3 = nn.LayerNorm(hidden_size)
+        self.fc1 = nn.Linear(hidden_size, 4 * hidden_size)
+        self.activation = nn.GELU()
+        self.fc2 = nn.Linear(4 * hidden_size, hidden_size)
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, hidden_states: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
+        """`hidden_states` `(batch, classes, hidden)`, `memory` `(batch, 1 + h * w, hidden)`."""
+        normed = self.norm1(hidden_states)
+        hidden_states = hidden_states + self.self_attn(normed, normed)
+        hidden_states = hidden_states + self.cross_attn(self.norm2(hidden_states), memory)
+        mlp = self.fc2(self.dropout(self.activation(self.fc1(self.norm3(hidden_states)))))
+        return hidden_states + self.dropout(mlp)
+
+
+class DenseClipContextDecoder(nn.Module):
+    """TransDecoder of Eq. 5: text embeddings are the queries, the visual context [z_bar, z] the memory."""
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        embed_dim, hidden_size = config.projection_dim, config.context_decoder_hidden_size
+        self.memory_projection = nn.Sequential(
+            nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden_size), nn.LayerNorm(hidden_size)
+        )
+        self.text_projection = nn.Sequential(nn.LayerNorm(embed_dim), nn.Linear(embed_dim, hidden_size))
+        self.layers = nn.ModuleList(
+            DenseClipContextDecoderLayer(hidden_size, config.context_decoder_heads, config.context_decoder_dropout)
+            for _ in range(config.context_decoder_layers)
+        )
+        self.output_projection = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embed_dim))
+
+    def forward(self, text_embeddings: torch.Tensor, visual_context: torch.Tensor) -> torch.Tensor:
+        """`text_embeddings` `(batch, classes, D)`, `visual_context` `(batch, 1 + h * w, D)` -> v_post `(batch, classes, D)`."""
+        memory = self.memory_projection(visual_context)
+        hidden_states = self.text_projection(text_embeddings)
+        for layer in self.layers:
+            hidden_states = layer(hidden_states, memory)
+        return self.output_projection(hidden_states)
+
+
+class DenseClipPostModelPrompting(nn.Module):
+    """Refines the class text embeddings with the image's context: t <- t + gamma * TransDecoder(t, [z_bar, z])."""
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        self.context_decoder = DenseClipContextDecoder(config)
+        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
+
+    def forward(
+        self, text_embeddings: torch.Tensor, global_embedding: torch.Tensor, dense_embedding: torch.Tensor
+    ) -> torch.Tensor:
+        """`text_embeddings` `(classes, D)`, z_bar `(batch, D)`, z `(batch, D, h, w)` -> `(batch, classes, D)`."""
+        visual_context = torch.cat([global_embedding.unsqueeze(1), dense_embedding.flatten(2).transpose(1, 2)], dim=1)
+        text_embeddings = text_embeddings.expand(global_embedding.shape[0], -1, -1)
+        v_post = self.context_decoder(text_embeddings, visual_context)  # Eq. 5
+        return text_embeddings + self.gamma * v_post  # Eq. 6
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pixel-text score map (Eq. 2)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pixel_text_score_map(dense_embedding: torch.Tensor, text_embeddings: torch.Tensor) -> torch.Tensor:
+    """Eq. 2: s = z_hat t_hat^T, cosine similarity of every pixel with every class.
+
+    `dense_embedding` `(batch, D, h, w)` and `text_embeddings` `(batch, classes, D)` -> `(batch, classes, h, w)`.
+    """
+    return torch.einsum(
+        "bdhw,bkd->bkhw", F.normalize(dense_embedding, dim=1), F.normalize(text_embeddings, dim=2)
+    )
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Decoder: FPN neck + Semantic FPN head
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipFPN(nn.Module):
+    """Feature Pyramid Network neck: 1x1 laterals, nearest top-down sums, 3x3 output convolutions."""
+
+    def __init__(self, in_channels: list[int], channels: int):
+        super().__init__()
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(width, channels, 1) for width in in_channels)
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+
+    def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+        """4 maps `(batch, in_channels[i], h_i, w_i)` -> 4 maps `(batch, channels, h_i, w_i)`."""
+        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features)]
+        for level in range(len(laterals) - 1, 0, -1):
+            laterals[level - 1] = laterals[level - 1] + F.interpolate(
+                laterals[level], size=laterals[level - 1].shape[-2:], mode="nearest"
+            )
+        return tuple(conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals))
+
+
+class DenseClipConvNormAct(nn.Module):
+    """3x3 convolution (no bias) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(hidden_states)))
+
+
+def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
+    if tuple(hidden_states.shape[-2:]) == tuple(size):
+        return hidden_states
+    return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
+
+
+class DenseClipSemanticFPNHead(nn.Module):
+    """Semantic FPN head (Kirillov et al.): each level is brought to stride 4 by (conv + 2x upsample) steps, the
+    levels are summed and a 1x1 classifier gives the logits `(batch, num_labels, H / 4, W / 4)`."""
+
+    def __init__(self, in_channels: int, channels: int, num_labels: int, dropout: float):
+        super().__init__()
+        self.scale_heads = nn.ModuleList(
+            nn.ModuleList(DenseClipConvNormAct(in_channels if step == 0 else channels, channels) for step in range(max(1, level)))
+            for level in range(len(PYRAMID_STRIDES))
+        )
+        self.dropout = nn.Dropout2d(dropout)
+        self.classifier = nn.Conv2d(channels, num_labels, 1)
+
+    def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        output = None
+        for level, (hidden_states, blocks) in enumerate(zip(features, self.scale_heads)):
+            for block in blocks:
+                hidden_states = block(hidden_states)
+                if level > 0:
+                    hidden_states = _resize(hidden_states, (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1]))
+            output = hidden_states if output is None else output + _resize(hidden_states, output.shape[-2:])
+        return self.classifier(self.dropout(output))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
+    """Cross-entropy of `logits` `(batch, classes, h, w)`, bilinearly resized to `labels` `(batch, H, W)`.
+
+    `reduction="mean_non_ignored"` averages over labelled pixels; `"mean_all_pixels"` over all pixels (mmseg 0.x).
+    """
+    logits = _resize(logits, labels.shape[-2:]).float()
+    losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    if reduction == "mean_all_pixels":
+        return losses.mean()
+    return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipPreTrainedModel(PreTrainedModel):
+    config: DenseClipConfig
+    config_class = DenseClipConfig
+    base_model_prefix = "denseclip"
+    main_input_name = "pixel_values"
+    input_modalities = ("image",)
+    supports_gradient_checkpointing = True
+    _supports_sdpa = True
+    _supports_flash_attn = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _no_split_modules = ["CLIPEncoderLayer", "DenseClipContextDecoderLayer"]
+    # CLIP's contrastive temperature is not part of DenseCLIP (the score map uses the fixed `temperature`).
+    _keys_to_ignore_on_load_unexpected = [r"logit_scale"]
+
+    @torch.no_grad()
+    def _init_weights(self, module: nn.Module) -> None:
+        super()._init_weights(module)
+        config = self.config
+        if isinstance(module, DenseClipForSemanticSegmentation):
+            init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
+            if config.class_token_ids is not None:
+                init.copy_(module.class_token_ids, torch.tensor(config.class_token_ids))
+        elif isinstance(module, DenseClipPostModelPrompting):
+            init.constant_(module.gamma, config.gamma_init_value)
+        elif isinstance(module, DenseClipContextDecoder):
+            for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
+                init.trunc_normal_(linear.weight, std=config.initializer_range)
+                if linear.bias is not None:
+                    init.zeros_(linear.bias)
+        elif isinstance(module, DenseClipTextEncoder):
+            init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
+        elif isinstance(module, DenseClipViTImageEncoder):
+            init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
+        elif isinstance(module, DenseClipViTPyramid):
+            for conv in (m for m in module.modules() if isinstance(m, nn.ConvTranspose2d)):
+                init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+                init.zeros_(conv.bias)
+        elif isinstance(module, DenseClipFPN):
+            for conv in [*module.lateral_convs, *module.fpn_convs]:
+                init.xavier_uniform_(conv.weight)
+                init.zeros_(conv.bias)
+        elif isinstance(module, DenseClipConvNormAct):
+            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
+        elif isinstance(module, DenseClipSemanticFPNHead):
+            init.normal_(module.classifier.weight, std=0.01)
+            init.zeros_(module.classifier.bias)
+
+
+class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
+    """DenseCLIP with a CLIP ViT image encoder, post-model prompting, an FPN neck and a Semantic FPN head.
+
+    The CLIP text tower is frozen (`requires_grad=False`); gradients still flow through it to the learnable contexts.
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.image_encoder = DenseClipViTImageEncoder(config)
+        self.text_encoder = DenseClipTextEncoder(config)
+        self.text_encoder.requires_grad_(False)
+        self.context_embeddings = nn.Parameter(
+            torch.empty(config.num_context_tokens, config.text_config.hidden_size)
+        )
+        self.register_buffer(
+            "class_token_ids",
+            torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
+            persistent=False,
+        )
+        self.prompting = DenseClipPostModelPrompting(config)
+        neck_channels = list(self.image_encoder.pyramid_channels)
+        neck_channels[config.score_map_level] += config.num_labels
+        self.neck = DenseClipFPN(neck_channels, config.fpn_channels)
+        self.decode_head = DenseClipSemanticFPNHead(
+            config.fpn_channels, config.decode_head_channels, config.num_labels, config.decode_head_dropout
+        )
+        self.post_init()
+
+    def get_text_embeddings(self) -> torch.Tensor:
+        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
+        if self.class_token_ids is None:
+            raise ValueError(
+                "This model has no class token ids: build it with `DenseClipForSemanticSegmentation.from_clip_pretrained"
+                "(..., id2label=...)` or set `config.class_token_ids` with `denseclip_hf.tokenize_class_names`."
+            )
+        return self.text_encoder(self.class_token_ids, self.context_embeddings)
+
+    @can_return_tuple
+    def forward(
+        self,
+        pixel_values: torch.Tensor,
+        labels: torch.Tensor | None = None,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> DenseClipSemanticSegmenterOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalized images; height and width must be multiples of the patch size.
+        labels (`torch.LongTensor` of shape `(batch, height', width')`, *optional*):
+            Class index per pixel (`config.semantic_loss_ignore_index` to ignore). Any size: logits and score map are
+            bilinearly resized to it for the losses.
+        output_hidden_states (`bool`, *optional*):
+            Also return the 4 image-encoder pyramid levels.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        image = self.image_encoder(pixel_values)
+        text_embeddings = self.prompting(self.get_text_embeddings(), image.global_embedding, image.dense_embedding)
+        score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)
+
+        # Sec. 3.2: x' = [x, s], the score map joins the pyramid level of the same stride.
+        features = list(image.pyramid)
+        level = self.config.score_map_level
+        features[level] = torch.cat([features[level], score_map.to(features[level].dtype)], dim=1)
+        logits = self.decode_head(self.neck(features))
+
+        loss = decode_loss = identity_loss = None
+        if labels is not None:
+            loss, decode_loss, identity_loss = self.compute_loss(logits, score_map, labels)
+        return DenseClipSemanticSegmenterOutput(
+            loss=loss,
+            logits=logits,
+            hidden_states=image.pyramid if output_hidden_states else None,
+            score_map=score_map,
+            text_embeddings=text_embeddings,
+            decode_loss=decode_loss,
+            identity_loss=identity_loss,
+        )
+
+    def compute_loss(
+        self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Total, decode and (unweighted) identity loss for `labels` `(batch, H, W)`."""
+        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
+            raise ValueError(
+                f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}."
+            )
+        config = self.config
+        labels = labels.long()
+        decode_loss = pixel_cross_entropy(logits, labels, config.semantic_loss_ignore_index, config.loss_reduction)
+        # Eq. 7: the score map, sharpened by tau, is itself a low-resolution segmentation.
+        identity_loss = pixel_cross_entropy(
+            score_map / config.temperature, labels, config.semantic_loss_ignore_index, config.loss_reduction
+        )
+        return decode_loss + config.identity_loss_weight * identity_loss, decode_loss, identity_loss
+
+
+__all__ = [
+    "DenseClipForSemanticSegmentation",
+    "DenseClipPreTrainedModel",
+    "DenseClipSemanticSegmenterOutput",
+    "pixel_text_score_map",
+]
