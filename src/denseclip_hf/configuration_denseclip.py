@@ -165,7 +165,10 @@ class DenseClipConfig(PreTrainedConfig):
             f"must be one of {_INTERPOLATION_MODES}",
         )
         _check(
-            self.loss_reduction in _LOSS_REDUCTIONS, "loss_reduction", self.loss_reduction, f"must be one of {_LOSS_REDUCTIONS}"
+            self.loss_reduction in _LOSS_REDUCTIONS,
+            "loss_reduction",
+            self.loss_reduction,
+            f"must be one of {_LOSS_REDUCTIONS}",
         )
         self._validate_vision_tower()
         self._validate_class_token_ids()

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import CLIPTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -22,6 +22,16 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_denseclip import DenseClipConfig
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
+
+# CLIPModel checkpoint keys -> this model's CLIP towers (`from_clip_pretrained`).
+CLIP_KEY_MAPPING = {
+    r"^text_model\.": "text_encoder.text_model.",
+    r"^text_projection\.": "text_encoder.text_projection.",
+    r"^vision_model\.": "image_encoder.vision_model.",
+    r"^visual_projection\.": "image_encoder.visual_projection.",
+}
+# `from_pretrained` arguments that say where and how to fetch files, shared by config, tokenizer and weights.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
 
 
 @dataclass
@@ -110,7 +120,7 @@ class DenseClipViTPyramid(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """`features`: 4 maps `(batch, channels, h, w)` -> 4 maps `(batch, channels, H / stride, W / stride)`."""
-        return tuple(level(feature) for level, feature in zip(self.levels, features))
+        return tuple(level(feature) for level, feature in zip(self.levels, features, strict=True))
 
 
 class DenseClipViTImageEncoder(nn.Module):
@@ -207,6 +217,23 @@ class DenseClipTextEncoder(nn.Module):
         return self.text_projection(pooled)
 
 
+def tokenize_class_names(class_names: list[str], tokenizer, length: int) -> list[list[int]]:
+    """Token ids `[SOT, name..., EOT, 0...]` of each class name, `length` ids each (the authors' `tokenize`).
+
+    Raises a `ValueError` naming the class when a name needs more than `length` tokens.
+    """
+    token_ids = []
+    for label, name in enumerate(class_names):
+        ids = tokenizer(name, add_special_tokens=True)["input_ids"]
+        if len(ids) > length:
+            raise ValueError(
+                f"Class {label} ({name!r}) needs {len(ids)} tokens with its start and end tokens, more than "
+                f"class_name_token_length={length}: shorten the name or pass class_name_token_length={len(ids)}."
+            )
+        token_ids.append(ids + [0] * (length - len(ids)))
+    return token_ids
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Post-model vision-to-language prompting (Eqs. 5-6)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -277,7 +304,10 @@ class DenseClipContextDecoder(nn.Module):
         self.output_projection = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embed_dim))
 
     def forward(self, text_embeddings: torch.Tensor, visual_context: torch.Tensor) -> torch.Tensor:
-        """`text_embeddings` `(batch, classes, D)`, `visual_context` `(batch, 1 + h * w, D)` -> v_post `(batch, classes, D)`."""
+        """`text_embeddings` `(batch, classes, D)` attend to `visual_context` `(batch, 1 + h * w, D)`.
+
+        Returns v_post `(batch, classes, D)`.
+        """
         memory = self.memory_projection(visual_context)
         hidden_states = self.text_projection(text_embeddings)
         for layer in self.layers:
@@ -313,9 +343,7 @@ def pixel_text_score_map(dense_embedding: torch.Tensor, text_embeddings: torch.T
 
     `dense_embedding` `(batch, D, h, w)` and `text_embeddings` `(batch, classes, D)` -> `(batch, classes, h, w)`.
     """
-    return torch.einsum(
-        "bdhw,bkd->bkhw", F.normalize(dense_embedding, dim=1), F.normalize(text_embeddings, dim=2)
-    )
+    return torch.einsum("bdhw,bkd->bkhw", F.normalize(dense_embedding, dim=1), F.normalize(text_embeddings, dim=2))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -333,12 +361,12 @@ class DenseClipFPN(nn.Module):
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """4 maps `(batch, in_channels[i], h_i, w_i)` -> 4 maps `(batch, channels, h_i, w_i)`."""
-        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features)]
+        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features, strict=True)]
         for level in range(len(laterals) - 1, 0, -1):
             laterals[level - 1] = laterals[level - 1] + F.interpolate(
                 laterals[level], size=laterals[level - 1].shape[-2:], mode="nearest"
             )
-        return tuple(conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals))
+        return tuple(conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=True))
 
 
 class DenseClipConvNormAct(nn.Module):
@@ -368,7 +396,9 @@ class DenseClipSemanticFPNHead(nn.Module):
     def __init__(self, in_channels: int, channels: int, num_labels: int, dropout: float):
         super().__init__()
         self.scale_heads = nn.ModuleList(
-            nn.ModuleList(DenseClipConvNormAct(in_channels if step == 0 else channels, channels) for step in range(max(1, level)))
+            nn.ModuleList(
+                DenseClipConvNormAct(in_channels if step == 0 else channels, channels) for step in range(max(1, level))
+            )
             for level in range(len(PYRAMID_STRIDES))
         )
         self.dropout = nn.Dropout2d(dropout)
@@ -376,7 +406,7 @@ class DenseClipSemanticFPNHead(nn.Module):
 
     def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         output = None
-        for level, (hidden_states, blocks) in enumerate(zip(features, self.scale_heads)):
+        for level, (hidden_states, blocks) in enumerate(zip(features, self.scale_heads, strict=True)):
             for block in blocks:
                 hidden_states = block(hidden_states)
                 if level > 0:
@@ -467,9 +497,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self.image_encoder = DenseClipViTImageEncoder(config)
         self.text_encoder = DenseClipTextEncoder(config)
         self.text_encoder.requires_grad_(False)
-        self.context_embeddings = nn.Parameter(
-            torch.empty(config.num_context_tokens, config.text_config.hidden_size)
-        )
+        self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
         self.register_buffer(
             "class_token_ids",
             torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
@@ -484,12 +512,80 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         )
         self.post_init()
 
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, then the text tower is frozen again (loading makes tensors trainable)."""
+        loaded = super().from_pretrained(*args, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.text_encoder.requires_grad_(False)
+        return loaded
+
+    @classmethod
+    def from_clip_pretrained(
+        cls,
+        pretrained_model_name_or_path: str,
+        id2label: dict[int, str],
+        tokenizer=None,
+        **kwargs,
+    ) -> "DenseClipForSemanticSegmentation":
+        """Builds DenseCLIP on a CLIP checkpoint (a Hub id or a folder with a `CLIPModel`).
+
+        The CLIP towers load bit-exactly; every DenseCLIP tensor gets its initial value from `_init_weights`.
+        Class names (`id2label`) are tokenized with `tokenizer`, by default the CLIP tokenizer stored with the
+        checkpoint, and kept in `config.class_token_ids`, so the resulting model needs no tokenizer.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder of a `CLIPModel` checkpoint.
+            id2label: Class names by index, e.g. `{0: "wall", 1: "building"}`.
+            tokenizer: A CLIP tokenizer, when the checkpoint has none.
+            kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
+                `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in DenseClipConfig.__dataclass_fields__}
+        clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if tokenizer is None:
+            try:
+                tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            except (OSError, ValueError) as error:
+                tokenizer = error
+        # transformers 5 builds an empty tokenizer for a folder without vocabulary files: check the vocabulary size.
+        if isinstance(tokenizer, Exception) or len(tokenizer) != clip_config.text_config.vocab_size:
+            found = tokenizer if isinstance(tokenizer, Exception) else f"a vocabulary of {len(tokenizer)} tokens"
+            raise ValueError(
+                f"No CLIP tokenizer with {clip_config.text_config.vocab_size} tokens was found for "
+                f"{pretrained_model_name_or_path!r} (got {found}); pass one with "
+                "`tokenizer=CLIPTokenizer.from_pretrained(...)`."
+            )
+        id2label = {int(label): name for label, name in id2label.items()}
+        if sorted(id2label) != list(range(len(id2label))):
+            raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
+        length = config_kwargs.get("class_name_token_length", DenseClipConfig.class_name_token_length)
+        config = DenseClipConfig(
+            text_config=clip_config.text_config.to_dict(),
+            vision_config=clip_config.vision_config.to_dict(),
+            projection_dim=clip_config.projection_dim,
+            id2label=id2label,
+            class_token_ids=tokenize_class_names(
+                [id2label[label] for label in range(len(id2label))], tokenizer, length
+            ),
+            **config_kwargs,
+        )
+        loaded = cls.from_pretrained(
+            pretrained_model_name_or_path, config=config, key_mapping=CLIP_KEY_MAPPING, **hub_kwargs, **kwargs
+        )
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        # transformers remembers `key_mapping` to save in the source layout; a DenseCLIP model saves in its own.
+        model._weight_conversions = []
+        return loaded
+
     def get_text_embeddings(self) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
         if self.class_token_ids is None:
             raise ValueError(
-                "This model has no class token ids: build it with `DenseClipForSemanticSegmentation.from_clip_pretrained"
-                "(..., id2label=...)` or set `config.class_token_ids` with `denseclip_hf.tokenize_class_names`."
+                "This model has no class token ids: build it with `DenseClipForSemanticSegmentation."
+                "from_clip_pretrained(..., id2label=...)` or set `config.class_token_ids` with "
+                "`denseclip_hf.tokenize_class_names`."
             )
         return self.text_encoder(self.class_token_ids, self.context_embeddings)
 
@@ -558,4 +654,5 @@ __all__ = [
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
     "pixel_text_score_map",
+    "tokenize_class_names",
 ]

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny random CLIP / DenseCLIP configs and the real CLIP tokenizer shipped with the package."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
+
+import denseclip_hf
+from denseclip_hf import DenseClipConfig, tokenize_class_names
+
+FIXTURES = Path(__file__).parent / "fixtures"
+TOKENIZER_PATH = Path(denseclip_hf.__file__).parent / "assets" / "clip_tokenizer"
+CLASS_NAMES = ["wall", "building", "sky", "traffic light"]
+
+TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
+TINY_VISION = dict(
+    hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=16
+)
+
+
+@pytest.fixture(scope="session")
+def tokenizer() -> CLIPTokenizer:
+    return CLIPTokenizer.from_pretrained(TOKENIZER_PATH)
+
+
+def tiny_config(tokenizer: CLIPTokenizer, class_names: list[str] = CLASS_NAMES, **overrides) -> DenseClipConfig:
+    """A DenseCLIP config small enough for CPU tests: ViT width 32 / 4 layers, text width 16 / 2 layers."""
+    settings = dict(
+        text_config=TINY_TEXT,
+        vision_config=TINY_VISION,
+        projection_dim=24,
+        num_context_tokens=4,
+        context_decoder_layers=2,
+        context_decoder_hidden_size=16,
+        context_decoder_heads=2,
+        fpn_channels=16,
+        decode_head_channels=16,
+        id2label=dict(enumerate(class_names)),
+        class_token_ids=tokenize_class_names(class_names, tokenizer, overrides.get("class_name_token_length", 5)),
+    )
+    settings.update(overrides)
+    return DenseClipConfig(**settings)
+
+
+@pytest.fixture
+def config(tokenizer) -> DenseClipConfig:
+    return tiny_config(tokenizer)
+
+
+@pytest.fixture(scope="session")
+def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
+    """A random tiny `CLIPModel` checkpoint with the CLIP tokenizer, saved like a Hub repository."""
+    torch.manual_seed(0)
+    clip = CLIPModel(CLIPConfig(text_config=TINY_TEXT, vision_config=TINY_VISION, projection_dim=24))
+    path = tmp_path_factory.mktemp("tiny-clip")
+    clip.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
