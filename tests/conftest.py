@@ -1,5 +1,9 @@
 """Shared fixtures: tiny random CLIP / DenseCLIP configs and the real CLIP tokenizer shipped with the package."""
 
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -57,3 +61,25 @@ def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def run_without_denseclip_hf(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python where `import denseclip_hf` fails (as for a Hub user without the package)."""
+    blocker = textwrap.dedent(
+        """
+        import sys
+
+        class _BlockDenseClip:
+            def find_spec(self, name, path=None, target=None):
+                if name == "denseclip_hf" or name.startswith("denseclip_hf."):
+                    raise ImportError("denseclip_hf is not installed here")
+
+        sys.meta_path.insert(0, _BlockDenseClip())
+        """
+    )
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "HF_HUB_OFFLINE": "1"}
+    result = subprocess.run(
+        [sys.executable, "-c", blocker + textwrap.dedent(script)], capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return result

@@ -1,0 +1,96 @@
+"""A saved model folder: Auto classes, the image-segmentation pipeline, and loading without the package."""
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CLASS_NAMES, run_without_denseclip_hf, tiny_config
+from PIL import Image
+from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipImageProcessor
+
+
+@pytest.fixture(scope="module")
+def saved_folder(tmp_path_factory, tokenizer):
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(tiny_config(tokenizer)).eval()
+    with torch.no_grad():  # a decisive classifier, so that predictions are not ties
+        model.decode_head.classifier.weight.normal_(std=1.0)
+    folder = tmp_path_factory.mktemp("denseclip-tiny")
+    model.save_pretrained(folder)
+    DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}).save_pretrained(folder)
+    return folder
+
+
+def scene(height: int = 48, width: int = 72) -> Image.Image:
+    rng = np.random.RandomState(3)
+    return Image.fromarray(rng.randint(0, 256, (height, width, 3), dtype=np.uint8))
+
+
+def reference_segmentation(folder, image: Image.Image) -> np.ndarray:
+    """Class ids computed directly with the model and the processor, at the image's size."""
+    model = DenseClipForSemanticSegmentation.from_pretrained(folder).eval()
+    processor = DenseClipImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    return processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
+
+
+def test_folder_has_code_and_auto_map(saved_folder):
+    config = json.loads((saved_folder / "config.json").read_text())
+    assert config["auto_map"] == {
+        "AutoConfig": "configuration_denseclip.DenseClipConfig",
+        "AutoModelForSemanticSegmentation": "modeling_denseclip.DenseClipForSemanticSegmentation",
+    }
+    processor_config = json.loads((saved_folder / "preprocessor_config.json").read_text())
+    assert processor_config["auto_map"] == {"AutoImageProcessor": "image_processing_denseclip.DenseClipImageProcessor"}
+    for name in ("configuration_denseclip.py", "modeling_denseclip.py", "image_processing_denseclip.py"):
+        assert (saved_folder / name).is_file(), name
+
+
+def test_auto_classes_resolve_to_the_package(saved_folder):
+    assert type(AutoConfig.from_pretrained(saved_folder)) is DenseClipConfig
+    assert type(AutoModelForSemanticSegmentation.from_pretrained(saved_folder)) is DenseClipForSemanticSegmentation
+    assert type(AutoImageProcessor.from_pretrained(saved_folder)) is DenseClipImageProcessor
+
+
+def test_pipeline_returns_named_masks(saved_folder):
+    image = scene()
+    segments = pipeline("image-segmentation", model=str(saved_folder))(image)
+    expected = reference_segmentation(saved_folder, image)
+    assert {segment["label"] for segment in segments} == {CLASS_NAMES[i] for i in np.unique(expected)}
+    for segment in segments:
+        assert segment["score"] is None and segment["mask"].size == image.size
+        class_id = CLASS_NAMES.index(segment["label"])
+        np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, expected == class_id)
+
+
+def test_loads_with_trust_remote_code_without_the_package(saved_folder, tmp_path):
+    image = scene()
+    image.save(tmp_path / "scene.png")
+    expected = reference_segmentation(saved_folder, image)
+    np.save(tmp_path / "expected.npy", expected)
+    run_without_denseclip_hf(
+        f"""
+        import numpy as np
+        import torch
+        from PIL import Image
+        from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+        folder, image = {str(saved_folder)!r}, Image.open({str(tmp_path / "scene.png")!r})
+        model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True).eval()
+        processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
+        assert "denseclip_hf" not in sys.modules
+        assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
+        assert not any(p.requires_grad for p in model.text_encoder.parameters())
+        with torch.no_grad():
+            outputs = model(**processor(images=image, return_tensors="pt"))
+        ids = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
+        np.testing.assert_array_equal(ids, np.load({str(tmp_path / "expected.npy")!r}))
+        segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(image)
+        assert segments and all(s["label"] in model.config.id2label.values() for s in segments)
+        """,
+        tmp_path,
+    )
