@@ -14,7 +14,6 @@ import denseclip_hf
 from denseclip_hf import DenseClipConfig, tokenize_class_names
 
 FIXTURES = Path(__file__).parent / "fixtures"
-TOKENIZER_PATH = Path(denseclip_hf.__file__).parent / "assets" / "clip_tokenizer"
 CLASS_NAMES = ["wall", "building", "sky", "traffic light"]
 
 TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2)
@@ -25,7 +24,7 @@ TINY_VISION = dict(
 
 @pytest.fixture(scope="session")
 def tokenizer() -> CLIPTokenizer:
-    return CLIPTokenizer.from_pretrained(TOKENIZER_PATH)
+    return CLIPTokenizer.from_pretrained(denseclip_hf.CLIP_TOKENIZER_PATH)
 
 
 def tiny_config(tokenizer: CLIPTokenizer, class_names: list[str] = CLASS_NAMES, **overrides) -> DenseClipConfig:

@@ -1,5 +1,7 @@
 """DenseCLIP for Hugging Face transformers."""
 
+from pathlib import Path
+
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
 from .configuration_denseclip import DenseClipConfig
@@ -12,6 +14,9 @@ from .modeling_denseclip import (
     tokenize_class_names,
 )
 
+# The real CLIP BPE tokenizer (OpenAI CLIP, MIT license), shipped so that class names tokenize offline.
+CLIP_TOKENIZER_PATH = str(Path(__file__).parent / "assets" / "clip_tokenizer")
+
 AutoConfig.register(DenseClipConfig.model_type, DenseClipConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(DenseClipConfig, DenseClipForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(DenseClipConfig, image_processor_classes={"pil": DenseClipImageProcessor}, exist_ok=True)
@@ -21,6 +26,7 @@ DenseClipForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSe
 DenseClipImageProcessor.register_for_auto_class("AutoImageProcessor")
 
 __all__ = [
+    "CLIP_TOKENIZER_PATH",
     "DenseClipConfig",
     "DenseClipForSemanticSegmentation",
     "DenseClipImageProcessor",
