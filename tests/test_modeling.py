@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASS_NAMES, tiny_config
+from conftest import CLASS_NAMES, TINY_VISION, tiny_config
 from transformers import CLIPModel
 
 from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, pixel_text_score_map, tokenize_class_names
@@ -278,3 +278,20 @@ def test_gradient_checkpointing_gives_same_gradients(config):
     assert gradients[0].keys() == gradients[1].keys()
     for name in gradients[0]:
         torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5, msg=name)
+
+
+@pytest.mark.parametrize(
+    "vision, level, expected_level",
+    [({"patch_size": 8}, None, 1), ({"patch_size": 32}, None, 3), ({}, 1, 1), ({}, 3, 3)],
+)
+def test_score_map_joins_any_pyramid_level(tokenizer, vision, level, expected_level):
+    """The default level is the score map's own stride; another level gets the score map resized to its size."""
+    config = tiny_config(tokenizer, vision_config={**TINY_VISION, **vision}, score_map_level=level)
+    assert config.score_map_level == expected_level
+    model = make_model(config)
+    with torch.no_grad():
+        out = model(torch.randn(1, 3, 64, 96), output_hidden_states=True)
+    patch = config.vision_config.patch_size
+    assert out.score_map.shape == (1, len(CLASS_NAMES), 64 // patch, 96 // patch)
+    assert out.logits.shape == (1, len(CLASS_NAMES), 16, 24)
+    assert model.neck.lateral_convs[expected_level].in_channels == 32 + len(CLASS_NAMES)

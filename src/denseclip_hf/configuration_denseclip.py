@@ -1,5 +1,7 @@
 """DenseCLIP configuration."""
 
+import math
+
 from huggingface_hub.dataclasses import strict
 from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
@@ -21,18 +23,109 @@ def default_vision_feature_layers(num_hidden_layers: int) -> list[int]:
     return [round(num_hidden_layers * (level + 1) / 4) - 1 for level in range(4)]
 
 
+def default_score_map_level(vision_config: "CLIPVisionConfig | DenseClipResNetConfig") -> int:
+    """The pyramid level (strides 4/8/16/32) of the score map's own stride, the authors' `score_concat_index`: the
+    ViT patch size (16 -> level 2, 8 -> level 1) or 32 for a ResNet (level 3); 3 for coarser maps."""
+    stride = 32 if isinstance(vision_config, DenseClipResNetConfig) else vision_config.patch_size
+    return min(int(math.log2(stride // 4)), 3)
+
+
+@strict
+class DenseClipResNetConfig(PreTrainedConfig):
+    r"""
+    Configuration of CLIP's "ModifiedResNet" image encoder as DenseCLIP uses it: a 3-convolution stem, 4 stages of
+    anti-aliased bottlenecks (strides 4, 8, 16, 32) and an attention pool over the mean token and every spatial token
+    (Eq. 1). Defaults are CLIP RN50.
+
+    Args:
+        layers (`list[int]`, *optional*, defaults to `[3, 4, 6, 3]`):
+            Bottleneck blocks in each of the 4 stages: `[3, 4, 6, 3]` for RN50, `[3, 4, 23, 3]` for RN101.
+        width (`int`, *optional*, defaults to 64):
+            Output channels of the stem. Stage `i` outputs `4 * width * 2**i` channels (256/512/1024/2048 for RN50);
+            the attention pool works on `embed_dim = 32 * width` channels.
+        attention_pool_heads (`int`, *optional*, defaults to 32):
+            Heads of the attention pool. The DenseCLIP authors hard-code 32; OpenAI CLIP uses `32 * width // 64`
+            (also 32 for RN50 and RN101, 40 for RN50x4).
+        image_size (`int`, *optional*, defaults to 224):
+            Resolution the attention pool's positional embedding was made for: it holds a square grid of
+            `image_size // 32` positions per side (plus one for the mean token), resized to the actual input on every
+            call. CLIP: 224; the authors' ADE20K checkpoints: 512.
+        num_channels (`int`, *optional*, defaults to 3):
+            Input image channels.
+
+    Example:
+
+    ```python
+    >>> from denseclip_hf import DenseClipConfig, DenseClipResNetConfig
+
+    >>> rn101 = DenseClipResNetConfig(layers=[3, 4, 23, 3], image_size=512)
+    >>> config = DenseClipConfig(vision_config=rn101, id2label={0: "wall", 1: "sky"})  # score_map_level=3
+    ```
+    """
+
+    model_type = "denseclip_resnet_vision"
+
+    layers: list[int] | tuple[int, ...] = (3, 4, 6, 3)
+    width: int = 64
+    attention_pool_heads: int = 32
+    image_size: int = 224
+    num_channels: int = 3
+
+    def __post_init__(self, **kwargs):
+        self.layers = list(self.layers)
+        super().__post_init__(**kwargs)
+
+    @property
+    def embed_dim(self) -> int:
+        """Channels of the last stage, which the attention pool attends over (2048 for RN50)."""
+        return 32 * self.width
+
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the 4 stage outputs, strides 4 to 32 (`[256, 512, 1024, 2048]` for RN50)."""
+        return [4 * self.width * 2**stage for stage in range(4)]
+
+    def validate_architecture(self):
+        """Checks the encoder's shape settings; a bad one raises a `ValueError` that names it."""
+        owner = "DenseClipResNetConfig"
+        _check(
+            len(self.layers) == 4 and all(isinstance(n, int) and n >= 1 for n in self.layers),
+            "layers",
+            self.layers,
+            "must be 4 block counts >= 1 (one per stage)",
+            owner,
+        )
+        _check(self.width >= 2 and self.width % 2 == 0, "width", self.width, "must be an even number >= 2", owner)
+        _check(
+            self.attention_pool_heads >= 1 and self.embed_dim % self.attention_pool_heads == 0,
+            "attention_pool_heads",
+            self.attention_pool_heads,
+            f"must divide the attention pool width 32 * width = {self.embed_dim}",
+            owner,
+        )
+        _check(
+            self.image_size >= 32 and self.image_size % 32 == 0,
+            "image_size",
+            self.image_size,
+            "must be a multiple of 32 (the positional grid has image_size // 32 positions per side)",
+            owner,
+        )
+
+
 @strict
 class DenseClipConfig(PreTrainedConfig):
     r"""
-    Configuration of a DenseCLIP semantic segmentation model (Rao et al., CVPR 2022) built on a CLIP ViT image
-    encoder and the CLIP text encoder. Defaults reproduce the authors' ViT-B/16 ADE20K model.
+    Configuration of a DenseCLIP semantic segmentation model (Rao et al., CVPR 2022) built on a CLIP image encoder (ViT
+    or ResNet) and the CLIP text encoder. Defaults reproduce the authors' ViT-B/16 ADE20K model.
 
     Args:
         text_config (`dict` or `CLIPTextConfig`, *optional*):
             The CLIP text tower. Defaults to CLIP's text transformer (width 512, 12 layers).
-        vision_config (`dict` or `CLIPVisionConfig`, *optional*):
-            The CLIP ViT image tower. Defaults to ViT-B/16 (`patch_size=16`). Its `patch_size` must be a power of two
-            of at least 4 so that the feature maps form a stride 4/8/16/32 pyramid.
+        vision_config (`dict`, `CLIPVisionConfig` or `DenseClipResNetConfig`, *optional*):
+            The CLIP image tower: a `CLIPVisionConfig` for a ViT (the default, ViT-B/16 with `patch_size=16`; the patch
+            size must be a power of two of at least 4 so that the feature maps form a stride 4/8/16/32 pyramid) or a
+            [`DenseClipResNetConfig`] for CLIP's ResNets (RN50, RN101, ...). A dict is read by its `model_type`
+            (`"denseclip_resnet_vision"` for a ResNet, a ViT otherwise).
         projection_dim (`int`, *optional*, defaults to 512):
             Dimension D of the joint image-text embedding space (CLIP's `projection_dim`).
         class_token_ids (`list[list[int]]`, *optional*):
@@ -58,15 +151,17 @@ class DenseClipConfig(PreTrainedConfig):
             Temperature tau dividing the score map in the identity (auxiliary) loss (Eq. 7). Paper: 0.07.
         identity_loss_weight (`float`, *optional*, defaults to 0.4):
             Weight of the identity loss on the score map (Eq. 7) in the total loss. Paper: 0.4.
-        score_map_level (`int`, *optional*, defaults to 2):
-            Pyramid level (0-3, strides 4/8/16/32) onto which the score map is concatenated. The ViT score map has
-            stride 16, so the authors use level 2.
+        score_map_level (`int`, *optional*):
+            Pyramid level (0-3, strides 4/8/16/32) onto which the score map is concatenated. Defaults to the level of
+            the score map's own stride, the authors' choice: 2 for a ViT-B/16 (stride 16; 1 for patch 8), 3 for a
+            ResNet (stride 32). At another level the score map is first resized bilinearly to that level's size.
         vision_feature_layers (`list[int]`, *optional*):
-            The 4 encoder layers (0-based) whose patch tokens form the pyramid. Defaults to `[3, 5, 7, 11]` for a
-            12-layer tower and to 4 evenly spaced layers ending at the last one otherwise.
+            ViT only: the 4 encoder layers (0-based) whose patch tokens form the pyramid. Defaults to `[3, 5, 7, 11]`
+            for a 12-layer tower and to 4 evenly spaced layers ending at the last one otherwise. A ResNet's pyramid is
+            its 4 stages, so this stays `None` there.
         position_embedding_interpolation (`str`, *optional*, defaults to `"bilinear"`):
-            How the ViT positional embedding is resized to the input's patch grid: `"bilinear"` (the authors') or
-            `"bicubic"` (transformers' `interpolate_pos_encoding`).
+            How the positional embedding (ViT patch grid, or the ResNet attention pool's grid) is resized to the
+            input: `"bilinear"` (the authors') or `"bicubic"` (transformers' `interpolate_pos_encoding`).
         fpn_channels (`int`, *optional*, defaults to 256):
             Output channels of every FPN neck level. Paper: 256.
         decode_head_channels (`int`, *optional*, defaults to 256):
@@ -80,6 +175,9 @@ class DenseClipConfig(PreTrainedConfig):
             `"mean_all_pixels"` (mmseg 0.x, used by the authors: ignored pixels count as zero in the mean).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal init of the context decoder's linear layers.
+        palette (`list[list[int]]`, *optional*):
+            One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
+            the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
 
     Example:
 
@@ -98,7 +196,7 @@ class DenseClipConfig(PreTrainedConfig):
     }
 
     text_config: dict | CLIPTextConfig | None = None
-    vision_config: dict | CLIPVisionConfig | None = None
+    vision_config: dict | CLIPVisionConfig | DenseClipResNetConfig | None = None
     projection_dim: int = 512
     class_token_ids: list[list[int]] | None = None
     num_context_tokens: int = 8
@@ -110,7 +208,7 @@ class DenseClipConfig(PreTrainedConfig):
     gamma_init_value: float | int = 1e-4
     temperature: float | int = 0.07
     identity_loss_weight: float | int = 0.4
-    score_map_level: int = 2
+    score_map_level: int | None = None
     vision_feature_layers: list[int] | None = None
     position_embedding_interpolation: str = "bilinear"
     fpn_channels: int = 256
@@ -119,13 +217,33 @@ class DenseClipConfig(PreTrainedConfig):
     semantic_loss_ignore_index: int = 255
     loss_reduction: str = "mean_non_ignored"
     initializer_range: float | int = 0.02
+    palette: list[list[int]] | None = None
 
     def __post_init__(self, **kwargs):
+        # A ResNet tower given as a dict (e.g. read from config.json) is built here: the sub-config spec builds ViTs.
+        if isinstance(self.vision_config, dict):
+            vision_type = self.vision_config.get("model_type", CLIPVisionConfig.model_type)
+            _check(
+                vision_type in (CLIPVisionConfig.model_type, DenseClipResNetConfig.model_type),
+                "vision_config.model_type",
+                vision_type,
+                f"must be {CLIPVisionConfig.model_type!r} (ViT) or {DenseClipResNetConfig.model_type!r} (ResNet)",
+            )
+            if vision_type == DenseClipResNetConfig.model_type:
+                settings = {key: value for key, value in self.vision_config.items() if key != "model_type"}
+                self.vision_config = DenseClipResNetConfig(**settings)
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:
             self.label2id = {name: label for label, name in self.id2label.items()}
-        if self.vision_feature_layers is None:
+        if self.score_map_level is None:
+            self.score_map_level = default_score_map_level(self.vision_config)
+        if self.vision_feature_layers is None and self.image_encoder_family == "vit":
             self.vision_feature_layers = default_vision_feature_layers(self.vision_config.num_hidden_layers)
+
+    @property
+    def image_encoder_family(self) -> str:
+        """`"resnet"` for a CLIP ResNet image encoder, `"vit"` for a CLIP ViT."""
+        return "resnet" if isinstance(self.vision_config, DenseClipResNetConfig) else "vit"
 
     def validate_architecture(self):
         """Checks every DenseCLIP setting; a bad one raises a `ValueError` that names it."""
@@ -172,8 +290,17 @@ class DenseClipConfig(PreTrainedConfig):
         )
         self._validate_vision_tower()
         self._validate_class_token_ids()
+        self._validate_palette()
 
     def _validate_vision_tower(self):
+        if self.image_encoder_family == "resnet":
+            _check(
+                self.vision_feature_layers is None,
+                "vision_feature_layers",
+                self.vision_feature_layers,
+                "applies to ViT image encoders only (a ResNet's pyramid is its 4 stages): leave it unset",
+            )
+            return
         patch_size = self.vision_config.patch_size
         _check(
             patch_size >= 4 and patch_size & (patch_size - 1) == 0,
@@ -210,10 +337,27 @@ class DenseClipConfig(PreTrainedConfig):
                 f"end token {eos}",
             )
 
+    def _validate_palette(self):
+        if self.palette is None:
+            return
+        _check(
+            len(self.palette) == self.num_labels,
+            "palette",
+            f"<{len(self.palette)} colours>",
+            f"must hold one colour per label ({self.num_labels} in id2label)",
+        )
+        for label, colour in enumerate(self.palette):
+            _check(
+                len(colour) == 3 and all(0 <= channel <= 255 for channel in colour),
+                "palette",
+                f"<entry {label}: {colour}>",
+                "each colour must be 3 integers in [0, 255] (RGB)",
+            )
 
-def _check(condition: bool, name: str, value, requirement: str) -> None:
+
+def _check(condition: bool, name: str, value, requirement: str, owner: str = "DenseClipConfig") -> None:
     if not condition:
-        raise ValueError(f"DenseClipConfig: `{name}`={value} {requirement}.")
+        raise ValueError(f"{owner}: `{name}`={value} {requirement}.")
 
 
-__all__ = ["DenseClipConfig", "default_vision_feature_layers"]
+__all__ = ["DenseClipConfig", "DenseClipResNetConfig", "default_score_map_level", "default_vision_feature_layers"]

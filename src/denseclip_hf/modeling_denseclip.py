@@ -1,12 +1,13 @@
 """DenseCLIP: language-guided semantic segmentation with context-aware prompting (Rao et al., CVPR 2022).
 
 Read top to bottom, this file follows the data:
-pixels -> CLIP image tokens -> stride 4/8/16/32 pyramid and the language-compatible map z (Eq. 1)
+pixels -> CLIP image encoder (ViT or ResNet) -> stride 4/8/16/32 pyramid and the language-compatible map z (Eq. 1)
 -> class text embeddings t from learnable contexts (Eq. 3) -> post-model prompting (Eqs. 5-6)
 -> pixel-text score map s (Eq. 2) -> FPN neck -> Semantic FPN head -> logits, and the losses (Eq. 7).
 """
 
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -19,11 +20,12 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_denseclip import DenseClipConfig
+from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
-# CLIPModel checkpoint keys -> this model's CLIP towers (`from_clip_pretrained`).
+# CLIPModel checkpoint keys -> this model's CLIP towers (`from_clip_pretrained`). The converters write ResNet towers
+# with the same `vision_model.` prefix (a `DenseClipResNetVisionModel`), so one mapping serves both families.
 CLIP_KEY_MAPPING = {
     r"^text_model\.": "text_encoder.text_model.",
     r"^text_projection\.": "text_encoder.text_projection.",
@@ -46,9 +48,10 @@ class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
             Per-pixel class scores at a quarter of the input size.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The 4 image-encoder pyramid levels `(batch, channels, height / stride, width / stride)` for strides 4, 8,
-            16 and 32, before the score map is concatenated.
+            16 and 32, before the score map is concatenated (channels: the ViT width, or the ResNet stage widths).
         score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
-            Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT).
+            Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT, 32 for
+            ResNet).
         text_embeddings (`torch.FloatTensor` of shape `(batch, num_labels, projection_dim)`):
             Class text embeddings t after post-model prompting (Eq. 6), not normalized.
         decode_loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
@@ -72,7 +75,7 @@ class DenseClipImageEncoderOutput(ModelOutput):
         global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
             The global image embedding z_bar (Eq. 1).
         dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
-            The language-compatible feature map z (Eq. 1), not normalized.
+            The language-compatible feature map z (Eq. 1), not normalized; stride `patch_size` (ViT) or 32 (ResNet).
     """
 
     pyramid: tuple[torch.FloatTensor, ...] | None = None
@@ -81,7 +84,45 @@ class DenseClipImageEncoderOutput(ModelOutput):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Image side: pixels -> CLIP ViT tokens -> pyramid, z_bar and z (Eq. 1)
+# Building blocks shared by the image encoders, the context decoder and the decoder
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def multi_head_attention(
+    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int
+) -> torch.Tensor:
+    """Scaled dot-product attention of projected `queries` `(batch, Q, C)` over projected `keys` and `values`
+    `(batch, M, C)`, split into `num_heads` heads of `C / num_heads` channels -> `(batch, Q, C)`."""
+
+    def heads(states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (num_heads, -1)).transpose(1, 2)
+
+    attended = F.scaled_dot_product_attention(heads(queries), heads(keys), heads(values))
+    return attended.transpose(1, 2).flatten(2)
+
+
+def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
+    if tuple(hidden_states.shape[-2:]) == tuple(size):
+        return hidden_states
+    return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
+
+
+class DenseClipConvNormAct(nn.Module):
+    """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU."""
+
+    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.activation(self.norm(self.conv(hidden_states)))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image side, CLIP ViT: pixels -> patch tokens -> pyramid, z_bar and z (Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -184,6 +225,166 @@ class DenseClipViTImageEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Image side, CLIP ResNet: pixels -> stem -> 4 bottleneck stages (the pyramid) -> attention pool: z_bar and z (Eq. 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipResNetStem(nn.Module):
+    """CLIP's 3-convolution stem: 3x3 convolutions with stride 2, 1 and 1 (each with BatchNorm and ReLU), then a 2x
+    average pool. `(batch, channels, H, W)` -> `(batch, width, H / 4, W / 4)`."""
+
+    def __init__(self, in_channels: int, width: int):
+        super().__init__()
+        self.layers = nn.Sequential(
+            DenseClipConvNormAct(in_channels, width // 2, stride=2),
+            DenseClipConvNormAct(width // 2, width // 2),
+            DenseClipConvNormAct(width // 2, width),
+        )
+        self.pool = nn.AvgPool2d(2)
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.layers(pixel_values))
+
+
+class DenseClipResNetShortcut(nn.Module):
+    """Projection shortcut of a bottleneck that changes shape: `stride`x average pool, 1x1 convolution, BatchNorm."""
+
+    def __init__(self, in_channels: int, out_channels: int, stride: int):
+        super().__init__()
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
+        self.norm = nn.BatchNorm2d(out_channels)
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        return self.norm(self.conv(self.pool(hidden_states)))
+
+
+class DenseClipResNetBottleneck(nn.Module):
+    """CLIP's anti-aliased bottleneck: 1x1 conv -> 3x3 conv -> `stride`x average pool (instead of a strided conv) ->
+    1x1 conv to `4 * channels`, BatchNorm after each conv, added to the shortcut, then ReLU.
+
+    `(batch, in_channels, h, w)` -> `(batch, 4 * channels, h / stride, w / stride)`.
+    """
+
+    def __init__(self, in_channels: int, channels: int, stride: int):
+        super().__init__()
+        out_channels = 4 * channels
+        self.reduce = DenseClipConvNormAct(in_channels, channels, kernel_size=1)
+        self.spatial = DenseClipConvNormAct(channels, channels, kernel_size=3)
+        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
+        self.expand = nn.Conv2d(channels, out_channels, 1, bias=False)
+        self.expand_norm = nn.BatchNorm2d(out_channels)
+        self.shortcut = (
+            DenseClipResNetShortcut(in_channels, out_channels, stride)
+            if stride > 1 or in_channels != out_channels
+            else nn.Identity()
+        )
+        self.activation = nn.ReLU()
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        residual = self.expand_norm(self.expand(self.pool(self.spatial(self.reduce(hidden_states)))))
+        return self.activation(residual + self.shortcut(hidden_states))
+
+
+class DenseClipAttentionPool(nn.Module):
+    """CLIP's attention pool, keeping every output token (Eq. 1).
+
+    The last stage's mean token x_bar and its spatial tokens x, plus positional embeddings (row 0 for the mean token;
+    the square grid of the others resized to the feature map on every call), go through one multi-head self-attention
+    with biased q/k/v projections and an output projection into the joint embedding space.
+    """
+
+    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+        super().__init__()
+        embed_dim, grid = config.embed_dim, config.image_size // 32
+        self.num_heads = config.attention_pool_heads
+        self.interpolation = interpolation
+        self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
+        self.q_proj = nn.Linear(embed_dim, embed_dim)
+        self.k_proj = nn.Linear(embed_dim, embed_dim)
+        self.v_proj = nn.Linear(embed_dim, embed_dim)
+        self.out_proj = nn.Linear(embed_dim, projection_dim)
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """`features` x_4 `(batch, embed_dim, h, w)` -> z_bar `(batch, D)` and z `(batch, D, h, w)`."""
+        height, width = features.shape[-2:]
+        tokens = features.flatten(2).transpose(1, 2)
+        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
+        positions = self.position_embedding
+        spatial_positions = resize_position_grid(positions[1:], (height, width), self.interpolation)
+        tokens = tokens + torch.cat([positions[:1], spatial_positions]).to(tokens.dtype)
+        attended = multi_head_attention(self.q_proj(tokens), self.k_proj(tokens), self.v_proj(tokens), self.num_heads)
+        # Eq. 1: [z_bar, z] = MHSA([x_bar, x]); token 0 is z_bar, the spatial tokens form z.
+        embeddings = self.out_proj(attended)
+        return embeddings[:, 0], embeddings[:, 1:].transpose(1, 2).unflatten(2, (height, width))
+
+
+class DenseClipResNetVisionModel(nn.Module):
+    """CLIP's ModifiedResNet image tower: stem, 4 stages of bottlenecks (strides 4, 8, 16, 32), attention pool."""
+
+    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+        super().__init__()
+        self.stem = DenseClipResNetStem(config.num_channels, config.width)
+        stages, in_channels = [], config.width
+        for stage, (depth, out_channels) in enumerate(zip(config.layers, config.pyramid_channels, strict=True)):
+            blocks = []
+            for block in range(depth):
+                stride = 2 if stage > 0 and block == 0 else 1
+                blocks.append(DenseClipResNetBottleneck(in_channels, out_channels // 4, stride))
+                in_channels = out_channels
+            stages.append(nn.Sequential(*blocks))
+        self.stages = nn.ModuleList(stages)
+        self.attention_pool = DenseClipAttentionPool(config, projection_dim, interpolation)
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        hidden_states = self.stem(pixel_values)
+        pyramid = []
+        for stage in self.stages:
+            hidden_states = stage(hidden_states)
+            pyramid.append(hidden_states)
+        global_embedding, dense_embedding = self.attention_pool(hidden_states)
+        return DenseClipImageEncoderOutput(
+            pyramid=tuple(pyramid), global_embedding=global_embedding, dense_embedding=dense_embedding
+        )
+
+
+class DenseClipResNetImageEncoder(nn.Module):
+    """CLIP ResNet image encoder: its 4 stage outputs are the pyramid, its attention pool gives z_bar and z (Eq. 1).
+
+    Input `pixel_values` `(batch, 3, height, width)` of any size of at least 32 pixels, square or not: the attention
+    pool's positional grid is resized to the stride-32 feature map on every call
+    (`config.position_embedding_interpolation`).
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        self.vision_model = DenseClipResNetVisionModel(
+            config.vision_config, config.projection_dim, config.position_embedding_interpolation
+        )
+        self.pyramid_channels = list(config.vision_config.pyramid_channels)
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        channels = self.vision_model.stem.layers[0].conv.in_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        if min(pixel_values.shape[-2:]) < PYRAMID_STRIDES[-1]:
+            raise ValueError(
+                f"pixel_values height and width must be at least {PYRAMID_STRIDES[-1]} (the last stage has stride "
+                f"{PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
+            )
+        return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
+
+
+def build_image_encoder(config: DenseClipConfig) -> DenseClipViTImageEncoder | DenseClipResNetImageEncoder:
+    """The image encoder for `config.vision_config`: CLIP ViT (`CLIPVisionConfig`) or CLIP ResNet."""
+    if config.image_encoder_family == "resnet":
+        return DenseClipResNetImageEncoder(config)
+    return DenseClipViTImageEncoder(config)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Text side: class names + learnable contexts -> CLIP text tower -> t (Eq. 3)
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -253,14 +454,8 @@ class DenseClipContextAttention(nn.Module):
 
     def forward(self, queries: torch.Tensor, memory: torch.Tensor) -> torch.Tensor:
         """`queries` `(batch, Q, hidden)` attend to `memory` `(batch, M, hidden)` -> `(batch, Q, hidden)`."""
-
-        def heads(states: torch.Tensor) -> torch.Tensor:
-            return states.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
-
-        attended = F.scaled_dot_product_attention(
-            heads(self.q_proj(queries)), heads(self.k_proj(memory)), heads(self.v_proj(memory))
-        )
-        return self.dropout(self.out_proj(attended.transpose(1, 2).flatten(2)))
+        attended = multi_head_attention(self.q_proj(queries), self.k_proj(memory), self.v_proj(memory), self.num_heads)
+        return self.dropout(self.out_proj(attended))
 
 
 class DenseClipContextDecoderLayer(nn.Module):
@@ -369,26 +564,6 @@ class DenseClipFPN(nn.Module):
         return tuple(conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=True))
 
 
-class DenseClipConvNormAct(nn.Module):
-    """3x3 convolution (no bias) -> BatchNorm -> ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, 3, padding=1, bias=False)
-        self.norm = nn.BatchNorm2d(out_channels)
-        self.activation = nn.ReLU()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.norm(self.conv(hidden_states)))
-
-
-def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
-    if tuple(hidden_states.shape[-2:]) == tuple(size):
-        return hidden_states
-    return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
-
-
 class DenseClipSemanticFPNHead(nn.Module):
     """Semantic FPN head (Kirillov et al.): each level is brought to stride 4 by (conv + 2x upsample) steps, the
     levels are summed and a 1x1 classifier gives the logits `(batch, num_labels, H / 4, W / 4)`."""
@@ -448,9 +623,16 @@ class DenseClipPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = True
     _supports_flex_attn = True
     _supports_attention_backend = True
-    _no_split_modules = ["CLIPEncoderLayer", "DenseClipContextDecoderLayer"]
+    _no_split_modules = ["CLIPEncoderLayer", "DenseClipResNetBottleneck", "DenseClipContextDecoderLayer"]
     # CLIP's contrastive temperature is not part of DenseCLIP (the score map uses the fixed `temperature`).
     _keys_to_ignore_on_load_unexpected = [r"logit_scale"]
+
+    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
+        # For models defined outside transformers, transformers skips every module whose own parameters are all
+        # loaded, including modules with no parameters of their own (`DenseClipFPN`, `DenseClipResNetBottleneck`,
+        # ...), as it cannot know whether their init would overwrite loaded tensors. `_init_weights` below only uses
+        # `transformers.initialization`, which leaves loaded tensors alone, so every module gets its init.
+        super()._initialize_weights(module, is_custom_code=False)
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
@@ -471,6 +653,18 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
         elif isinstance(module, DenseClipViTImageEncoder):
             init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
+        elif isinstance(module, DenseClipAttentionPool):
+            # CLIP's init: std embed_dim ** -0.5 for the positions and every projection.
+            std = module.q_proj.in_features**-0.5
+            init.normal_(module.position_embedding, std=std)
+            for linear in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
+                init.normal_(linear.weight, std=std)
+                init.zeros_(linear.bias)
+        elif isinstance(module, DenseClipResNetBottleneck):
+            init.kaiming_normal_(module.expand.weight, mode="fan_out", nonlinearity="relu")
+            init.zeros_(module.expand_norm.weight)  # CLIP's init: each residual branch starts at zero
+        elif isinstance(module, DenseClipResNetShortcut):
+            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
         elif isinstance(module, DenseClipViTPyramid):
             for conv in (m for m in module.modules() if isinstance(m, nn.ConvTranspose2d)):
                 init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
@@ -487,14 +681,14 @@ class DenseClipPreTrainedModel(PreTrainedModel):
 
 
 class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
-    """DenseCLIP with a CLIP ViT image encoder, post-model prompting, an FPN neck and a Semantic FPN head.
+    """DenseCLIP with a CLIP image encoder (ViT or ResNet), post-model prompting, an FPN neck and a Semantic FPN head.
 
     The CLIP text tower is frozen (`requires_grad=False`); gradients still flow through it to the learnable contexts.
     """
 
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
-        self.image_encoder = DenseClipViTImageEncoder(config)
+        self.image_encoder = build_image_encoder(config)
         self.text_encoder = DenseClipTextEncoder(config)
         self.text_encoder.requires_grad_(False)
         self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
@@ -523,57 +717,87 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
     @classmethod
     def from_clip_pretrained(
         cls,
-        pretrained_model_name_or_path: str,
+        pretrained_model_name_or_path: str | os.PathLike,
         id2label: dict[int, str],
         tokenizer=None,
+        *,
+        vision_heads: int | None = None,
+        text_heads: int | None = None,
+        hidden_act: str | None = None,
         **kwargs,
     ) -> "DenseClipForSemanticSegmentation":
-        """Builds DenseCLIP on a CLIP checkpoint (a Hub id or a folder with a `CLIPModel`).
+        """Builds DenseCLIP on CLIP weights: a transformers `CLIPModel` (Hub id or folder; ViT), or a checkpoint file
+        in OpenAI's or OpenCLIP's format (ViT or ResNet: OpenAI's `RN50.pt`, `ViT-B-16.pt`, an OpenCLIP state dict).
 
         The CLIP towers load bit-exactly; every DenseCLIP tensor gets its initial value from `_init_weights`.
         Class names (`id2label`) are tokenized with `tokenizer`, by default the CLIP tokenizer stored with the
-        checkpoint, and kept in `config.class_token_ids`, so the resulting model needs no tokenizer.
+        checkpoint (for a checkpoint file: the CLIP tokenizer shipped with this package), and kept in
+        `config.class_token_ids`, so the resulting model needs no tokenizer.
 
         Args:
-            pretrained_model_name_or_path: Hub id or local folder of a `CLIPModel` checkpoint.
+            pretrained_model_name_or_path: Hub id or local folder of a `CLIPModel` checkpoint, or the path of an
+                OpenAI/OpenCLIP checkpoint file (converted in memory by `convert_clip_checkpoint`; TorchScript
+                archives are read with `torch.jit.load`, so only load archives you trust).
             id2label: Class names by index, e.g. `{0: "wall", 1: "building"}`.
             tokenizer: A CLIP tokenizer, when the checkpoint has none.
+            vision_heads, text_heads, hidden_act: Checkpoint files only, which do not store them: attention heads of
+                the image tower (ViT, or the ResNet attention pool) and of the text tower, by default OpenAI's rule
+                `channels // 64` (the pool has `32 * width` channels); and the activation of both transformers,
+                `"quick_gelu"` by default (OpenAI's; OpenCLIP models without `-quickgelu` in their name use `"gelu"`).
             kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
                 `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
         """
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
         config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in DenseClipConfig.__dataclass_fields__}
-        clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+        if os.path.isfile(pretrained_model_name_or_path):
+            from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
+
+            clip = convert_clip_checkpoint(
+                pretrained_model_name_or_path, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
+            )
+            text_config, vision_config, projection_dim = clip.text_config, clip.vision_config, clip.projection_dim
+            weights = {"pretrained_model_name_or_path": None, "state_dict": clip.state_dict}
+            tokenizer_source, tokenizer_kwargs = CLIP_TOKENIZER_PATH, {}
+        else:
+            options = {"vision_heads": vision_heads, "text_heads": text_heads, "hidden_act": hidden_act}
+            if any(value is not None for value in options.values()):
+                raise ValueError(
+                    f"{sorted(name for name, value in options.items() if value is not None)} only apply to OpenAI "
+                    f"or OpenCLIP checkpoint files; {pretrained_model_name_or_path!r} is read as a transformers "
+                    "CLIPModel, whose config already has them."
+                )
+            clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+            text_config, vision_config = clip_config.text_config, clip_config.vision_config
+            projection_dim = clip_config.projection_dim
+            weights = {"pretrained_model_name_or_path": pretrained_model_name_or_path, **hub_kwargs}
+            tokenizer_source, tokenizer_kwargs = pretrained_model_name_or_path, hub_kwargs
         if tokenizer is None:
             try:
-                tokenizer = AutoTokenizer.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
+                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs)
             except (OSError, ValueError) as error:
                 tokenizer = error
         # transformers 5 builds an empty tokenizer for a folder without vocabulary files: check the vocabulary size.
-        if isinstance(tokenizer, Exception) or len(tokenizer) != clip_config.text_config.vocab_size:
+        if isinstance(tokenizer, Exception) or len(tokenizer) != text_config.vocab_size:
             found = tokenizer if isinstance(tokenizer, Exception) else f"a vocabulary of {len(tokenizer)} tokens"
             raise ValueError(
-                f"No CLIP tokenizer with {clip_config.text_config.vocab_size} tokens was found for "
-                f"{pretrained_model_name_or_path!r} (got {found}); pass one with "
-                "`tokenizer=CLIPTokenizer.from_pretrained(...)`."
+                f"No CLIP tokenizer with {text_config.vocab_size} tokens was found for {tokenizer_source!r} (got "
+                f"{found}); pass one with `tokenizer=CLIPTokenizer.from_pretrained(...)`."
             )
         id2label = {int(label): name for label, name in id2label.items()}
         if sorted(id2label) != list(range(len(id2label))):
             raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
         length = config_kwargs.get("class_name_token_length", DenseClipConfig.class_name_token_length)
         config = DenseClipConfig(
-            text_config=clip_config.text_config.to_dict(),
-            vision_config=clip_config.vision_config.to_dict(),
-            projection_dim=clip_config.projection_dim,
+            text_config=text_config.to_dict(),
+            vision_config=vision_config.to_dict(),
+            projection_dim=projection_dim,
             id2label=id2label,
             class_token_ids=tokenize_class_names(
                 [id2label[label] for label in range(len(id2label))], tokenizer, length
             ),
             **config_kwargs,
         )
-        loaded = cls.from_pretrained(
-            pretrained_model_name_or_path, config=config, key_mapping=CLIP_KEY_MAPPING, **hub_kwargs, **kwargs
-        )
+        loaded = cls.from_pretrained(**weights, config=config, key_mapping=CLIP_KEY_MAPPING, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         # transformers remembers `key_mapping` to save in the source layout; a DenseCLIP model saves in its own.
         model._weight_conversions = []
@@ -599,7 +823,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
     ) -> DenseClipSemanticSegmenterOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-            Normalized images; height and width must be multiples of the patch size.
+            Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
         labels (`torch.LongTensor` of shape `(batch, height', width')`, *optional*):
             Class index per pixel (`config.semantic_loss_ignore_index` to ignore). Any size: logits and score map are
             bilinearly resized to it for the losses.
@@ -615,7 +839,8 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         # Sec. 3.2: x' = [x, s], the score map joins the pyramid level of the same stride.
         features = list(image.pyramid)
         level = self.config.score_map_level
-        features[level] = torch.cat([features[level], score_map.to(features[level].dtype)], dim=1)
+        score_map_at_level = _resize(score_map, features[level].shape[-2:]).to(features[level].dtype)
+        features[level] = torch.cat([features[level], score_map_at_level], dim=1)
         logits = self.decode_head(self.neck(features))
 
         loss = decode_loss = identity_loss = None

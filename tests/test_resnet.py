@@ -1,0 +1,202 @@
+"""DenseCLIP on a CLIP ResNet image encoder: config, shapes, the attention pool (Eq. 1), gradients, save/load, init."""
+
+import pytest
+import torch
+from clip_reference import AttentionPool2d, ModifiedResNet, randomize_batch_norms
+from conftest import CLASS_NAMES, tiny_config
+from safetensors.torch import load_file, save_file
+
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipResNetConfig
+from denseclip_hf.modeling_denseclip import DenseClipAttentionPool, DenseClipResNetVisionModel
+
+TINY_RESNET = dict(layers=[1, 2, 1, 1], width=8, attention_pool_heads=4, image_size=64)
+
+
+def resnet_config(tokenizer, **overrides) -> DenseClipConfig:
+    return tiny_config(tokenizer, vision_config=DenseClipResNetConfig(**TINY_RESNET), **overrides)
+
+
+def make_model(config: DenseClipConfig, seed: int = 0) -> DenseClipForSemanticSegmentation:
+    torch.manual_seed(seed)
+    model = DenseClipForSemanticSegmentation(config).eval()
+    randomize_batch_norms(model, seed)
+    return model
+
+
+def test_config_defaults_by_family_and_round_trip(tokenizer, tmp_path):
+    assert DenseClipResNetConfig().layers == [3, 4, 6, 3] and DenseClipResNetConfig().pyramid_channels == [
+        256,
+        512,
+        1024,
+        2048,
+    ]
+    config = resnet_config(tokenizer, palette=[[0, 0, 0], [255, 0, 0], [0, 255, 0], [0, 0, 255]])
+    assert config.image_encoder_family == "resnet" and config.score_map_level == 3
+    assert config.vision_feature_layers is None and config.vision_config.embed_dim == 256
+    config.save_pretrained(tmp_path)
+    loaded = DenseClipConfig.from_pretrained(tmp_path)
+    assert isinstance(loaded.vision_config, DenseClipResNetConfig)
+    assert loaded.vision_config.to_dict() == config.vision_config.to_dict()
+    assert (loaded.score_map_level, loaded.palette) == (3, config.palette)
+    as_dict = DenseClipConfig(vision_config={"model_type": "denseclip_resnet_vision", "width": 16})
+    assert isinstance(as_dict.vision_config, DenseClipResNetConfig) and as_dict.vision_config.width == 16
+    assert tiny_config(tokenizer).score_map_level == 2  # ViT
+
+
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"vision_feature_layers": [0, 1, 2, 3]}, "`vision_feature_layers`=\\[0, 1, 2, 3\\] applies to ViT"),
+        ({"vision_config": {"model_type": "resnet"}}, "`vision_config.model_type`=resnet must be"),
+        ({"vision_config": {**TINY_RESNET, "layers": [1, 1, 1]}}, "`layers`=\\[1, 1, 1\\] must be 4 block counts"),
+        ({"vision_config": {**TINY_RESNET, "attention_pool_heads": 3}}, "`attention_pool_heads`=3 must divide"),
+        ({"vision_config": {**TINY_RESNET, "image_size": 100}}, "`image_size`=100 must be a multiple of 32"),
+        ({"vision_config": {**TINY_RESNET, "width": 7}}, "`width`=7 must be an even number"),
+        ({"palette": [[0, 0, 0]]}, "`palette`=<1 colours> must hold one colour per label"),
+        ({"palette": [[0, 0, 0]] * 3 + [[0, 0, 256]]}, "each colour must be 3 integers in \\[0, 255\\]"),
+    ],
+)
+def test_invalid_settings_name_the_setting(tokenizer, overrides, message):
+    settings = {"vision_config": {"model_type": "denseclip_resnet_vision", **TINY_RESNET}, **overrides}
+    if isinstance(overrides.get("vision_config"), dict) and "model_type" not in overrides["vision_config"]:
+        settings["vision_config"] = {"model_type": "denseclip_resnet_vision", **overrides["vision_config"]}
+    with pytest.raises(Exception, match=message):
+        tiny_config(tokenizer, **settings)
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (64, 96), (80, 48), (32, 32)])
+def test_output_shapes(tokenizer, height, width):
+    model = make_model(resnet_config(tokenizer))
+    with torch.no_grad():
+        out = model(torch.randn(2, 3, height, width), output_hidden_states=True)
+    classes = len(CLASS_NAMES)
+    assert out.logits.shape == (2, classes, height // 4, width // 4)
+    assert out.score_map.shape == (2, classes, height // 32, width // 32)
+    assert out.text_embeddings.shape == (2, classes, 24)
+    assert [tuple(level.shape) for level in out.hidden_states] == [
+        (2, channels, height // stride, width // stride)
+        for channels, stride in zip([32, 64, 128, 256], (4, 8, 16, 32), strict=True)
+    ]
+    assert model.neck.lateral_convs[3].in_channels == 256 + classes  # the score map joins the last level
+
+
+def test_rejects_bad_pixel_values(tokenizer):
+    model = make_model(resnet_config(tokenizer))
+    with pytest.raises(ValueError, match="at least 32"):
+        model(torch.randn(1, 3, 64, 16))
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        model(torch.randn(1, 1, 64, 64))
+
+
+@pytest.mark.parametrize("size", [(2, 2), (3, 2), (1, 4)])
+def test_attention_pool_is_clips_with_resized_positions(size):
+    """Eq. 1 against a straightforward re-implementation (F.multi_head_attention_forward, bilinear positions)."""
+    torch.manual_seed(0)
+    reference = AttentionPool2d(spacial_dim=2, embed_dim=64, num_heads=4, output_dim=24).eval()
+    pool = DenseClipAttentionPool(
+        DenseClipResNetConfig(width=2, attention_pool_heads=4, image_size=64), 24, "bilinear"
+    )
+    with torch.no_grad():
+        pool.position_embedding.copy_(reference.positional_embedding)
+        for name in ("q_proj", "k_proj", "v_proj"):
+            getattr(pool, name).load_state_dict(getattr(reference, name).state_dict())
+        pool.out_proj.load_state_dict(reference.c_proj.state_dict())
+        features = torch.randn(3, 64, *size)
+        global_embedding, dense_embedding = pool(features)
+        expected_global, expected_dense = reference(features)
+    torch.testing.assert_close(global_embedding, expected_global, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(dense_embedding, expected_dense, atol=1e-5, rtol=1e-5)
+
+
+def test_resnet_tower_matches_a_straightforward_modified_resnet():
+    """Stem, anti-aliased bottlenecks and shortcuts against OpenAI's ModifiedResNet (same weights, renamed)."""
+    from denseclip_hf.convert_clip_original_to_hf import clip_resnet_rules, convert_keys
+
+    torch.manual_seed(0)
+    reference = ModifiedResNet([2, 1, 2, 1], output_dim=24, heads=4, resolution=64, width=8).eval()
+    randomize_batch_norms(reference)
+    tower = DenseClipResNetVisionModel(
+        DenseClipResNetConfig(layers=[2, 1, 2, 1], width=8, attention_pool_heads=4, image_size=64), 24, "bilinear"
+    )
+    weights = convert_keys(reference.state_dict(), clip_resnet_rules(""), "reference")
+    tower.load_state_dict({key.removeprefix("vision_model."): value for key, value in weights.items()}, strict=True)
+    pixel_values = torch.randn(2, 3, 96, 64)
+    with torch.no_grad():
+        ours = tower.eval()(pixel_values)
+        features, global_embedding, dense_embedding = reference(pixel_values)
+    for mine, theirs in zip(ours.pyramid, features, strict=True):
+        torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.global_embedding, global_embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours.dense_embedding, dense_embedding, atol=1e-5, rtol=1e-5)
+
+
+def test_gradients_reach_the_encoder_but_not_the_text_tower(tokenizer):
+    model = make_model(resnet_config(tokenizer)).train()
+    out = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, len(CLASS_NAMES), (2, 64, 64)))
+    out.loss.backward()
+    tower = model.image_encoder.vision_model
+    trainable = {
+        "stem": tower.stem.layers[0].conv.weight,
+        "bottleneck": tower.stages[1][1].spatial.conv.weight,
+        "shortcut": tower.stages[2][0].shortcut.conv.weight,
+        "positions": tower.attention_pool.position_embedding,
+        "pool projection": tower.attention_pool.out_proj.weight,
+        "contexts": model.context_embeddings,
+        "neck": model.neck.lateral_convs[3].weight,
+    }
+    for name, parameter in trainable.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    for name, parameter in model.text_encoder.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_save_and_load_round_trip(tokenizer, tmp_path):
+    model = make_model(resnet_config(tokenizer))
+    model.save_pretrained(tmp_path)
+    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert isinstance(loaded.config.vision_config, DenseClipResNetConfig)
+    for key, tensor in model.state_dict().items():
+        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+def test_from_pretrained_initialises_a_missing_encoder_sanely(tokenizer, tmp_path):
+    """A checkpoint without the image encoder: `_init_weights` fills it on the meta device (CLIP's init)."""
+    make_model(resnet_config(tokenizer)).save_pretrained(tmp_path)
+    weights = load_file(tmp_path / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("image_encoder.")}, tmp_path / "model.safetensors")
+    model, info = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
+    assert info["missing_keys"] and all(key.startswith("image_encoder.") for key in info["missing_keys"])
+    tower = model.image_encoder.vision_model
+    for name, tensor in tower.state_dict().items():
+        assert tensor.device.type == "cpu" and (not tensor.is_floating_point() or torch.isfinite(tensor).all()), name
+    for norm in (m for m in tower.modules() if isinstance(m, torch.nn.BatchNorm2d)):
+        assert torch.equal(norm.running_mean, torch.zeros_like(norm.running_mean))
+        assert torch.equal(norm.running_var, torch.ones_like(norm.running_var))
+        assert norm.num_batches_tracked.item() == 0
+    block = tower.stages[0][0]
+    assert torch.equal(block.expand_norm.weight, torch.zeros(32))  # residual branches start at zero
+    assert torch.equal(block.reduce.norm.weight, torch.ones(8)) and torch.equal(
+        block.shortcut.norm.bias, torch.zeros(32)
+    )
+    pool = tower.attention_pool
+    std = 256**-0.5
+    assert 0.7 * std < pool.position_embedding.std() < 1.3 * std and 0.7 * std < pool.q_proj.weight.std() < 1.3 * std
+    assert torch.equal(pool.v_proj.bias, torch.zeros(256))
+    assert 0.5 < block.spatial.conv.weight.std() / (2 / (8 * 9)) ** 0.5 < 1.5  # kaiming, fan_out
+    with torch.no_grad():
+        assert torch.isfinite(model.eval()(torch.randn(1, 3, 64, 64)).logits).all()
+
+
+def test_every_module_gets_its_own_init(tokenizer):
+    """Modules without parameters of their own (bottleneck, FPN, head) still run their `_init_weights` branch."""
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(resnet_config(tokenizer, fpn_channels=64, decode_head_channels=64))
+    assert torch.equal(model.image_encoder.vision_model.stages[1][0].expand_norm.weight, torch.zeros(64))
+    assert 0.005 < model.decode_head.classifier.weight.std() < 0.015  # std 0.01
+    lateral = model.neck.lateral_convs[0].weight  # xavier uniform
+    assert 0.8 < lateral.std() / (2 / sum(lateral.shape[:2])) ** 0.5 < 1.2
+    linear = model.prompting.context_decoder.layers[0].fc1.weight  # truncated normal, std 0.02
+    assert 0.015 < linear.std() < 0.025 and linear.abs().max() <= 2
