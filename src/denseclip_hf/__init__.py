@@ -1,10 +1,12 @@
 """DenseCLIP for Hugging Face transformers."""
 
-from pathlib import Path
+import importlib
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
 
-from .configuration_denseclip import DenseClipConfig
+from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
+from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
+from .convert_denseclip_original_to_hf import convert_denseclip_checkpoint
 from .image_processing_denseclip import DenseClipImageProcessor
 from .modeling_denseclip import (
     DenseClipForSemanticSegmentation,
@@ -14,9 +16,6 @@ from .modeling_denseclip import (
     tokenize_class_names,
 )
 
-# The real CLIP BPE tokenizer (OpenAI CLIP, MIT license), shipped so that class names tokenize offline.
-CLIP_TOKENIZER_PATH = str(Path(__file__).parent / "assets" / "clip_tokenizer")
-
 AutoConfig.register(DenseClipConfig.model_type, DenseClipConfig, exist_ok=True)
 AutoModelForSemanticSegmentation.register(DenseClipConfig, DenseClipForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(DenseClipConfig, image_processor_classes={"pil": DenseClipImageProcessor}, exist_ok=True)
@@ -25,13 +24,37 @@ DenseClipConfig.register_for_auto_class()
 DenseClipForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 DenseClipImageProcessor.register_for_auto_class("AutoImageProcessor")
 
+# Training helpers import `datasets` and `accelerate`: they load on first use, so `import denseclip_hf` stays light.
+_LAZY_EXPORTS = {
+    "SYNTHETIC_CLASS_NAMES": "synthetic",
+    "load_synthetic_dataset": "synthetic",
+    "SegmentationAugmentation": "transforms",
+    "confusion_matrix": "metrics",
+    "segmentation_metrics": "metrics",
+    "RECIPES": "training",
+    "SegmentationTrainingArguments": "training",
+    "parameter_groups": "training",
+    "poly_schedule_with_warmup": "training",
+}
+
+
+def __getattr__(name: str):
+    if name in _LAZY_EXPORTS:
+        return getattr(importlib.import_module(f".{_LAZY_EXPORTS[name]}", __name__), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
 __all__ = [
+    *_LAZY_EXPORTS,
     "CLIP_TOKENIZER_PATH",
     "DenseClipConfig",
     "DenseClipForSemanticSegmentation",
     "DenseClipImageProcessor",
     "DenseClipPreTrainedModel",
+    "DenseClipResNetConfig",
     "DenseClipSemanticSegmenterOutput",
+    "convert_clip_checkpoint",
+    "convert_denseclip_checkpoint",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]

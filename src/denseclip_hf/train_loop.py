@@ -1,0 +1,466 @@
+"""DenseCLIP semantic segmentation training with Accelerate (CPU, one or many GPUs, several machines).
+
+`train(args)` runs the whole job of `examples/train_seg.py`: data, model, the paper's optimizer and schedule, the
+training loop with gradient accumulation, periodic and final validation (exact mIoU from a confusion matrix gathered
+across processes), atomic checkpoints with exact resume, and the output folder as a complete Hub model repository.
+
+Determinism: shuffling and augmentation are functions of `(seed, epoch, index)` (see `data.py`) and the dropout RNG
+is re-seeded from `(seed, process, epoch, batch)` before every batch, so an interrupted and resumed run computes the
+same steps as an uninterrupted one.
+"""
+
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import datasets
+import numpy as np
+import torch
+import transformers
+from accelerate import Accelerator
+from accelerate.logging import get_logger
+from accelerate.utils import parse_flag_from_env, set_seed
+from huggingface_hub import HfApi
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
+from .data import (
+    AugmentedSegmentationDataset,
+    EpochShuffleSampler,
+    EvaluationCollator,
+    SegmentationData,
+    check_label_range,
+    load_segmentation_data,
+)
+from .image_processing_denseclip import DenseClipImageProcessor
+from .metrics import confusion_matrix, format_metrics_table, segmentation_metrics
+from .reporting import save_prediction_grid, write_model_card
+from .training import (
+    SegmentationTrainingArguments,
+    gradient_accumulation_steps,
+    load_model,
+    num_update_steps_per_epoch,
+    parameter_groups,
+    poly_schedule_with_warmup,
+)
+from .transforms import SegmentationAugmentation
+
+logger = get_logger(__name__)
+
+NUM_VISUALIZED_IMAGES = 6
+RANDOM_WEIGHTS_NOTICE = """
+==========================================================================================================
+CLIP weights are RANDOM: no --model_name_or_path was given, so this run trains a small DenseCLIP from
+scratch (no network needed). With network access, train on real CLIP weights with, for example:
+  accelerate launch examples/train_seg.py --model_name_or_path openai/clip-vit-base-patch16
+==========================================================================================================
+""".strip("\n")
+
+
+def _configure_logging(accelerator: Accelerator) -> None:
+    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
+    if accelerator.is_local_main_process:
+        datasets.utils.logging.set_verbosity_warning()
+        transformers.utils.logging.set_verbosity_warning()
+    else:
+        datasets.utils.logging.set_verbosity_error()
+        transformers.utils.logging.set_verbosity_error()
+
+
+def _check_process_count(accelerator: Accelerator) -> None:
+    """Fails when a launcher started several processes that Accelerate would run as independent single-process jobs
+    (torchrun-style launch on a machine without GPU and without `ACCELERATE_USE_CPU=1`)."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > 1 and accelerator.num_processes == 1:
+        raise RuntimeError(
+            f"{launched} processes were launched but Accelerate found no GPU and treats each as a separate run. On "
+            f"CPU, launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
+            "examples/train_seg.py ..."
+        )
+    if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and parse_flag_from_env("ACCELERATE_USE_CPU"):
+        logger.warning(
+            "`accelerate launch --cpu --num_processes N` starts a single process unless MPI is configured: for N CPU "
+            "processes use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N."
+        )
+
+
+def batch_seed(seed: int, process_index: int, epoch: int, batch_index: int) -> int:
+    """The torch seed (dropout) of one training batch, a function of its position only."""
+    return int(np.random.SeedSequence([seed, process_index, epoch, batch_index]).generate_state(1)[0])
+
+
+@torch.no_grad()
+def predict_label_maps(
+    model: torch.nn.Module,
+    pixel_values: list[torch.Tensor],
+    target_sizes: list[tuple[int, int]],
+    image_processor: DenseClipImageProcessor,
+) -> list[torch.Tensor]:
+    """Class-id maps `(H_i, W_i)` at `target_sizes` of images `(3, h_i, w_i)`; equal-size images share a forward."""
+    by_shape: dict[tuple[int, ...], list[int]] = {}
+    for index, pixels in enumerate(pixel_values):
+        by_shape.setdefault(tuple(pixels.shape), []).append(index)
+    predictions: list[torch.Tensor | None] = [None] * len(pixel_values)
+    for indices in by_shape.values():
+        outputs = model(pixel_values=torch.stack([pixel_values[index] for index in indices]))
+        sizes = [target_sizes[index] for index in indices]
+        for index, label_map in zip(
+            indices, image_processor.post_process_semantic_segmentation(outputs, target_sizes=sizes), strict=True
+        ):
+            predictions[index] = label_map
+    return predictions
+
+
+def evaluate(
+    model: torch.nn.Module,
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    image_processor: DenseClipImageProcessor,
+    num_labels: int,
+    ignore_index: int,
+) -> np.ndarray:
+    """The validation confusion matrix `(num_labels, num_labels)` over the whole dataset, on every process.
+
+    Whole-image inference at the processor's resolution, predictions resized to the original label size. Each
+    process counts its images; `gather_for_metrics` drops the samples repeated to even out the last batch, so the
+    counts are exactly those of one pass over the data.
+    """
+    model.eval()
+    total = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=accelerator.device)
+    for batch in dataloader:
+        labels = batch["labels"]
+        predictions = predict_label_maps(
+            model, batch["pixel_values"], [tuple(label.shape) for label in labels], image_processor
+        )
+        per_image = torch.stack(
+            [confusion_matrix(p, t, num_labels, ignore_index) for p, t in zip(predictions, labels, strict=True)]
+        )
+        total += accelerator.gather_for_metrics(per_image).sum(dim=0)
+    model.train()
+    return total.cpu().numpy()
+
+
+def _tracker_config(args: SegmentationTrainingArguments) -> dict:
+    """The arguments as tracker hyper-parameters (scalars and strings only)."""
+    return {
+        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
+    }
+
+
+def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
+    """The `Accelerator` of the launch (processes, devices, precision) with the gradient accumulation of the recipe."""
+    tracking = {"log_with": args.report_to, "project_dir": args.output_dir} if args.with_tracking else {}
+    accelerator = Accelerator(**tracking)
+    _check_process_count(accelerator)
+    accelerator.gradient_accumulation_steps = gradient_accumulation_steps(args, accelerator.num_processes)
+    _configure_logging(accelerator)
+    logger.info(accelerator.state, main_process_only=False)
+    if args.model_name_or_path is None:
+        logger.warning(RANDOM_WEIGHTS_NOTICE)
+    if args.with_tracking:
+        accelerator.init_trackers("denseclip_semantic_segmentation", _tracker_config(args))
+    return accelerator
+
+
+def _load_data(args: SegmentationTrainingArguments, accelerator: Accelerator) -> SegmentationData:
+    with accelerator.main_process_first():
+        data = load_segmentation_data(
+            dataset_name=args.dataset_name,
+            dataset_config_name=args.dataset_config_name,
+            train_dir=args.train_dir,
+            validation_dir=args.validation_dir,
+            image_column_name=args.image_column_name,
+            label_column_name=args.label_column_name,
+            id2label_file=args.id2label,
+            train_val_split=args.train_val_split,
+            cache_dir=args.cache_dir,
+            max_train_samples=args.max_train_samples,
+            max_eval_samples=args.max_eval_samples,
+            seed=args.seed,
+        )
+    check_label_range(data.train, len(data.id2label), args.do_reduce_labels)
+    return data
+
+
+def build_dataloaders(
+    args: SegmentationTrainingArguments,
+    data: SegmentationData,
+    image_processor: DenseClipImageProcessor,
+    ignore_index: int,
+) -> tuple[DataLoader, DataLoader]:
+    """Training batches (augmented crops `(batch, 3, crop, crop)` + `(batch, crop, crop)` labels, full batches only)
+    and validation batches (see [`EvaluationCollator`]); not yet prepared by Accelerate."""
+    long_side, short_side = args.image_scale
+    augmentation = SegmentationAugmentation(
+        crop_size=args.crop_size,
+        scale=(long_side, short_side),
+        ratio_range=tuple(args.ratio_range),
+        cat_max_ratio=args.cat_max_ratio,
+        do_reduce_labels=args.do_reduce_labels,
+        ignore_index=ignore_index,
+        image_mean=tuple(image_processor.image_mean),
+        image_std=tuple(image_processor.image_std),
+    )
+    train_dataset = AugmentedSegmentationDataset(data.train, augmentation, args.seed)
+    train_dataloader = DataLoader(
+        train_dataset,
+        batch_size=args.per_device_train_batch_size,
+        sampler=EpochShuffleSampler(len(train_dataset), args.seed),
+        drop_last=True,
+        num_workers=args.dataloader_num_workers,
+    )
+    eval_dataloader = DataLoader(
+        data.validation.select_columns(["image", "label"]),
+        batch_size=args.per_device_eval_batch_size,
+        collate_fn=EvaluationCollator(image_processor),
+        num_workers=args.dataloader_num_workers,
+    )
+    return train_dataloader, eval_dataloader
+
+
+@dataclass
+class TrainingRun:
+    """Everything a training run works with, prepared by Accelerate."""
+
+    args: SegmentationTrainingArguments
+    accelerator: Accelerator
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    scheduler: LambdaLR
+    train_dataloader: DataLoader
+    eval_dataloader: DataLoader
+    image_processor: DenseClipImageProcessor
+    id2label: dict[int, str]
+    max_train_steps: int
+    steps_per_epoch: int
+
+    def validate(self, step: int) -> dict:
+        """Validation metrics of the current model (see [`segmentation_metrics`]), logged and tracked at `step`."""
+        config = self.accelerator.unwrap_model(self.model).config
+        confusion = evaluate(
+            self.model,
+            self.eval_dataloader,
+            self.accelerator,
+            self.image_processor,
+            len(self.id2label),
+            config.semantic_loss_ignore_index,
+        )
+        metrics = segmentation_metrics(confusion, self.id2label)
+        logger.info(
+            f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
+            f"pixel accuracy {metrics['overall_accuracy']:.4f}"
+        )
+        if self.args.with_tracking:
+            scalars = ("mean_iou", "mean_accuracy", "overall_accuracy")
+            self.accelerator.log({f"eval_{name}": metrics[name] for name in scalars}, step=step)
+        return metrics
+
+    def save_checkpoint(self, step: int) -> None:
+        save_checkpoint(self.accelerator, self.args.output_dir, step, self.args.checkpoints_total_limit)
+
+
+def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, data: SegmentationData) -> TrainingRun:
+    """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
+    model = load_model(args.model_name_or_path, data.id2label, args.loss_reduction)
+    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
+    long_side, short_side = args.image_scale
+    image_processor = DenseClipImageProcessor(
+        size={"shortest_edge": short_side, "longest_edge": long_side}, do_reduce_labels=args.do_reduce_labels
+    )
+    train_dataloader, eval_dataloader = build_dataloaders(
+        args, data, image_processor, model.config.semantic_loss_ignore_index
+    )
+    optimizer = torch.optim.AdamW(
+        parameter_groups(model, args.learning_rate, args.weight_decay, args.image_encoder_lr_multiplier),
+        lr=args.learning_rate,
+        weight_decay=args.weight_decay,
+    )
+    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+        model, optimizer, train_dataloader, eval_dataloader
+    )
+    if len(train_dataloader) == 0:
+        raise ValueError(
+            f"{len(data.train)} training examples make no full batch of {args.per_device_train_batch_size} per "
+            f"device on {accelerator.num_processes} processes."
+        )
+    steps_per_epoch = num_update_steps_per_epoch(len(train_dataloader), accelerator.gradient_accumulation_steps)
+    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
+    if args.num_warmup_steps >= max_train_steps:
+        raise ValueError(f"--num_warmup_steps {args.num_warmup_steps} must be below the {max_train_steps} steps.")
+    # Stepped once per optimizer step by the loop (not by Accelerate, which would step it once per process).
+    scheduler = poly_schedule_with_warmup(
+        optimizer, max_train_steps, args.lr_power, args.min_learning_rate, args.num_warmup_steps, args.warmup_ratio
+    )
+    accelerator.register_for_checkpointing(scheduler)
+    return TrainingRun(
+        args=args,
+        accelerator=accelerator,
+        model=model,
+        optimizer=optimizer,
+        scheduler=scheduler,
+        train_dataloader=train_dataloader,
+        eval_dataloader=eval_dataloader,
+        image_processor=image_processor,
+        id2label=data.id2label,
+        max_train_steps=max_train_steps,
+        steps_per_epoch=steps_per_epoch,
+    )
+
+
+def _resume(run: TrainingRun) -> int:
+    """Restores the checkpoint of `--resume_from_checkpoint` (a folder or `latest`); returns its step (0 if none)."""
+    resume = run.args.resume_from_checkpoint
+    if resume is None:
+        return 0
+    checkpoint = find_latest_checkpoint(run.args.output_dir) if resume == "latest" else Path(resume)
+    if checkpoint is None:
+        logger.warning(f"No complete checkpoint in {run.args.output_dir}: starting from scratch.")
+        return 0
+    step = load_checkpoint(run.accelerator, checkpoint)
+    logger.info(f"Resumed from {checkpoint} at step {step}.")
+    return step
+
+
+def _train(run: TrainingRun, completed_steps: int) -> int:
+    """The training loop from step `completed_steps` to `max_train_steps`; returns the last step.
+
+    A resumed run starts in epoch `completed_steps // steps_per_epoch` and skips the batches of that epoch that the
+    checkpointed steps consumed. The last step of an epoch may accumulate fewer batches.
+    """
+    args, accelerator, model, optimizer, scheduler = run.args, run.accelerator, run.model, run.optimizer, run.scheduler
+    accumulation = accelerator.gradient_accumulation_steps
+    starting_epoch = completed_steps // run.steps_per_epoch
+    skipped_batches = (completed_steps % run.steps_per_epoch) * accumulation
+    num_epochs = math.ceil(run.max_train_steps / run.steps_per_epoch)
+    logger.info(
+        f"***** Training: recipe {args.recipe}, {len(run.train_dataloader.dataset)} examples, {run.max_train_steps} "
+        f"steps ({num_epochs} epochs) of {args.per_device_train_batch_size} images per device x "
+        f"{accelerator.num_processes} processes x {accumulation} accumulation steps *****"
+    )
+    progress_bar = tqdm(
+        total=run.max_train_steps,
+        initial=completed_steps,
+        desc="training",
+        disable=not accelerator.is_local_main_process,
+    )
+    model.train()
+    for epoch in range(starting_epoch, num_epochs):
+        run.train_dataloader.set_epoch(epoch)
+        first_batch = skipped_batches if epoch == starting_epoch else 0
+        batches = (
+            accelerator.skip_first_batches(run.train_dataloader, first_batch) if first_batch else run.train_dataloader
+        )
+        for batch_index, batch in enumerate(batches, start=first_batch):
+            torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batch_index))
+            with accelerator.accumulate(model):
+                loss = model(**batch).loss
+                accelerator.backward(loss)
+                optimizer.step()
+                optimizer.zero_grad()
+            if not accelerator.sync_gradients:
+                continue
+            scheduler.step()
+            completed_steps += 1
+            progress_bar.update(1)
+            progress_bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if args.with_tracking:
+                accelerator.log(
+                    {"train_loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0]}, completed_steps
+                )
+            if (
+                args.checkpointing_steps not in (None, "epoch")
+                and completed_steps % int(args.checkpointing_steps) == 0
+            ):
+                run.save_checkpoint(completed_steps)
+            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < run.max_train_steps:
+                run.validate(completed_steps)
+            if completed_steps >= run.max_train_steps:
+                break
+        if args.checkpointing_steps == "epoch":
+            run.save_checkpoint(completed_steps)
+        if completed_steps >= run.max_train_steps:
+            break
+    progress_bar.close()
+    return completed_steps
+
+
+def train(args: SegmentationTrainingArguments) -> dict:
+    """Trains, validates and writes the output folder; returns the contents of `all_results.json`."""
+    accelerator = _create_accelerator(args)
+    set_seed(args.seed)
+    data = _load_data(args, accelerator)
+    run = _prepare_run(args, accelerator, data)
+    start_time = time.time()
+    completed_steps = _train(run, _resume(run))
+    train_runtime = time.time() - start_time
+
+    metrics = run.validate(completed_steps)
+    logger.info(f"Validation ({len(data.validation)} images):\n{format_metrics_table(metrics)}")
+    results = {f"eval_{name}": value for name, value in metrics.items()}
+    total_batch = (
+        args.per_device_train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
+    )
+    results.update(
+        train_steps=completed_steps,
+        total_train_batch_size=total_batch,
+        train_runtime_seconds=round(train_runtime, 1),
+        eval_samples=len(data.validation),
+    )
+    _save_outputs(run, data.validation, results)
+    if args.with_tracking:
+        accelerator.end_training()
+    if args.push_to_hub and accelerator.is_main_process:
+        _push_to_hub(args)
+    accelerator.wait_for_everyone()
+    return results
+
+
+def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict) -> None:
+    """Writes the Hub repository: weights + config + code, processor config, results, prediction grid, model card."""
+    accelerator, output_dir = run.accelerator, Path(run.args.output_dir)
+    examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
+    batch = EvaluationCollator(run.image_processor)(list(examples))
+    pixel_values = [pixels.to(accelerator.device) for pixels in batch["pixel_values"]]
+    run.model.eval()
+    predictions = predict_label_maps(
+        run.model, pixel_values, [tuple(label.shape) for label in batch["labels"]], run.image_processor
+    )
+    state_dict = accelerator.get_state_dict(run.model)
+    unwrapped = accelerator.unwrap_model(run.model)
+    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
+    if not accelerator.is_main_process:
+        return
+    run.image_processor.save_pretrained(output_dir)
+    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+    save_prediction_grid(
+        [example["image"] for example in examples],
+        [label.numpy() for label in batch["labels"]],
+        [prediction.cpu().numpy() for prediction in predictions],
+        unwrapped.config.id2label,
+        output_dir / "validation_predictions.png",
+    )
+    write_model_card(output_dir, unwrapped.config, results, run.args)
+    logger.info(f"Saved the model repository to {output_dir}")
+
+
+def _push_to_hub(args: SegmentationTrainingArguments) -> None:
+    api = HfApi(token=args.hub_token)
+    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
+    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api.upload_folder(
+        repo_id=repo_id,
+        folder_path=args.output_dir,
+        commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
+        ignore_patterns=["checkpoints/**", "runs/**"],
+    )
+    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
+
+
+__all__ = ["TrainingRun", "build_dataloaders", "evaluate", "predict_label_maps", "train"]

@@ -1,0 +1,270 @@
+"""End-to-end training on CPU: it learns, the output folder is a usable model repository, an interrupted run resumes
+to the same weights, and 2 processes give exactly the metrics of 1."""
+
+import json
+import logging
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState, GradientState
+from PIL import Image
+from safetensors.torch import load_file
+from torch.utils.data import DataLoader
+from transformers import AutoImageProcessor
+
+from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf.data import EvaluationCollator
+from denseclip_hf.metrics import segmentation_metrics
+from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
+from denseclip_hf.train_loop import evaluate, train
+from denseclip_hf.training import parse_training_args
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
+NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
+
+
+def _reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_in_process(argv: list[str]) -> dict:
+    """`examples/train_seg.py argv` in this process, with a fresh Accelerate state."""
+    _reset_accelerate()
+    try:
+        return train(parse_training_args(argv))
+    finally:
+        _reset_accelerate()
+
+
+def numpy_confusion(prediction: np.ndarray, label: np.ndarray, num_labels: int) -> np.ndarray:
+    valid = label < num_labels
+    return np.bincount(label[valid] * num_labels + prediction[valid], minlength=num_labels**2).reshape(
+        num_labels, num_labels
+    )
+
+
+class RecordingHfApi:
+    """Stands in for `huggingface_hub.HfApi` (no network): records the upload."""
+
+    uploads: list[dict] = []
+
+    def __init__(self, token=None):
+        pass
+
+    def create_repo(self, repo_id, exist_ok=False):
+        return type("RepoUrl", (), {"repo_id": repo_id})()
+
+    def upload_folder(self, **kwargs):
+        self.uploads.append(kwargs)
+
+
+def test_default_run_learns(tmp_path, monkeypatch):
+    """A shortened `accelerate launch examples/train_seg.py`: mIoU far above chance, a complete output folder, and
+    `--push_to_hub` uploads that folder."""
+    monkeypatch.setattr("denseclip_hf.train_loop.HfApi", RecordingHfApi)
+    output_dir = tmp_path / "denseclip-synthetic"
+    argv = ["--output_dir", str(output_dir), "--max_train_steps", "150", "--num_warmup_steps", "10", "--with_tracking"]
+    argv += ["--push_to_hub", "--hub_model_id", "someone/denseclip-test"]
+    results = run_in_process([*argv, "--max_train_samples", "200", "--max_eval_samples", "40"])
+
+    labels = np.concatenate([np.asarray(ex["label"]).ravel() for ex in load_synthetic_dataset("validation", 40)])
+    counts = np.bincount(labels[labels != 255], minlength=NUM_LABELS)
+    majority_class_miou = counts.max() / counts.sum() / np.count_nonzero(counts)  # predict the most frequent class
+    chance = max(majority_class_miou, 1 / NUM_LABELS)
+    assert results["eval_mean_iou"] > 3 * chance, (results["eval_mean_iou"], chance)
+    assert results["eval_overall_accuracy"] > 0.7
+
+    written = json.loads((output_dir / "all_results.json").read_text())
+    assert written["eval_mean_iou"] == results["eval_mean_iou"]
+    assert set(written["eval_per_category_iou"]) == set(SYNTHETIC_CLASS_NAMES)
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "modeling_denseclip.py"):
+        assert (output_dir / name).is_file(), name
+    config = json.loads((output_dir / "config.json").read_text())
+    assert (
+        config["auto_map"]["AutoModelForSemanticSegmentation"] == "modeling_denseclip.DenseClipForSemanticSegmentation"
+    )
+    card = (output_dir / "README.md").read_text()
+    assert "Random CLIP weights" in card and f"{100 * results['eval_mean_iou']:.2f}" in card and "pipeline(" in card
+    grid = Image.open(output_dir / "validation_predictions.png")
+    assert grid.width > 3 * 160 and grid.height > 6 * 160
+    (upload,) = RecordingHfApi.uploads
+    assert upload["repo_id"] == "someone/denseclip-test" and upload["folder_path"] == str(output_dir)
+    assert "checkpoints/**" in upload["ignore_patterns"]
+
+
+def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, caplog):
+    common = ["--max_train_steps", "6", "--num_warmup_steps", "1", "--max_train_samples", "12"]
+    common += ["--max_eval_samples", "3", "--per_device_train_batch_size", "2", "--total_train_batch_size", "4"]
+    common += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]  # 3 steps of 2 batches per epoch
+    full = run_in_process([*common, "--output_dir", str(tmp_path / "full")])
+
+    # Same run, killed in the middle of step 5 (its second batch), after the checkpoint of step 4.
+    interrupted = tmp_path / "interrupted"
+    forward = DenseClipForSemanticSegmentation.forward
+    calls = []
+
+    def crashing_forward(self, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 10:
+            raise RuntimeError("preempted")
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", crashing_forward)
+    with pytest.raises(RuntimeError, match="preempted"):
+        run_in_process([*common, "--output_dir", str(interrupted)])
+    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", forward)
+    checkpoints = interrupted / "checkpoints"
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_4"]
+    (checkpoints / "step_5").mkdir()  # a save that died before its manifest
+    (checkpoints / "step_5" / "model.safetensors").write_bytes(b"partial")
+    (checkpoints / ".tmp-step_6").mkdir()
+
+    resumed = run_in_process([*common, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
+    assert "Skipping checkpoint" in caplog.text and "step_5" in caplog.text
+    expected, actual = load_file(tmp_path / "full" / "model.safetensors"), load_file(interrupted / "model.safetensors")
+    assert expected.keys() == actual.keys()
+    assert all(torch.equal(expected[name], actual[name]) for name in expected)
+    assert resumed == {**full, "train_runtime_seconds": resumed["train_runtime_seconds"]}
+    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_4", "step_6"]
+
+
+def test_training_starts_from_clip_and_denseclip_checkpoints(tiny_clip_dir, tmp_path, caplog):
+    """A CLIP checkpoint gets DenseCLIP modules and the dataset's class prompts; a DenseCLIP output folder fine-tunes
+    further; a DenseCLIP checkpoint with other classes is refused."""
+    quick = [
+        "--max_train_steps",
+        "2",
+        "--num_warmup_steps",
+        "1",
+        "--max_train_samples",
+        "8",
+        "--max_eval_samples",
+        "2",
+    ]
+    quick += ["--eval_steps", "1", "--checkpointing_steps", "epoch"]
+    from_clip = tmp_path / "from-clip"
+    with caplog.at_level(logging.INFO):
+        run_in_process([*quick, "--model_name_or_path", str(tiny_clip_dir), "--output_dir", str(from_clip)])
+    assert "step 1: mIoU" in caplog.text and (from_clip / "checkpoints" / "step_2").is_dir()
+    config = json.loads((from_clip / "config.json").read_text())
+    assert config["id2label"]["0"] == SYNTHETIC_CLASS_NAMES[0] and config["vision_config"]["hidden_size"] == 32
+
+    run_in_process([*quick, "--model_name_or_path", str(from_clip), "--output_dir", str(tmp_path / "again")])
+    assert (tmp_path / "again" / "model.safetensors").is_file()
+    (tmp_path / "names.json").write_text(json.dumps(SYNTHETIC_CLASS_NAMES[::-1]))
+    with pytest.raises(ValueError, match="predicts 10 classes"):
+        run_in_process([*quick, "--model_name_or_path", str(from_clip), "--id2label", str(tmp_path / "names.json")])
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def two_process_run(tmp_path_factory) -> Path:
+    """`accelerate launch --num_processes 2 --cpu examples/train_seg.py`, shortened; returns its output folder."""
+    output_dir = tmp_path_factory.mktemp("two-processes") / "out"
+    # `accelerate launch --cpu` starts one process without MPI; torchrun-style `--multi_gpu` + ACCELERATE_USE_CPU=1
+    # starts 2 CPU processes that talk through gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
+    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
+    launcher += ["--main_process_port", str(_free_port())]
+    # 7 validation images over 2 processes: the last batch is evened out with a repeated image that must not count.
+    args = ["--output_dir", str(output_dir), "--max_train_steps", "8", "--num_warmup_steps", "2"]
+    args += ["--max_train_samples", "32", "--max_eval_samples", "7", "--per_device_train_batch_size", "4"]
+    args += ["--per_device_eval_batch_size", "1"]
+    environment = {**os.environ, "ACCELERATE_USE_CPU": "1"}
+    completed = subprocess.run(
+        [*launcher, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=environment
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Num processes: 2" in completed.stderr
+    return output_dir
+
+
+def test_two_processes_give_the_metrics_of_one(two_process_run):
+    """The 2-process validation equals a 1-process validation of the saved model on the same 7 images."""
+    results = json.loads((two_process_run / "all_results.json").read_text())
+    model = DenseClipForSemanticSegmentation.from_pretrained(two_process_run)
+    processor = AutoImageProcessor.from_pretrained(two_process_run)
+    validation = load_synthetic_dataset("validation", 7).select_columns(["image", "label"])
+    _reset_accelerate()
+    try:
+        accelerator = Accelerator()
+        dataloader = accelerator.prepare(
+            DataLoader(validation, batch_size=1, collate_fn=EvaluationCollator(processor))
+        )
+        confusion = evaluate(model, dataloader, accelerator, processor, NUM_LABELS, ignore_index=255)
+    finally:
+        _reset_accelerate()
+    assert confusion.sum() == sum(np.count_nonzero(np.asarray(ex["label"]) != 255) for ex in validation)
+    metrics = segmentation_metrics(confusion, model.config.id2label)
+    assert {name: results[f"eval_{name}"] for name in metrics} == metrics
+    assert results["eval_samples"] == 7
+
+
+# Runs in a fresh interpreter that never imports denseclip_hf: the output folder must work as a Hub repository.
+REEVALUATE = """
+import json, sys
+from pathlib import Path
+import numpy as np, torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+
+repo, data = Path(sys.argv[1]), Path(sys.argv[2])
+model = AutoModelForSemanticSegmentation.from_pretrained(repo, trust_remote_code=True).eval()
+processor = AutoImageProcessor.from_pretrained(repo, trust_remote_code=True)
+num_labels = model.config.num_labels
+confusion = np.zeros((num_labels, num_labels), dtype=np.int64)
+predictions = []
+for image_path in sorted(data.glob("image_*.png")):
+    image = Image.open(image_path)
+    label = np.asarray(Image.open(data / image_path.name.replace("image", "label"))).astype(np.int64)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    prediction = processor.post_process_semantic_segmentation(outputs, target_sizes=[label.shape])[0].numpy()
+    predictions.append(prediction)
+    valid = label < num_labels
+    confusion += np.bincount(label[valid] * num_labels + prediction[valid], minlength=num_labels**2).reshape(
+        num_labels, num_labels
+    )
+intersection = np.diag(confusion)
+union = confusion.sum(0) + confusion.sum(1) - intersection
+segments = pipeline("image-segmentation", model=model, image_processor=processor)(Image.open(data / "image_0.png"))
+from_pipeline = np.full(predictions[0].shape, -1)
+for segment in segments:
+    from_pipeline[np.asarray(segment["mask"]) > 0] = model.config.label2id[segment["label"]]
+print(json.dumps({
+    "mean_iou": float(np.nanmean(np.where(union > 0, intersection / np.maximum(union, 1), np.nan))),
+    "overall_accuracy": float(intersection.sum() / confusion.sum()),
+    "pipeline_matches": bool(np.array_equal(from_pipeline, predictions[0])),
+    "package_imported": "denseclip_hf" in sys.modules,
+}))
+"""
+
+
+def test_output_folder_reevaluates_independently(two_process_run, tmp_path):
+    """Remote-code loading without the package, model + processor + NumPy confusion matrix, and the pipeline
+    reproduce all_results.json."""
+    results = json.loads((two_process_run / "all_results.json").read_text())
+    for index, example in enumerate(load_synthetic_dataset("validation", 7)):
+        example["image"].save(tmp_path / f"image_{index}.png")
+        example["label"].save(tmp_path / f"label_{index}.png")
+    completed = subprocess.run(
+        [sys.executable, "-c", REEVALUATE, str(two_process_run), str(tmp_path)], capture_output=True, text=True
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    independent = json.loads(completed.stdout.strip().splitlines()[-1])
+    assert not independent["package_imported"] and independent["pipeline_matches"]
+    assert independent["mean_iou"] == pytest.approx(results["eval_mean_iou"], abs=1e-12)
+    assert independent["overall_accuracy"] == pytest.approx(results["eval_overall_accuracy"], abs=1e-12)
