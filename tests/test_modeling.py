@@ -5,10 +5,16 @@ import pytest
 import torch
 import torch.nn.functional as F
 from conftest import CLASS_NAMES, TINY_VISION, tiny_config
-from transformers import CLIPModel
+from transformers import CLIPModel, CLIPTokenizer
 
-from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, pixel_text_score_map, tokenize_class_names
-from denseclip_hf.modeling_denseclip import pixel_cross_entropy
+from denseclip_hf import (
+    DenseClipConfig,
+    DenseClipForSemanticSegmentation,
+    DenseClipResNetConfig,
+    pixel_text_score_map,
+    tokenize_class_names,
+)
+from denseclip_hf.modeling_denseclip import drop_path, pixel_cross_entropy
 
 
 def comparable(config: DenseClipConfig) -> dict:
@@ -267,10 +273,13 @@ def test_gradient_checkpointing_gives_same_gradients(config):
     pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
     gradients = []
     for checkpointing in (False, True):
-        model = make_model(config)  # eval mode: dropout off, BatchNorm fixed, so both runs are deterministic
+        model = make_model(config)  # eval mode: dropout off and BatchNorm fixed outside the CLIP vision tower
         if checkpointing:
             model.gradient_checkpointing_enable()
-            model.image_encoder.vision_model.train()  # checkpointing only acts in training mode
+        # Checkpointing only acts in training mode; drop path is then active too, and must draw the same masks when
+        # the checkpointed layers are recomputed in the backward pass.
+        model.image_encoder.vision_model.train()
+        torch.manual_seed(0)
         model(pixel_values, labels=labels).loss.backward()
         gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
         layer = model.image_encoder.vision_model.encoder.layers[0]
@@ -295,3 +304,72 @@ def test_score_map_joins_any_pyramid_level(tokenizer, vision, level, expected_le
     assert out.score_map.shape == (1, len(CLASS_NAMES), 64 // patch, 96 // patch)
     assert out.logits.shape == (1, len(CLASS_NAMES), 16, 24)
     assert model.neck.lateral_convs[expected_level].in_channels == 32 + len(CLASS_NAMES)
+
+
+def test_from_clip_pretrained_reports_only_real_problems(tiny_clip_dir, tmp_path, capfd):
+    DenseClipForSemanticSegmentation.from_clip_pretrained(tiny_clip_dir, id2label={0: "wall"})
+    assert "MISSING" not in capfd.readouterr().err  # the new DenseCLIP tensors are not a problem worth a report
+    incomplete = tmp_path / "incomplete-clip"
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    state = {key: value for key, value in clip.state_dict().items() if key != "vision_model.post_layernorm.weight"}
+    clip.save_pretrained(incomplete, state_dict=state)
+    with pytest.raises(ValueError, match=r"not a complete CLIP checkpoint \(missing: \['image_encoder.vision_model"):
+        DenseClipForSemanticSegmentation.from_clip_pretrained(
+            incomplete, id2label={0: "wall"}, tokenizer=CLIPTokenizer.from_pretrained(tiny_clip_dir)
+        )
+
+
+def test_drop_path_drops_whole_samples_and_rescales_the_rest():
+    torch.manual_seed(0)
+    branch = torch.randn(4000, 3, 5)
+    out = drop_path(branch, 0.25, training=True)
+    dropped, kept = (out == 0).flatten(1).all(1), (out != 0).flatten(1).all(1)
+    assert torch.all(dropped | kept)  # a sample's branch is dropped entirely or kept entirely
+    torch.testing.assert_close(out[kept], branch[kept] / 0.75)
+    assert abs(dropped.float().mean().item() - 0.25) < 0.03
+    assert drop_path(branch, 0.25, training=False) is branch
+    assert torch.equal(drop_path(branch, 1.0, training=True), torch.zeros_like(branch))
+
+
+def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
+    model = make_model(tiny_config(tokenizer, drop_path_rate=0.3))
+    for layer, rate in zip(model.image_encoder.vision_model.encoder.layers, [0.0, 0.1, 0.2, 0.3], strict=True):
+        hooks = [*layer.self_attn._forward_hooks.values(), *layer.mlp._forward_hooks.values()]
+        assert [hook.args[0] for hook in hooks] == pytest.approx([rate, rate] if rate else [])
+    reference = make_model(tiny_config(tokenizer, drop_path_rate=0.0))
+    pixel_values = torch.randn(2, 3, 64, 64)
+    encoder, plain = model.image_encoder, reference.image_encoder
+    with torch.no_grad():
+        torch.testing.assert_close(encoder(pixel_values).global_embedding, plain(pixel_values).global_embedding)
+        encoder.train()
+        runs = []
+        for seed in (0, 0, 1):
+            torch.manual_seed(seed)
+            runs.append(encoder(pixel_values).global_embedding)
+    torch.testing.assert_close(runs[0], runs[1])
+    assert not torch.allclose(runs[0], runs[2]) and not torch.allclose(runs[0], plain(pixel_values).global_embedding)
+
+
+@pytest.mark.parametrize("family", ["vit", "resnet"])
+def test_resized_position_embeddings_give_the_per_forward_interpolation(tokenizer, family, tmp_path):
+    """Resizing once to 96 pixels (the authors' start from CLIP) equals interpolating on every 96-pixel forward."""
+    vision = TINY_VISION if family == "vit" else DenseClipResNetConfig(layers=[1, 1, 1, 1], width=8, image_size=64)
+    model = make_model(tiny_config(tokenizer, vision_config=vision))
+    resized = make_model(tiny_config(tokenizer, vision_config=vision))
+    resized.resize_position_embeddings(96)
+    assert resized.config.vision_config.image_size == 96
+    pixel_values = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(resized(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=1e-5)
+    resized.save_pretrained(tmp_path)
+    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, resized(pixel_values).logits)
+    table = dict(loaded.named_parameters())[
+        "image_encoder.vision_model.embeddings.position_embedding.weight"
+        if family == "vit"
+        else "image_encoder.vision_model.attention_pool.position_embedding"
+    ]
+    assert table.shape[0] == 1 + (96 // (16 if family == "vit" else 32)) ** 2
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        resized.resize_position_embeddings(100)

@@ -156,6 +156,7 @@ def test_training_starts_from_clip_and_denseclip_checkpoints(tiny_clip_dir, tmp_
     assert "step 1: mIoU" in caplog.text and (from_clip / "checkpoints" / "step_2").is_dir()
     config = json.loads((from_clip / "config.json").read_text())
     assert config["id2label"]["0"] == SYNTHETIC_CLASS_NAMES[0] and config["vision_config"]["hidden_size"] == 32
+    assert config["vision_config"]["image_size"] == 96  # CLIP's positions resized to the crop, as the authors do
 
     run_in_process([*quick, "--model_name_or_path", str(from_clip), "--output_dir", str(tmp_path / "again")])
     assert (tmp_path / "again" / "model.safetensors").is_file()

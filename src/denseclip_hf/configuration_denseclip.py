@@ -175,6 +175,9 @@ class DenseClipConfig(PreTrainedConfig):
             `"mean_all_pixels"` (mmseg 0.x, used by the authors: ignored pixels count as zero in the mean).
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal init of the context decoder's linear layers.
+        drop_path_rate (`float`, *optional*):
+            ViT only: stochastic depth of the CLIP encoder layers during training, rising linearly from 0 at the first
+            layer to this rate at the last. Defaults to the authors' 0.1 for a ViT and 0 for a ResNet (which has none).
         palette (`list[list[int]]`, *optional*):
             One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
             the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
@@ -218,6 +221,7 @@ class DenseClipConfig(PreTrainedConfig):
     loss_reduction: str = "mean_non_ignored"
     initializer_range: float | int = 0.02
     palette: list[list[int]] | None = None
+    drop_path_rate: float | int | None = None
 
     def __post_init__(self, **kwargs):
         # A ResNet tower given as a dict (e.g. read from config.json) is built here: the sub-config spec builds ViTs.
@@ -235,6 +239,8 @@ class DenseClipConfig(PreTrainedConfig):
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:
             self.label2id = {name: label for label, name in self.id2label.items()}
+        if self.drop_path_rate is None:
+            self.drop_path_rate = 0.1 if self.image_encoder_family == "vit" else 0.0
         if self.score_map_level is None:
             self.score_map_level = default_score_map_level(self.vision_config)
         if self.vision_feature_layers is None and self.image_encoder_family == "vit":
@@ -269,7 +275,7 @@ class DenseClipConfig(PreTrainedConfig):
             self.context_decoder_hidden_size,
             f"must be divisible by context_decoder_heads={self.context_decoder_heads}",
         )
-        for name in ("context_decoder_dropout", "decode_head_dropout"):
+        for name in ("context_decoder_dropout", "decode_head_dropout", "drop_path_rate"):
             _check(0.0 <= getattr(self, name) < 1.0, name, getattr(self, name), "must be in [0, 1)")
         _check(self.temperature > 0, "temperature", self.temperature, "must be > 0")
         _check(self.identity_loss_weight >= 0, "identity_loss_weight", self.identity_loss_weight, "must be >= 0")
@@ -294,6 +300,12 @@ class DenseClipConfig(PreTrainedConfig):
 
     def _validate_vision_tower(self):
         if self.image_encoder_family == "resnet":
+            _check(
+                self.drop_path_rate == 0,
+                "drop_path_rate",
+                self.drop_path_rate,
+                "applies to ViT image encoders only (CLIP ResNets have no stochastic depth): leave it unset",
+            )
             _check(
                 self.vision_feature_layers is None,
                 "vision_feature_layers",

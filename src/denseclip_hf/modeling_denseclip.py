@@ -9,6 +9,7 @@ pixels -> CLIP image encoder (ViT or ResNet) -> stride 4/8/16/32 pyramid and the
 import math
 import os
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 import torch.nn.functional as F
@@ -17,10 +18,12 @@ from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionMod
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SemanticSegmenterOutput
-from transformers.utils import ModelOutput
+from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
+
+logger = logging.get_logger(__name__)
 
 PYRAMID_STRIDES = (4, 8, 16, 32)
 
@@ -126,14 +129,32 @@ class DenseClipConvNormAct(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def resize_position_grid(grid: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resizes a square grid of positional embeddings `(side * side, channels)` to `(height * width, channels)`."""
-    side = math.isqrt(grid.shape[0])
+def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
+    square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
+    side = math.isqrt(table.shape[0] - 1)
     if (side, side) == tuple(size):
-        return grid
-    grid = grid.reshape(1, side, side, -1).permute(0, 3, 1, 2)
+        return table
+    grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
-    return grid.flatten(2).transpose(1, 2)[0]
+    return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
+
+
+def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
+    """Stochastic depth: zeroes the whole residual branch of each sample with probability `rate` in training, and
+    scales the kept ones by `1 / (1 - rate)`. `hidden_states` `(batch, ...)`."""
+    if not training or rate == 0.0:
+        return hidden_states
+    keep = 1.0 - rate
+    mask = hidden_states.new_empty((hidden_states.shape[0],) + (1,) * (hidden_states.ndim - 1)).bernoulli_(keep)
+    return hidden_states * mask / keep if keep > 0 else hidden_states * mask
+
+
+def _drop_path_hook(rate: float, module: nn.Module, args: tuple, output):
+    """Forward hook: stochastic depth on a residual branch (an attention's `(output, weights)`, or an MLP output)."""
+    if isinstance(output, tuple):
+        return (drop_path(output[0], rate, module.training), *output[1:])
+    return drop_path(output, rate, module.training)
 
 
 def _pyramid_level(channels: int, patch_size: int, stride: int) -> nn.Sequential:
@@ -179,6 +200,13 @@ class DenseClipViTImageEncoder(nn.Module):
         self.pyramid = DenseClipViTPyramid(vision_config.hidden_size, vision_config.patch_size)
         self.feature_layers = list(config.vision_feature_layers)
         self.interpolation = config.position_embedding_interpolation
+        # Stochastic depth as in the authors' ViT (rates rising linearly to `drop_path_rate` at the last layer).
+        # transformers' CLIP layers have none: hooks on each layer's two residual branches add it.
+        rates = torch.linspace(0, config.drop_path_rate, vision_config.num_hidden_layers).tolist()
+        for layer, rate in zip(self.vision_model.encoder.layers, rates, strict=True):
+            if rate > 0:
+                layer.self_attn.register_forward_hook(partial(_drop_path_hook, rate))
+                layer.mlp.register_forward_hook(partial(_drop_path_hook, rate))
 
     @property
     def pyramid_channels(self) -> list[int]:
@@ -191,9 +219,24 @@ class DenseClipViTImageEncoder(nn.Module):
         batch, _, height, width = patches.shape
         class_token = embeddings.class_embedding.expand(batch, 1, -1)
         tokens = torch.cat([class_token, patches.flatten(2).transpose(1, 2)], dim=1)
-        positions = embeddings.position_embedding.weight
-        patch_positions = resize_position_grid(positions[1:], (height, width), self.interpolation)
-        return tokens + torch.cat([positions[:1], patch_positions]).unsqueeze(0), (height, width)
+        positions = resize_position_embedding(
+            embeddings.position_embedding.weight, (height, width), self.interpolation
+        )
+        return tokens + positions.unsqueeze(0), (height, width)
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Stores the positional embedding for `image_size` inputs (see `DenseClipForSemanticSegmentation`)."""
+        embeddings = self.vision_model.embeddings
+        if image_size % embeddings.patch_size:
+            raise ValueError(f"image_size={image_size} must be a multiple of the patch size {embeddings.patch_size}.")
+        side = image_size // embeddings.patch_size
+        table = resize_position_embedding(
+            embeddings.position_embedding.weight.detach(), (side, side), self.interpolation
+        )
+        embeddings.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
+        embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, side * side, len(table)
+        embeddings.position_ids = torch.arange(len(table), device=table.device).expand((1, -1))
+        self.vision_model.config.image_size = image_size
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         if pixel_values.ndim != 4 or pixel_values.shape[1] != self.vision_model.config.num_channels:
@@ -310,9 +353,9 @@ class DenseClipAttentionPool(nn.Module):
         height, width = features.shape[-2:]
         tokens = features.flatten(2).transpose(1, 2)
         tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
-        positions = self.position_embedding
-        spatial_positions = resize_position_grid(positions[1:], (height, width), self.interpolation)
-        tokens = tokens + torch.cat([positions[:1], spatial_positions]).to(tokens.dtype)
+        tokens = tokens + resize_position_embedding(self.position_embedding, (height, width), self.interpolation).to(
+            tokens.dtype
+        )
         attended = multi_head_attention(self.q_proj(tokens), self.k_proj(tokens), self.v_proj(tokens), self.num_heads)
         # Eq. 1: [z_bar, z] = MHSA([x_bar, x]); token 0 is z_bar, the spatial tokens form z.
         embeddings = self.out_proj(attended)
@@ -375,6 +418,15 @@ class DenseClipResNetImageEncoder(nn.Module):
                 f"{PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
             )
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Stores the attention pool's positional embedding for `image_size` inputs (a stride-32 grid)."""
+        if image_size % PYRAMID_STRIDES[-1]:
+            raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
+        pool = self.vision_model.attention_pool
+        side = image_size // PYRAMID_STRIDES[-1]
+        table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+        pool.position_embedding = nn.Parameter(table.clone())
 
 
 def build_image_encoder(config: DenseClipConfig) -> DenseClipViTImageEncoder | DenseClipResNetImageEncoder:
@@ -797,11 +849,44 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             ),
             **config_kwargs,
         )
-        loaded = cls.from_pretrained(**weights, config=config, key_mapping=CLIP_KEY_MAPPING, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        # transformers' load report would list every DenseCLIP tensor as MISSING (they are new by design): it is
+        # silenced and replaced by a check that the CLIP towers loaded completely.
+        loading_logger = logging.get_logger("transformers.modeling_utils")
+        level = loading_logger.level
+        loading_logger.setLevel(logging.ERROR)
+        try:
+            model, info = cls.from_pretrained(
+                **weights, config=config, key_mapping=CLIP_KEY_MAPPING, output_loading_info=True, **kwargs
+            )
+        finally:
+            loading_logger.setLevel(level)
+        problems = {
+            "missing": sorted(key for key in info["missing_keys"] if key.startswith(tuple(CLIP_KEY_MAPPING.values()))),
+            "unexpected": sorted(info["unexpected_keys"]),
+            "mismatched": sorted(str(key) for key in info["mismatched_keys"]),
+        }
+        if any(problems.values()):
+            details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
+            raise ValueError(f"{pretrained_model_name_or_path!r} is not a complete CLIP checkpoint ({details}).")
+        logger.info(
+            f"Loaded the CLIP towers from {pretrained_model_name_or_path!r}; {len(info['missing_keys'])} DenseCLIP "
+            "tensors (contexts, context decoder, pyramid, FPN, head) are newly initialised."
+        )
         # transformers remembers `key_mapping` to save in the source layout; a DenseCLIP model saves in its own.
         model._weight_conversions = []
-        return loaded
+        return (model, info) if output_loading_info else model
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """Resizes the image encoder's positional embedding to `image_size` x `image_size` inputs, once.
+
+        The authors do this when they start from CLIP: its 224-pixel table (14x14 patches for ViT-B/16, 7x7 for the
+        ResNets) becomes their crop size (640 -> 40x40, 512 -> 16x16), and that table is then trained. Without it the
+        CLIP table is interpolated on every forward instead (the same values at the start, a different parameter to
+        train). Inputs of any size still work afterwards. Updates `config.vision_config.image_size`.
+        """
+        self.image_encoder.resize_position_embeddings(image_size)
+        self.config.vision_config.image_size = image_size
 
     def get_text_embeddings(self) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""

@@ -267,7 +267,7 @@ class TrainingRun:
 
 def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, data: SegmentationData) -> TrainingRun:
     """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
-    model = load_model(args.model_name_or_path, data.id2label, args.loss_reduction)
+    model = load_model(args.model_name_or_path, data.id2label, args.loss_reduction, args.crop_size)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
     long_side, short_side = args.image_scale

@@ -495,7 +495,6 @@ def offline_model_config(
         context_decoder_layers=2,
         context_decoder_hidden_size=64,
         context_decoder_heads=4,
-        score_map_level=1,
         fpn_channels=64,
         decode_head_channels=64,
         id2label=id2label,
@@ -504,18 +503,32 @@ def offline_model_config(
     )
 
 
+def _from_clip(
+    name_or_path: str, id2label: dict[int, str], loss_reduction: str, crop_size: int | None
+) -> DenseClipForSemanticSegmentation:
+    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
+        name_or_path, id2label=id2label, loss_reduction=loss_reduction
+    )
+    if crop_size is not None:
+        model.resize_position_embeddings(crop_size)
+    return model
+
+
 def load_model(
-    model_name_or_path: str | None, id2label: dict[int, str], loss_reduction: str = "mean_non_ignored"
+    model_name_or_path: str | None,
+    id2label: dict[int, str],
+    loss_reduction: str = "mean_non_ignored",
+    crop_size: int | None = None,
 ) -> DenseClipForSemanticSegmentation:
     """The model to train: a random [`offline_model_config`] model (no path), DenseCLIP on a CLIP checkpoint
     (`model_type` "clip", or an OpenAI/OpenCLIP checkpoint file such as `RN50.pt`; class names from `id2label`) or a
-    DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`."""
+    DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`.
+
+    Starting from CLIP, the positional embedding is resized once to `crop_size`, as the authors do."""
     if model_name_or_path is None:
         return DenseClipForSemanticSegmentation(offline_model_config(id2label, loss_reduction=loss_reduction))
     if os.path.isfile(model_name_or_path):
-        return DenseClipForSemanticSegmentation.from_clip_pretrained(
-            model_name_or_path, id2label=id2label, loss_reduction=loss_reduction
-        )
+        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
     try:
         model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
     except OSError as error:
@@ -524,9 +537,7 @@ def load_model(
             "to train a small random-weight model, or pass a local folder."
         ) from error
     if model_type == "clip":
-        return DenseClipForSemanticSegmentation.from_clip_pretrained(
-            model_name_or_path, id2label=id2label, loss_reduction=loss_reduction
-        )
+        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
     if model_type != DenseClipConfig.model_type:
         raise ValueError(f"{model_name_or_path} is a {model_type!r} model: pass a CLIP or a DenseCLIP checkpoint.")
     model = DenseClipForSemanticSegmentation.from_pretrained(model_name_or_path)
