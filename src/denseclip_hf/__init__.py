@@ -3,6 +3,7 @@
 import importlib
 
 from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
 from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
@@ -23,6 +24,9 @@ AutoImageProcessor.register(DenseClipConfig, image_processor_classes={"pil": Den
 DenseClipConfig.register_for_auto_class()
 DenseClipForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 DenseClipImageProcessor.register_for_auto_class("AutoImageProcessor")
+# DenseCLIP has no video processor. Saying so keeps `pipeline(...)` from asking whether to run a remote one, which
+# transformers infers from the image processor's `auto_map` (a blocking "[y/N]" prompt in a terminal).
+AutoVideoProcessor.register(DenseClipConfig, video_processor_classes={}, exist_ok=True)
 
 # Training helpers import `datasets` and `accelerate`: they load on first use, so `import denseclip_hf` stays light.
 _LAZY_EXPORTS = {

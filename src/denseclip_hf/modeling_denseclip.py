@@ -664,6 +664,11 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _is_not_a_load_report(record) -> bool:
+    """Logging filter that drops transformers' "LOAD REPORT" (see `from_clip_pretrained`)."""
+    return "LOAD REPORT" not in record.getMessage()
+
+
 class DenseClipPreTrainedModel(PreTrainedModel):
     config: DenseClipConfig
     config_class = DenseClipConfig
@@ -853,14 +858,13 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         # transformers' load report would list every DenseCLIP tensor as MISSING (they are new by design): it is
         # silenced and replaced by a check that the CLIP towers loaded completely.
         loading_logger = logging.get_logger("transformers.modeling_utils")
-        level = loading_logger.level
-        loading_logger.setLevel(logging.ERROR)
+        loading_logger.addFilter(_is_not_a_load_report)
         try:
             model, info = cls.from_pretrained(
                 **weights, config=config, key_mapping=CLIP_KEY_MAPPING, output_loading_info=True, **kwargs
             )
         finally:
-            loading_logger.setLevel(level)
+            loading_logger.removeFilter(_is_not_a_load_report)
         problems = {
             "missing": sorted(key for key in info["missing_keys"] if key.startswith(tuple(CLIP_KEY_MAPPING.values()))),
             "unexpected": sorted(info["unexpected_keys"]),
