@@ -20,6 +20,7 @@ TINY_TEXT = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_
 TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=16
 )
+TINY_RESNET = dict(layers=[1, 2, 1, 1], width=8, attention_pool_heads=4, image_size=64)
 
 
 @pytest.fixture(scope="session")

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASS_NAMES, TINY_VISION, tiny_config
+from conftest import CLASS_NAMES, TINY_RESNET, TINY_VISION, tiny_config
 from transformers import CLIPModel, CLIPTokenizer
 
 from denseclip_hf import (
@@ -150,11 +150,13 @@ def test_batched_equals_one_by_one(config):
     torch.testing.assert_close(batched.score_map, torch.cat([s.score_map for s in single]), atol=1e-6, rtol=1e-5)
 
 
-def test_save_and_load_round_trip(config, tmp_path):
-    model = make_model(config)
+@pytest.mark.parametrize("vision_config", [TINY_VISION, {"model_type": "denseclip_resnet_vision", **TINY_RESNET}])
+def test_save_and_load_round_trip(tokenizer, tmp_path, vision_config):
+    model = make_model(tiny_config(tokenizer, vision_config=vision_config))
     model.save_pretrained(tmp_path)
     loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
     assert comparable(loaded.config) == comparable(model.config)
+    assert type(loaded.config.vision_config) is type(model.config.vision_config)
     assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
     torch.testing.assert_close(loaded.class_token_ids, model.class_token_ids)
     for key, tensor in model.state_dict().items():
