@@ -111,6 +111,17 @@ def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> 
     return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
 
 
+def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
+    """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
+    square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
+    side = math.isqrt(table.shape[0] - 1)
+    if (side, side) == tuple(size):
+        return table
+    grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
+    return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
+
+
 class DenseClipConvNormAct(nn.Module):
     """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU."""
 
@@ -127,17 +138,6 @@ class DenseClipConvNormAct(nn.Module):
 # ---------------------------------------------------------------------------------------------------------------------
 # Image side, CLIP ViT: pixels -> patch tokens -> pyramid, z_bar and z (Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
-    square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
-    side = math.isqrt(table.shape[0] - 1)
-    if (side, side) == tuple(size):
-        return table
-    grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
-    return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
 def drop_path(hidden_states: torch.Tensor, rate: float, training: bool) -> torch.Tensor:
