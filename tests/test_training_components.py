@@ -11,7 +11,7 @@ from clip_reference import CLIP
 from conftest import tiny_config
 from PIL import Image
 
-from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipResNetConfig
 from denseclip_hf.checkpointing import (
     find_latest_checkpoint,
     prune_checkpoints,
@@ -26,6 +26,7 @@ from denseclip_hf.data import (
     load_segmentation_data,
 )
 from denseclip_hf.metrics import confusion_matrix, segmentation_metrics
+from denseclip_hf.reporting import model_card
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
 from denseclip_hf.training import (
     RECIPES,
@@ -353,6 +354,16 @@ def test_load_model_converts_openai_resnet_files(tmp_path):
     torch.testing.assert_close(
         model.image_encoder.vision_model.attention_pool.out_proj.weight, reference.visual.attnpool.c_proj.weight
     )
+
+
+def test_model_card_describes_resnet_models(tmp_path):
+    config = DenseClipConfig(vision_config=DenseClipResNetConfig(), id2label={0: "sky", 1: "tree"})
+    args = parse_training_args(["--recipe", "ade20k-rn50", "--output_dir", str(tmp_path)])
+    per_class = {"sky": 0.5, "tree": None}
+    results = {"eval_mean_iou": 0.5, "eval_mean_accuracy": 0.5, "eval_overall_accuracy": 0.5, "eval_samples": 1}
+    results.update(eval_per_category_iou=per_class, eval_per_category_accuracy=per_class, train_steps=1)
+    card = model_card(config, {**results, "total_train_batch_size": 32}, args, "someone/denseclip-rn50")
+    assert "# DenseCLIP ResNet (layers [3, 4, 6, 3], width 64)" in card and "43.5 / 44.7 mIoU" in card
 
 
 @pytest.mark.parametrize(

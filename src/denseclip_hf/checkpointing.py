@@ -36,11 +36,13 @@ def checkpoint_step(path: str | os.PathLike) -> int | None:
     return int(match.group(1)) if match else None
 
 
-def _file_digest(path: Path) -> str:
-    """SHA-256 of a file, after flushing it to disk (so that the rename that follows publishes durable data)."""
+def _file_digest(path: Path, flush: bool = False) -> str:
+    """SHA-256 of a file; with `flush`, after flushing it to disk (so that the rename that follows publishes durable
+    data)."""
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
+        if flush:
+            os.fsync(handle.fileno())
         for block in iter(lambda: handle.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
@@ -61,7 +63,7 @@ def _state_files(folder: Path) -> list[Path]:
 def write_manifest(folder: Path, step: int) -> None:
     """Writes `checkpoint_manifest.json` (step, and size + SHA-256 of every file) into `folder`, durably."""
     files = {
-        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _file_digest(path)}
+        str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _file_digest(path, flush=True)}
         for path in _state_files(folder)
     }
     temporary = folder / f"{MANIFEST_NAME}.partial"
@@ -173,12 +175,13 @@ def save_checkpoint(
     return final
 
 
-def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike) -> int:
+def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike, verify: bool = True) -> int:
     """Restores the state saved by [`save_checkpoint`] (model, optimizer, scheduler, RNG, ...); returns its step.
 
-    Raises a `ValueError` if `folder` is not a complete checkpoint.
+    Raises a `ValueError` if `folder` is not a complete checkpoint. `verify=False` skips that check (hashing every
+    file), for a folder that [`find_latest_checkpoint`] has just verified.
     """
-    problem = verify_checkpoint(folder)
+    problem = verify_checkpoint(folder) if verify else None
     if problem is not None:
         raise ValueError(f"Cannot resume from {folder}: {problem}.")
     accelerator.load_state(str(folder))

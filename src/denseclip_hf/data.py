@@ -20,7 +20,7 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from torch.utils.data import Sampler
 
-from .image_processing_denseclip import DenseClipImageProcessor
+from .image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
 from .synthetic import load_synthetic_dataset
 from .transforms import SegmentationAugmentation, label_map_to_array
 
@@ -77,6 +77,10 @@ def _first_existing(folder: Path, names: tuple[str, ...]) -> Path | None:
     return next((folder / name for name in names if (folder / name).is_dir()), None)
 
 
+def _is_voc(folder: Path) -> bool:
+    return (folder / "JPEGImages").is_dir() and (folder / "SegmentationClass").is_dir()
+
+
 def _voc_pairs(folder: Path, split: str) -> list[tuple[Path, Path]]:
     """Pascal VOC: `ImageSets/Segmentation/{train,val}.txt` lists ids of `JPEGImages/<id>.jpg` and
     `SegmentationClass/<id>.png`."""
@@ -110,7 +114,7 @@ def find_image_label_pairs(folder: str | os.PathLike, split: str) -> list[tuple[
     - a flat folder for one split: `images/...` + `annotations/...` (or `labels/`, `masks/`).
     """
     folder = Path(folder)
-    if (folder / "JPEGImages").is_dir() and (folder / "SegmentationClass").is_dir():
+    if _is_voc(folder):
         return _voc_pairs(folder, split)
     image_root, label_root = _first_existing(folder, _IMAGE_DIR_NAMES), _first_existing(folder, _LABEL_DIR_NAMES)
     if image_root is None or label_root is None:
@@ -129,7 +133,7 @@ def find_image_label_pairs(folder: str | os.PathLike, split: str) -> list[tuple[
 def has_split_folders(folder: str | os.PathLike) -> bool:
     """Whether a local dataset folder holds both a training and a validation split (ADE20K, VOC, split folders)."""
     folder = Path(folder)
-    if (folder / "JPEGImages").is_dir():
+    if _is_voc(folder):
         return True
     image_root = _first_existing(folder, _IMAGE_DIR_NAMES)
     return image_root is not None and all(_first_existing(image_root, names) for names in _SPLIT_DIR_NAMES.values())
@@ -148,7 +152,7 @@ def load_image_label_folder(folder: str | os.PathLike, split: str) -> Dataset:
 def builtin_class_names(folder: str | os.PathLike) -> tuple[str, ...] | None:
     """Class names of a recognised local layout: ADE20K (`ADEChallengeData2016`) or Pascal VOC; else `None`."""
     folder = Path(folder)
-    if (folder / "JPEGImages").is_dir() and (folder / "SegmentationClass").is_dir():
+    if _is_voc(folder):
         return VOC_CLASS_NAMES
     if (folder / "images" / "training").is_dir() and (folder / "annotations" / "training").is_dir():
         return ADE20K_CLASS_NAMES
@@ -313,7 +317,7 @@ def check_label_range(dataset: Dataset, num_labels: int, do_reduce_labels: bool,
         if do_reduce_labels:
             label = DenseClipImageProcessor.reduce_label(label)
         values = np.unique(label)
-        bad = values[(values != 255) & ((values < 0) | (values >= num_labels))]
+        bad = values[(values != IGNORE_INDEX) & ((values < 0) | (values >= num_labels))]
         if bad.size:
             hint = "" if do_reduce_labels else " If 0 means 'unlabelled' (ADE20K), pass --do_reduce_labels."
             raise ValueError(

@@ -93,9 +93,15 @@ def _training_data_description(args) -> str:
     return "the synthetic scenes bundled with `denseclip_hf` (`denseclip_hf.load_synthetic_dataset`)"
 
 
+def _image_encoder_description(config: DenseClipConfig) -> str:
+    vision = config.vision_config
+    if config.image_encoder_family == "resnet":
+        return f"ResNet (layers {vision.layers}, width {vision.width})"
+    return f"ViT (patch {vision.patch_size}, width {vision.hidden_size})"
+
+
 def model_card(config: DenseClipConfig, results: dict, args, repo_id: str) -> str:
     """The README of a trained model: what it is, validation metrics (overall and per class), usage, training."""
-    vision = config.vision_config
     base = args.model_name_or_path or "random weights (no pre-trained CLIP)"
     front_matter = ["---", "library_name: transformers", "pipeline_tag: image-segmentation", "license: apache-2.0"]
     front_matter += ["tags:", "- denseclip", "- clip", "- semantic-segmentation", "metrics:", "- mean_iou"]
@@ -134,7 +140,7 @@ def model_card(config: DenseClipConfig, results: dict, args, repo_id: str) -> st
     )
     return f"""{chr(10).join(front_matter)}
 
-# DenseCLIP ViT (patch {vision.patch_size}, width {vision.hidden_size}) for semantic segmentation
+# DenseCLIP {_image_encoder_description(config)} for semantic segmentation
 {warning}
 [DenseCLIP](https://arxiv.org/abs/2112.01518) (Rao et al., CVPR 2022) turns CLIP into a dense predictor: the
 pixel-text score map between the image embedding and the class-name text embeddings, refined by context-aware

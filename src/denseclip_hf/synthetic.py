@@ -18,9 +18,10 @@ from datasets import ClassLabel, Dataset, Features, List
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFilter
 
+from .image_processing_denseclip import IGNORE_INDEX
+
 SYNTHETIC_CLASS_NAMES = ["sky", "cloud", "grass", "water", "sand", "road", "tree", "house", "car", "rock"]
 SYNTHETIC_SPLIT_SIZES = {"train": 1000, "validation": 200}
-IGNORE_INDEX = 255
 
 _SPLIT_IDS = {"train": 0, "validation": 1}
 _CLASS = {name: label for label, name in enumerate(SYNTHETIC_CLASS_NAMES)}

@@ -129,8 +129,9 @@ def evaluate(
 
     Whole-image inference at the processor's resolution, predictions resized to the original label size. Each
     process counts its images; `gather_for_metrics` drops the samples repeated to even out the last batch, so the
-    counts are exactly those of one pass over the data.
+    counts are exactly those of one pass over the data. The model is left in the mode (train / eval) it came in.
     """
+    was_training = model.training
     model.eval()
     total = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=accelerator.device)
     for batch in dataloader:
@@ -142,7 +143,7 @@ def evaluate(
             [confusion_matrix(p, t, num_labels, ignore_index) for p, t in zip(predictions, labels, strict=True)]
         )
         total += accelerator.gather_for_metrics(per_image).sum(dim=0)
-    model.train()
+    model.train(was_training)
     return total.cpu().numpy()
 
 
@@ -196,10 +197,9 @@ def build_dataloaders(
 ) -> tuple[DataLoader, DataLoader]:
     """Training batches (augmented crops `(batch, 3, crop, crop)` + `(batch, crop, crop)` labels, full batches only)
     and validation batches (see [`EvaluationCollator`]); not yet prepared by Accelerate."""
-    long_side, short_side = args.image_scale
     augmentation = SegmentationAugmentation(
         crop_size=args.crop_size,
-        scale=(long_side, short_side),
+        scale=tuple(args.image_scale),
         ratio_range=tuple(args.ratio_range),
         cat_max_ratio=args.cat_max_ratio,
         do_reduce_labels=args.do_reduce_labels,
@@ -270,9 +270,9 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     model = load_model(args.model_name_or_path, data.id2label, args.loss_reduction, args.crop_size)
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
-    long_side, short_side = args.image_scale
     image_processor = DenseClipImageProcessor(
-        size={"shortest_edge": short_side, "longest_edge": long_side}, do_reduce_labels=args.do_reduce_labels
+        size={"shortest_edge": min(args.image_scale), "longest_edge": max(args.image_scale)},
+        do_reduce_labels=args.do_reduce_labels,
     )
     train_dataloader, eval_dataloader = build_dataloaders(
         args, data, image_processor, model.config.semantic_loss_ignore_index
@@ -319,11 +319,12 @@ def _resume(run: TrainingRun) -> int:
     resume = run.args.resume_from_checkpoint
     if resume is None:
         return 0
-    checkpoint = find_latest_checkpoint(run.args.output_dir) if resume == "latest" else Path(resume)
+    latest = resume == "latest"
+    checkpoint = find_latest_checkpoint(run.args.output_dir) if latest else Path(resume)
     if checkpoint is None:
         logger.warning(f"No complete checkpoint in {run.args.output_dir}: starting from scratch.")
         return 0
-    step = load_checkpoint(run.accelerator, checkpoint)
+    step = load_checkpoint(run.accelerator, checkpoint, verify=not latest)  # `find_latest_checkpoint` verified it
     logger.info(f"Resumed from {checkpoint} at step {step}.")
     return step
 
@@ -335,6 +336,9 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
     checkpointed steps consumed. The last step of an epoch may accumulate fewer batches.
     """
     args, accelerator, model, optimizer, scheduler = run.args, run.accelerator, run.model, run.optimizer, run.scheduler
+    if completed_steps >= run.max_train_steps:
+        logger.info(f"The checkpoint is at step {completed_steps} of {run.max_train_steps}: nothing left to train.")
+        return completed_steps
     accumulation = accelerator.gradient_accumulation_steps
     starting_epoch = completed_steps // run.steps_per_epoch
     skipped_batches = (completed_steps % run.steps_per_epoch) * accumulation
@@ -368,12 +372,11 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
                 continue
             scheduler.step()
             completed_steps += 1
+            loss_value, learning_rate = loss.item(), scheduler.get_last_lr()[0]
             progress_bar.update(1)
-            progress_bar.set_postfix(loss=f"{loss.item():.3f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            progress_bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate:.2e}")
             if args.with_tracking:
-                accelerator.log(
-                    {"train_loss": loss.item(), "learning_rate": scheduler.get_last_lr()[0]}, completed_steps
-                )
+                accelerator.log({"train_loss": loss_value, "learning_rate": learning_rate}, completed_steps)
             if (
                 args.checkpointing_steps not in (None, "epoch")
                 and completed_steps % int(args.checkpointing_steps) == 0

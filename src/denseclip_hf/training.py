@@ -18,7 +18,7 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, CLIPTokenizer, HfArgumentParser
 
-from .checkpointing import checkpoints_root
+from .checkpointing import checkpoint_step, checkpoints_root
 from .configuration_denseclip import DenseClipConfig
 from .modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
 
@@ -327,7 +327,7 @@ class SegmentationTrainingArguments:
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ValueError(f"--resume_from_checkpoint {resume} is neither 'latest' nor a checkpoint folder.")
         root = checkpoints_root(self.output_dir)
-        has_checkpoints = root.is_dir() and any(path.name.startswith("step_") for path in root.iterdir())
+        has_checkpoints = root.is_dir() and any(checkpoint_step(path) is not None for path in root.iterdir())
         if has_checkpoints and resume is None and not self.overwrite_output_dir:
             raise ValueError(
                 f"{self.output_dir} holds checkpoints of an earlier run: pass --resume_from_checkpoint latest to "

@@ -14,11 +14,14 @@ from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
 from .image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
 
+_RESIZE_RULE = DenseClipImageProcessor(size_divisor=None)
+
 
 def rescale_size(height: int, width: int, scale: tuple[int, int]) -> tuple[int, int]:
-    """mmcv `imrescale`: the largest keep-ratio size with long side <= `scale[0]` and short side <= `scale[1]`."""
-    factor = min(max(scale) / max(height, width), min(scale) / min(height, width))
-    return int(height * factor + 0.5), int(width * factor + 0.5)
+    """mmcv `imrescale`: the largest keep-ratio size with long side <= `max(scale)` and short side <= `min(scale)`,
+    sides rounded with `int(side * factor + 0.5)` and at least 1 (the image processor's keep-ratio rule)."""
+    size = {"shortest_edge": min(scale), "longest_edge": max(scale)}
+    return _RESIZE_RULE.get_resize_output_size(height, width, size, size_divisor=None)
 
 
 def random_rescale(
