@@ -8,8 +8,8 @@
 `python examples/train_seg.py --help` lists every flag; see docs/training.md.
 """
 
-from denseclip_hf.train_loop import train
-from denseclip_hf.training import parse_training_args
+from denseclip_hf.training.arguments import parse_training_args
+from denseclip_hf.training.loop import train
 
 
 def main(argv: list[str] | None = None) -> dict:

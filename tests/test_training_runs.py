@@ -20,11 +20,11 @@ from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor
 
 from denseclip_hf import DenseClipForSemanticSegmentation
-from denseclip_hf.data import EvaluationCollator
-from denseclip_hf.metrics import segmentation_metrics
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
-from denseclip_hf.train_loop import evaluate, train
-from denseclip_hf.training import parse_training_args
+from denseclip_hf.training.arguments import parse_training_args
+from denseclip_hf.training.data import EvaluationCollator
+from denseclip_hf.training.loop import evaluate, train
+from denseclip_hf.training.metrics import segmentation_metrics
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
@@ -69,7 +69,7 @@ class RecordingHfApi:
 def test_default_run_learns(tmp_path, monkeypatch):
     """A shortened `accelerate launch examples/train_seg.py`: mIoU far above chance, a complete output folder, and
     `--push_to_hub` uploads that folder."""
-    monkeypatch.setattr("denseclip_hf.train_loop.HfApi", RecordingHfApi)
+    monkeypatch.setattr("denseclip_hf.training.loop.HfApi", RecordingHfApi)
     output_dir = tmp_path / "denseclip-synthetic"
     argv = ["--output_dir", str(output_dir), "--max_train_steps", "150", "--num_warmup_steps", "10", "--with_tracking"]
     argv += ["--push_to_hub", "--hub_model_id", "someone/denseclip-test"]

@@ -32,13 +32,13 @@ AutoVideoProcessor.register(DenseClipConfig, video_processor_classes={}, exist_o
 _LAZY_EXPORTS = {
     "SYNTHETIC_CLASS_NAMES": "synthetic",
     "load_synthetic_dataset": "synthetic",
-    "SegmentationAugmentation": "transforms",
-    "confusion_matrix": "metrics",
-    "segmentation_metrics": "metrics",
-    "RECIPES": "training",
-    "SegmentationTrainingArguments": "training",
-    "parameter_groups": "training",
-    "poly_schedule_with_warmup": "training",
+    "SegmentationAugmentation": "training.transforms",
+    "confusion_matrix": "training.metrics",
+    "segmentation_metrics": "training.metrics",
+    "RECIPES": "training.arguments",
+    "SegmentationTrainingArguments": "training.arguments",
+    "parameter_groups": "training.arguments",
+    "poly_schedule_with_warmup": "training.arguments",
 }
 
 

@@ -29,6 +29,15 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
+from ..image_processing_denseclip import DenseClipImageProcessor
+from .arguments import (
+    SegmentationTrainingArguments,
+    gradient_accumulation_steps,
+    load_model,
+    num_update_steps_per_epoch,
+    parameter_groups,
+    poly_schedule_with_warmup,
+)
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import (
     AugmentedSegmentationDataset,
@@ -38,17 +47,8 @@ from .data import (
     check_label_range,
     load_segmentation_data,
 )
-from .image_processing_denseclip import DenseClipImageProcessor
 from .metrics import confusion_matrix, format_metrics_table, segmentation_metrics
-from .reporting import save_prediction_grid, write_model_card
-from .training import (
-    SegmentationTrainingArguments,
-    gradient_accumulation_steps,
-    load_model,
-    num_update_steps_per_epoch,
-    parameter_groups,
-    poly_schedule_with_warmup,
-)
+from .model_card import save_prediction_grid, write_model_card
 from .transforms import SegmentationAugmentation
 
 logger = get_logger(__name__)

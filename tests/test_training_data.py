@@ -12,23 +12,8 @@ from conftest import tiny_config
 from PIL import Image
 
 from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipResNetConfig
-from denseclip_hf.checkpointing import (
-    find_latest_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-    verify_checkpoint,
-    write_manifest,
-)
-from denseclip_hf.data import (
-    ADE20K_CLASS_NAMES,
-    EpochShuffleSampler,
-    find_image_label_pairs,
-    load_segmentation_data,
-)
-from denseclip_hf.metrics import confusion_matrix, segmentation_metrics
-from denseclip_hf.reporting import model_card
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
-from denseclip_hf.training import (
+from denseclip_hf.training.arguments import (
     RECIPES,
     gradient_accumulation_steps,
     load_model,
@@ -36,7 +21,22 @@ from denseclip_hf.training import (
     parse_training_args,
     poly_schedule_with_warmup,
 )
-from denseclip_hf.transforms import SegmentationAugmentation, photometric_distortion, random_crop
+from denseclip_hf.training.checkpointing import (
+    find_latest_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+    verify_checkpoint,
+    write_manifest,
+)
+from denseclip_hf.training.data import (
+    ADE20K_CLASS_NAMES,
+    EpochShuffleSampler,
+    find_image_label_pairs,
+    load_segmentation_data,
+)
+from denseclip_hf.training.metrics import confusion_matrix, segmentation_metrics
+from denseclip_hf.training.model_card import model_card
+from denseclip_hf.training.transforms import SegmentationAugmentation, photometric_distortion, random_crop
 
 # ---------------------------------------------------------------------------------------------------------------------
 # Optimizer and schedule

@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from .image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
+from ..image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
 
 _RESIZE_RULE = DenseClipImageProcessor(size_divisor=None)
 

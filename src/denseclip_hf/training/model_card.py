@@ -6,8 +6,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-from .configuration_denseclip import DenseClipConfig
-from .training import RECIPES
+from ..configuration_denseclip import DenseClipConfig
+from .arguments import RECIPES
 
 TILE_HEIGHT = 160
 _GAP = 4

@@ -18,9 +18,9 @@ from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 from transformers import AutoConfig, CLIPTokenizer, HfArgumentParser
 
+from ..configuration_denseclip import DenseClipConfig
+from ..modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
 from .checkpointing import checkpoint_step, checkpoints_root
-from .configuration_denseclip import DenseClipConfig
-from .modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
 
 # Parameters (names in `DenseClipForSemanticSegmentation`) trained without weight decay besides norms and biases.
 NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "prompting.gamma")
@@ -471,7 +471,7 @@ def offline_model_config(
     It keeps the real CLIP vocabulary (49408 tokens) so that the packaged CLIP tokenizer encodes the class names; its
     weights are random. `overrides` are further `DenseClipConfig` settings.
     """
-    from . import CLIP_TOKENIZER_PATH  # the package's CLIP tokenizer files (imported late: the package imports us)
+    from .. import CLIP_TOKENIZER_PATH  # the package's CLIP tokenizer files (imported late: the package imports us)
 
     tokenizer = tokenizer or CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH)
     class_names = [id2label[label] for label in range(len(id2label))]

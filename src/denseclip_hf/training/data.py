@@ -20,8 +20,8 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from torch.utils.data import Sampler
 
-from .image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
-from .synthetic import load_synthetic_dataset
+from ..image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
+from ..synthetic import load_synthetic_dataset
 from .transforms import SegmentationAugmentation, label_map_to_array
 
 # The 150 ADE20K (SceneParsing) classes as named by mmseg's `ADE20KDataset.CLASSES`, which the DenseCLIP authors use

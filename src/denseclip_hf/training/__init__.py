@@ -1,0 +1,1 @@
+"""Training DenseCLIP for semantic segmentation (`examples/train_seg.py`)."""
