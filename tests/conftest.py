@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 import denseclip_hf
 from denseclip_hf import DenseClipConfig, tokenize_class_names
+from denseclip_hf.training.checkpointing import write_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASS_NAMES = ["wall", "building", "sky", "traffic light"]
@@ -61,6 +63,25 @@ def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:
+    """A `step_N` training checkpoint folder with two small files, with its manifest unless `complete=False`."""
+    folder = output_dir / "checkpoints" / f"step_{step}"
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(bytes(range(256)) * 4)
+    (folder / "random_states_0.pkl").write_bytes(b"rng")
+    if complete:
+        write_manifest(folder, step)
+    return folder
+
+
+def write_pair(image_path: Path, label_path: Path, value: int = 1) -> None:
+    """An 8x6 RGB image and its `L` label map of constant `value`, with their folders."""
+    image_path.parent.mkdir(parents=True, exist_ok=True)
+    label_path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (8, 6), (10, 20, 30)).save(image_path)
+    Image.new("L", (8, 6), value).save(label_path)
 
 
 def run_without_denseclip_hf(script: str, tmp_path: Path) -> subprocess.CompletedProcess:

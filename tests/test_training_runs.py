@@ -16,14 +16,14 @@ from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
 from PIL import Image
 from safetensors.torch import load_file
-from torch.utils.data import DataLoader
 from transformers import AutoImageProcessor
 
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
 from denseclip_hf.training.arguments import parse_training_args
-from denseclip_hf.training.data import EvaluationCollator
-from denseclip_hf.training.loop import evaluate, train
+from denseclip_hf.training.data import evaluation_dataloader
+from denseclip_hf.training.evaluation import evaluate
+from denseclip_hf.training.loop import train
 from denseclip_hf.training.metrics import segmentation_metrics
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
@@ -202,9 +202,7 @@ def test_two_processes_give_the_metrics_of_one(two_process_run):
     _reset_accelerate()
     try:
         accelerator = Accelerator()
-        dataloader = accelerator.prepare(
-            DataLoader(validation, batch_size=1, collate_fn=EvaluationCollator(processor))
-        )
+        dataloader = accelerator.prepare(evaluation_dataloader(validation, processor, batch_size=1))
         confusion = evaluate(model, dataloader, accelerator, processor, NUM_LABELS, ignore_index=255)
     finally:
         _reset_accelerate()

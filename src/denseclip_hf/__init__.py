@@ -35,10 +35,10 @@ _LAZY_EXPORTS = {
     "SegmentationAugmentation": "training.transforms",
     "confusion_matrix": "training.metrics",
     "segmentation_metrics": "training.metrics",
-    "RECIPES": "training.arguments",
+    "RECIPES": "training.recipes",
     "SegmentationTrainingArguments": "training.arguments",
-    "parameter_groups": "training.arguments",
-    "poly_schedule_with_warmup": "training.arguments",
+    "parameter_groups": "training.optimization",
+    "poly_schedule_with_warmup": "training.optimization",
 }
 
 

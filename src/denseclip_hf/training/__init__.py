@@ -1,1 +1,19 @@
-"""Training DenseCLIP for semantic segmentation (`examples/train_seg.py`)."""
+"""Training DenseCLIP for semantic segmentation (`examples/train_seg.py`), one module per concern.
+
+| module | what it holds |
+|---|---|
+| `recipes` | the `--recipe` presets (`Recipe`, `RECIPES`): the paper's settings per row |
+| `arguments` | the command-line arguments, one dataclass per concern, and `parse_training_args` |
+| `model_loading` | the model a run starts from: the offline random default, CLIP, or DenseCLIP |
+| `optimization` | AdamW parameter groups, the poly schedule with warmup |
+| `data` | Hub / folder / synthetic datasets, class names, training and validation batches |
+| `transforms` | the authors' training augmentation |
+| `evaluation` | validation predictions and their confusion matrix across processes |
+| `metrics` | mIoU and accuracies from a confusion matrix |
+| `checkpointing` | atomic training checkpoints and resuming |
+| `model_card` | the README of a trained model |
+| `prediction_grid` | the picture of validation predictions |
+| `loop` | `train(args)`: the whole Accelerate training job |
+
+Nothing is imported here: the modules load `datasets` and `accelerate`, so each is imported on use.
+"""

@@ -1,9 +1,10 @@
-"""Semantic segmentation data for training: Hub datasets, local image + label-PNG folders, and the synthetic default.
+"""Semantic segmentation data: Hub datasets, local image + label-PNG folders, the synthetic default, and batches.
 
 Every source becomes a `datasets.Dataset` with an `image` and a `label` column (PIL images) plus an `id2label`.
 Training wraps it in [`AugmentedSegmentationDataset`], indexed by `(epoch, index)` pairs from [`EpochShuffleSampler`],
 so the shuffling and the augmentation of every sample are functions of `(seed, epoch, index)`: a run resumed in the
-middle of an epoch sees exactly the samples and augmentations that the uninterrupted run saw.
+middle of an epoch sees exactly the samples and augmentations that the uninterrupted run saw. Validation batches
+([`EvaluationCollator`]) hold each image at the processor's resolution and its label map at full resolution.
 """
 
 import json
@@ -18,7 +19,7 @@ from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Sequence,
 from datasets import Image as ImageFeature
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Sampler
 
 from ..image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
 from ..synthetic import load_synthetic_dataset
@@ -392,6 +393,33 @@ class EvaluationCollator:
         }
 
 
+def training_dataloader(
+    dataset: Dataset, augmentation: SegmentationAugmentation, batch_size: int, seed: int, num_workers: int = 0
+) -> DataLoader:
+    """Augmented training batches `{"pixel_values": (batch, 3, crop, crop), "labels": (batch, crop, crop)}` in the
+    order of an [`EpochShuffleSampler`] (call `set_epoch`), full batches only."""
+    augmented = AugmentedSegmentationDataset(dataset, augmentation, seed)
+    return DataLoader(
+        augmented,
+        batch_size=batch_size,
+        sampler=EpochShuffleSampler(len(augmented), seed),
+        drop_last=True,
+        num_workers=num_workers,
+    )
+
+
+def evaluation_dataloader(
+    dataset: Dataset, image_processor: DenseClipImageProcessor, batch_size: int, num_workers: int = 0
+) -> DataLoader:
+    """Validation batches of `dataset` in order (see [`EvaluationCollator`]), for [`evaluate`]."""
+    return DataLoader(
+        dataset.select_columns(["image", "label"]),
+        batch_size=batch_size,
+        collate_fn=EvaluationCollator(image_processor),
+        num_workers=num_workers,
+    )
+
+
 __all__ = [
     "ADE20K_CLASS_NAMES",
     "VOC_CLASS_NAMES",
@@ -400,8 +428,10 @@ __all__ = [
     "EvaluationCollator",
     "SegmentationData",
     "check_label_range",
+    "evaluation_dataloader",
     "find_image_label_pairs",
     "load_image_label_folder",
     "load_segmentation_data",
     "read_id2label",
+    "training_dataloader",
 ]

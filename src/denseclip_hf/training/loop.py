@@ -1,8 +1,9 @@
-"""DenseCLIP semantic segmentation training with Accelerate (CPU, one or many GPUs, several machines).
+"""The training loop of DenseCLIP semantic segmentation with Accelerate (CPU, one or many GPUs, several machines).
 
 `train(args)` runs the whole job of `examples/train_seg.py`: data, model, the paper's optimizer and schedule, the
-training loop with gradient accumulation, periodic and final validation (exact mIoU from a confusion matrix gathered
-across processes), atomic checkpoints with exact resume, and the output folder as a complete Hub model repository.
+training loop with gradient accumulation, periodic and final validation (`evaluation.py`: exact mIoU from a confusion
+matrix gathered across processes), atomic checkpoints with exact resume (`checkpointing.py`), and the output folder as
+a complete Hub model repository (weights and code, processor, results, prediction grid, model card).
 
 Determinism: shuffling and augmentation are functions of `(seed, epoch, index)` (see `data.py`) and the dropout RNG
 is re-seeded from `(seed, process, epoch, batch)` before every batch, so an interrupted and resumed run computes the
@@ -30,25 +31,21 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..image_processing_denseclip import DenseClipImageProcessor
-from .arguments import (
-    SegmentationTrainingArguments,
-    gradient_accumulation_steps,
-    load_model,
-    num_update_steps_per_epoch,
-    parameter_groups,
-    poly_schedule_with_warmup,
-)
+from .arguments import SegmentationTrainingArguments
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import (
-    AugmentedSegmentationDataset,
-    EpochShuffleSampler,
     EvaluationCollator,
     SegmentationData,
     check_label_range,
-    load_segmentation_data,
+    evaluation_dataloader,
+    training_dataloader,
 )
-from .metrics import confusion_matrix, format_metrics_table, segmentation_metrics
-from .model_card import save_prediction_grid, write_model_card
+from .evaluation import evaluate, predict_label_maps
+from .metrics import format_metrics_table, segmentation_metrics
+from .model_card import write_model_card
+from .model_loading import load_model
+from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
+from .prediction_grid import save_prediction_grid
 from .transforms import SegmentationAugmentation
 
 logger = get_logger(__name__)
@@ -95,97 +92,33 @@ def batch_seed(seed: int, process_index: int, epoch: int, batch_index: int) -> i
     return int(np.random.SeedSequence([seed, process_index, epoch, batch_index]).generate_state(1)[0])
 
 
-@torch.no_grad()
-def predict_label_maps(
-    model: torch.nn.Module,
-    pixel_values: list[torch.Tensor],
-    target_sizes: list[tuple[int, int]],
-    image_processor: DenseClipImageProcessor,
-) -> list[torch.Tensor]:
-    """Class-id maps `(H_i, W_i)` at `target_sizes` of images `(3, h_i, w_i)`; equal-size images share a forward."""
-    by_shape: dict[tuple[int, ...], list[int]] = {}
-    for index, pixels in enumerate(pixel_values):
-        by_shape.setdefault(tuple(pixels.shape), []).append(index)
-    predictions: list[torch.Tensor | None] = [None] * len(pixel_values)
-    for indices in by_shape.values():
-        outputs = model(pixel_values=torch.stack([pixel_values[index] for index in indices]))
-        sizes = [target_sizes[index] for index in indices]
-        for index, label_map in zip(
-            indices, image_processor.post_process_semantic_segmentation(outputs, target_sizes=sizes), strict=True
-        ):
-            predictions[index] = label_map
-    return predictions
-
-
-def evaluate(
-    model: torch.nn.Module,
-    dataloader: DataLoader,
-    accelerator: Accelerator,
-    image_processor: DenseClipImageProcessor,
-    num_labels: int,
-    ignore_index: int,
-) -> np.ndarray:
-    """The validation confusion matrix `(num_labels, num_labels)` over the whole dataset, on every process.
-
-    Whole-image inference at the processor's resolution, predictions resized to the original label size. Each
-    process counts its images; `gather_for_metrics` drops the samples repeated to even out the last batch, so the
-    counts are exactly those of one pass over the data. The model is left in the mode (train / eval) it came in.
-    """
-    was_training = model.training
-    model.eval()
-    total = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=accelerator.device)
-    for batch in dataloader:
-        labels = batch["labels"]
-        predictions = predict_label_maps(
-            model, batch["pixel_values"], [tuple(label.shape) for label in labels], image_processor
-        )
-        per_image = torch.stack(
-            [confusion_matrix(p, t, num_labels, ignore_index) for p, t in zip(predictions, labels, strict=True)]
-        )
-        total += accelerator.gather_for_metrics(per_image).sum(dim=0)
-    model.train(was_training)
-    return total.cpu().numpy()
-
-
-def _tracker_config(args: SegmentationTrainingArguments) -> dict:
-    """The arguments as tracker hyper-parameters (scalars and strings only)."""
-    return {
-        key: value if isinstance(value, (int, float, str, bool)) else str(value) for key, value in vars(args).items()
-    }
-
-
 def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
     """The `Accelerator` of the launch (processes, devices, precision) with the gradient accumulation of the recipe."""
-    tracking = {"log_with": args.report_to, "project_dir": args.output_dir} if args.with_tracking else {}
-    accelerator = Accelerator(**tracking)
+    tracking = args.tracking
+    trackers = {"log_with": tracking.report_to, "project_dir": args.checkpoints.output_dir}
+    accelerator = Accelerator(**trackers) if tracking.with_tracking else Accelerator()
     _check_process_count(accelerator)
-    accelerator.gradient_accumulation_steps = gradient_accumulation_steps(args, accelerator.num_processes)
+    accelerator.gradient_accumulation_steps = args.optimization.resolve_gradient_accumulation_steps(
+        accelerator.num_processes
+    )
     _configure_logging(accelerator)
     logger.info(accelerator.state, main_process_only=False)
-    if args.model_name_or_path is None:
+    if args.model.model_name_or_path is None:
         logger.warning(RANDOM_WEIGHTS_NOTICE)
-    if args.with_tracking:
-        accelerator.init_trackers("denseclip_semantic_segmentation", _tracker_config(args))
+    if tracking.with_tracking:
+        # Tracker hyper-parameters: scalars and strings only.
+        config = {
+            name: value if isinstance(value, (int, float, str, bool)) else str(value)
+            for name, value in args.to_flat_dict().items()
+        }
+        accelerator.init_trackers("denseclip_semantic_segmentation", config)
     return accelerator
 
 
 def _load_data(args: SegmentationTrainingArguments, accelerator: Accelerator) -> SegmentationData:
     with accelerator.main_process_first():
-        data = load_segmentation_data(
-            dataset_name=args.dataset_name,
-            dataset_config_name=args.dataset_config_name,
-            train_dir=args.train_dir,
-            validation_dir=args.validation_dir,
-            image_column_name=args.image_column_name,
-            label_column_name=args.label_column_name,
-            id2label_file=args.id2label,
-            train_val_split=args.train_val_split,
-            cache_dir=args.cache_dir,
-            max_train_samples=args.max_train_samples,
-            max_eval_samples=args.max_eval_samples,
-            seed=args.seed,
-        )
-    check_label_range(data.train, len(data.id2label), args.do_reduce_labels)
+        data = args.data.load(args.optimization.seed)
+    check_label_range(data.train, len(data.id2label), args.data.do_reduce_labels)
     return data
 
 
@@ -195,31 +128,31 @@ def build_dataloaders(
     image_processor: DenseClipImageProcessor,
     ignore_index: int,
 ) -> tuple[DataLoader, DataLoader]:
-    """Training batches (augmented crops `(batch, 3, crop, crop)` + `(batch, crop, crop)` labels, full batches only)
-    and validation batches (see [`EvaluationCollator`]); not yet prepared by Accelerate."""
-    augmentation = SegmentationAugmentation(
-        crop_size=args.crop_size,
-        scale=tuple(args.image_scale),
-        ratio_range=tuple(args.ratio_range),
-        cat_max_ratio=args.cat_max_ratio,
-        do_reduce_labels=args.do_reduce_labels,
+    """Training batches (augmented crops, see [`training_dataloader`]) and validation batches (see
+    [`evaluation_dataloader`]); not yet prepared by Accelerate."""
+    optimization, augmentation = args.optimization, args.augmentation
+    augment = SegmentationAugmentation(
+        crop_size=augmentation.crop_size,
+        scale=tuple(augmentation.image_scale),
+        ratio_range=tuple(augmentation.ratio_range),
+        cat_max_ratio=augmentation.cat_max_ratio,
+        do_reduce_labels=args.data.do_reduce_labels,
         ignore_index=ignore_index,
         image_mean=tuple(image_processor.image_mean),
         image_std=tuple(image_processor.image_std),
     )
-    train_dataset = AugmentedSegmentationDataset(data.train, augmentation, args.seed)
-    train_dataloader = DataLoader(
-        train_dataset,
-        batch_size=args.per_device_train_batch_size,
-        sampler=EpochShuffleSampler(len(train_dataset), args.seed),
-        drop_last=True,
-        num_workers=args.dataloader_num_workers,
+    train_dataloader = training_dataloader(
+        data.train,
+        augment,
+        optimization.per_device_train_batch_size,
+        optimization.seed,
+        optimization.dataloader_num_workers,
     )
-    eval_dataloader = DataLoader(
-        data.validation.select_columns(["image", "label"]),
-        batch_size=args.per_device_eval_batch_size,
-        collate_fn=EvaluationCollator(image_processor),
-        num_workers=args.dataloader_num_workers,
+    eval_dataloader = evaluation_dataloader(
+        data.validation,
+        image_processor,
+        optimization.per_device_eval_batch_size,
+        optimization.dataloader_num_workers,
     )
     return train_dataloader, eval_dataloader
 
@@ -256,47 +189,59 @@ class TrainingRun:
             f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
             f"pixel accuracy {metrics['overall_accuracy']:.4f}"
         )
-        if self.args.with_tracking:
+        if self.args.tracking.with_tracking:
             scalars = ("mean_iou", "mean_accuracy", "overall_accuracy")
             self.accelerator.log({f"eval_{name}": metrics[name] for name in scalars}, step=step)
         return metrics
 
     def save_checkpoint(self, step: int) -> None:
-        save_checkpoint(self.accelerator, self.args.output_dir, step, self.args.checkpoints_total_limit)
+        checkpoints = self.args.checkpoints
+        save_checkpoint(self.accelerator, checkpoints.output_dir, step, checkpoints.checkpoints_total_limit)
 
 
 def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, data: SegmentationData) -> TrainingRun:
     """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
-    model = load_model(args.model_name_or_path, data.id2label, args.loss_reduction, args.crop_size)
+    optimization, image_scale = args.optimization, args.augmentation.image_scale
+    model = load_model(
+        args.model.model_name_or_path, data.id2label, optimization.loss_reduction, args.augmentation.crop_size
+    )
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
     image_processor = DenseClipImageProcessor(
-        size={"shortest_edge": min(args.image_scale), "longest_edge": max(args.image_scale)},
-        do_reduce_labels=args.do_reduce_labels,
+        size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
+        do_reduce_labels=args.data.do_reduce_labels,
     )
     train_dataloader, eval_dataloader = build_dataloaders(
         args, data, image_processor, model.config.semantic_loss_ignore_index
     )
     optimizer = torch.optim.AdamW(
-        parameter_groups(model, args.learning_rate, args.weight_decay, args.image_encoder_lr_multiplier),
-        lr=args.learning_rate,
-        weight_decay=args.weight_decay,
+        parameter_groups(
+            model, optimization.learning_rate, optimization.weight_decay, optimization.image_encoder_lr_multiplier
+        ),
+        lr=optimization.learning_rate,
+        weight_decay=optimization.weight_decay,
     )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader
     )
     if len(train_dataloader) == 0:
         raise ValueError(
-            f"{len(data.train)} training examples make no full batch of {args.per_device_train_batch_size} per "
-            f"device on {accelerator.num_processes} processes."
+            f"{len(data.train)} training examples make no full batch of {optimization.per_device_train_batch_size} "
+            f"per device on {accelerator.num_processes} processes."
         )
     steps_per_epoch = num_update_steps_per_epoch(len(train_dataloader), accelerator.gradient_accumulation_steps)
-    max_train_steps = args.max_train_steps or args.num_train_epochs * steps_per_epoch
-    if args.num_warmup_steps >= max_train_steps:
-        raise ValueError(f"--num_warmup_steps {args.num_warmup_steps} must be below the {max_train_steps} steps.")
+    max_train_steps = optimization.max_train_steps or optimization.num_train_epochs * steps_per_epoch
+    warmup = optimization.num_warmup_steps
+    if warmup >= max_train_steps:
+        raise ValueError(f"--num_warmup_steps {warmup} must be below the {max_train_steps} steps.")
     # Stepped once per optimizer step by the loop (not by Accelerate, which would step it once per process).
     scheduler = poly_schedule_with_warmup(
-        optimizer, max_train_steps, args.lr_power, args.min_learning_rate, args.num_warmup_steps, args.warmup_ratio
+        optimizer,
+        max_train_steps,
+        optimization.lr_power,
+        optimization.min_learning_rate,
+        warmup,
+        optimization.warmup_ratio,
     )
     accelerator.register_for_checkpointing(scheduler)
     return TrainingRun(
@@ -316,13 +261,13 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
 
 def _resume(run: TrainingRun) -> int:
     """Restores the checkpoint of `--resume_from_checkpoint` (a folder or `latest`); returns its step (0 if none)."""
-    resume = run.args.resume_from_checkpoint
+    output_dir, resume = run.args.checkpoints.output_dir, run.args.checkpoints.resume_from_checkpoint
     if resume is None:
         return 0
     latest = resume == "latest"
-    checkpoint = find_latest_checkpoint(run.args.output_dir) if latest else Path(resume)
+    checkpoint = find_latest_checkpoint(output_dir) if latest else Path(resume)
     if checkpoint is None:
-        logger.warning(f"No complete checkpoint in {run.args.output_dir}: starting from scratch.")
+        logger.warning(f"No complete checkpoint in {output_dir}: starting from scratch.")
         return 0
     step = load_checkpoint(run.accelerator, checkpoint, verify=not latest)  # `find_latest_checkpoint` verified it
     logger.info(f"Resumed from {checkpoint} at step {step}.")
@@ -335,7 +280,8 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
     A resumed run starts in epoch `completed_steps // steps_per_epoch` and skips the batches of that epoch that the
     checkpointed steps consumed. The last step of an epoch may accumulate fewer batches.
     """
-    args, accelerator, model, optimizer, scheduler = run.args, run.accelerator, run.model, run.optimizer, run.scheduler
+    accelerator, model, optimizer, scheduler = run.accelerator, run.model, run.optimizer, run.scheduler
+    optimization, checkpoints = run.args.optimization, run.args.checkpoints
     if completed_steps >= run.max_train_steps:
         logger.info(f"The checkpoint is at step {completed_steps} of {run.max_train_steps}: nothing left to train.")
         return completed_steps
@@ -344,9 +290,9 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
     skipped_batches = (completed_steps % run.steps_per_epoch) * accumulation
     num_epochs = math.ceil(run.max_train_steps / run.steps_per_epoch)
     logger.info(
-        f"***** Training: recipe {args.recipe}, {len(run.train_dataloader.dataset)} examples, {run.max_train_steps} "
-        f"steps ({num_epochs} epochs) of {args.per_device_train_batch_size} images per device x "
-        f"{accelerator.num_processes} processes x {accumulation} accumulation steps *****"
+        f"***** Training: recipe {optimization.recipe}, {len(run.train_dataloader.dataset)} examples, "
+        f"{run.max_train_steps} steps ({num_epochs} epochs) of {optimization.per_device_train_batch_size} images "
+        f"per device x {accelerator.num_processes} processes x {accumulation} accumulation steps *****"
     )
     progress_bar = tqdm(
         total=run.max_train_steps,
@@ -362,7 +308,7 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
             accelerator.skip_first_batches(run.train_dataloader, first_batch) if first_batch else run.train_dataloader
         )
         for batch_index, batch in enumerate(batches, start=first_batch):
-            torch.manual_seed(batch_seed(args.seed, accelerator.process_index, epoch, batch_index))
+            torch.manual_seed(batch_seed(optimization.seed, accelerator.process_index, epoch, batch_index))
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -375,18 +321,17 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
             loss_value, learning_rate = loss.item(), scheduler.get_last_lr()[0]
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate:.2e}")
-            if args.with_tracking:
+            if run.args.tracking.with_tracking:
                 accelerator.log({"train_loss": loss_value, "learning_rate": learning_rate}, completed_steps)
-            if (
-                args.checkpointing_steps not in (None, "epoch")
-                and completed_steps % int(args.checkpointing_steps) == 0
-            ):
+            every = checkpoints.checkpoint_every_n_steps
+            if every is not None and completed_steps % every == 0:
                 run.save_checkpoint(completed_steps)
-            if args.eval_steps and completed_steps % args.eval_steps == 0 and completed_steps < run.max_train_steps:
+            eval_steps = optimization.eval_steps
+            if eval_steps and completed_steps % eval_steps == 0 and completed_steps < run.max_train_steps:
                 run.validate(completed_steps)
             if completed_steps >= run.max_train_steps:
                 break
-        if args.checkpointing_steps == "epoch":
+        if checkpoints.checkpointing_steps == "epoch":
             run.save_checkpoint(completed_steps)
         if completed_steps >= run.max_train_steps:
             break
@@ -397,7 +342,7 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
 def train(args: SegmentationTrainingArguments) -> dict:
     """Trains, validates and writes the output folder; returns the contents of `all_results.json`."""
     accelerator = _create_accelerator(args)
-    set_seed(args.seed)
+    set_seed(args.optimization.seed)
     data = _load_data(args, accelerator)
     run = _prepare_run(args, accelerator, data)
     start_time = time.time()
@@ -407,9 +352,8 @@ def train(args: SegmentationTrainingArguments) -> dict:
     metrics = run.validate(completed_steps)
     logger.info(f"Validation ({len(data.validation)} images):\n{format_metrics_table(metrics)}")
     results = {f"eval_{name}": value for name, value in metrics.items()}
-    total_batch = (
-        args.per_device_train_batch_size * accelerator.num_processes * accelerator.gradient_accumulation_steps
-    )
+    per_device = args.optimization.per_device_train_batch_size
+    total_batch = per_device * accelerator.num_processes * accelerator.gradient_accumulation_steps
     results.update(
         train_steps=completed_steps,
         total_train_batch_size=total_batch,
@@ -417,9 +361,9 @@ def train(args: SegmentationTrainingArguments) -> dict:
         eval_samples=len(data.validation),
     )
     _save_outputs(run, data.validation, results)
-    if args.with_tracking:
+    if args.tracking.with_tracking:
         accelerator.end_training()
-    if args.push_to_hub and accelerator.is_main_process:
+    if args.hub.push_to_hub and accelerator.is_main_process:
         _push_to_hub(args)
     accelerator.wait_for_everyone()
     return results
@@ -427,7 +371,7 @@ def train(args: SegmentationTrainingArguments) -> dict:
 
 def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict) -> None:
     """Writes the Hub repository: weights + config + code, processor config, results, prediction grid, model card."""
-    accelerator, output_dir = run.accelerator, Path(run.args.output_dir)
+    accelerator, output_dir = run.accelerator, Path(run.args.checkpoints.output_dir)
     examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
     batch = EvaluationCollator(run.image_processor)(list(examples))
     pixel_values = [pixels.to(accelerator.device) for pixels in batch["pixel_values"]]
@@ -454,16 +398,16 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
 
 
 def _push_to_hub(args: SegmentationTrainingArguments) -> None:
-    api = HfApi(token=args.hub_token)
-    repo_id = args.hub_model_id or Path(args.output_dir).absolute().name
-    repo_id = api.create_repo(repo_id, exist_ok=True).repo_id
+    api = HfApi(token=args.hub.hub_token)
+    output_dir = args.checkpoints.output_dir
+    repo_id = api.create_repo(args.hub_repo_id, exist_ok=True).repo_id
     api.upload_folder(
         repo_id=repo_id,
-        folder_path=args.output_dir,
+        folder_path=output_dir,
         commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
         ignore_patterns=["checkpoints/**", "runs/**"],
     )
-    logger.info(f"Uploaded {args.output_dir} to https://huggingface.co/{repo_id}")
+    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
-__all__ = ["TrainingRun", "build_dataloaders", "evaluate", "predict_label_maps", "train"]
+__all__ = ["TrainingRun", "build_dataloaders", "train"]

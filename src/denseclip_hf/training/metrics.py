@@ -10,9 +10,11 @@ import math
 import numpy as np
 import torch
 
+from ..image_processing_denseclip import IGNORE_INDEX
+
 
 def confusion_matrix(
-    predictions: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int = 255
+    predictions: torch.Tensor, labels: torch.Tensor, num_labels: int, ignore_index: int = IGNORE_INDEX
 ) -> torch.Tensor:
     """Pixel confusion matrix `(num_labels, num_labels)` int64 of `predictions` against `labels`, same shape each."""
     if predictions.shape != labels.shape:

@@ -1,0 +1,146 @@
+"""Command-line arguments: recipes fill the settings of every concern, bad values fail before any work, and the
+data arguments serve other scripts as they are."""
+
+import dataclasses
+
+import pytest
+from conftest import fake_checkpoint, write_pair
+from transformers import HfArgumentParser
+
+from denseclip_hf.training.arguments import (
+    ARGUMENT_GROUPS,
+    RECIPE_SETTING_GROUPS,
+    DataArguments,
+    parse_training_args,
+)
+from denseclip_hf.training.data import load_segmentation_data
+from denseclip_hf.training.recipes import RECIPE_SETTINGS, RECIPES
+
+
+def test_recipe_defaults_and_overrides(tmp_path):
+    args = parse_training_args(["--output_dir", str(tmp_path)])
+    assert args.optimization.recipe == "synthetic"
+    assert args.optimization.learning_rate == RECIPES["synthetic"].learning_rate
+    assert args.checkpoints.checkpointing_steps is None and args.optimization.eval_steps is None
+    paper = parse_training_args(
+        ["--recipe", "ade20k-vit-b16", "--output_dir", str(tmp_path), "--weight_decay", "0.01"]
+    )
+    optimization, augmentation = paper.optimization, paper.augmentation
+    assert (optimization.learning_rate, optimization.weight_decay, optimization.image_encoder_lr_multiplier) == (
+        1e-4,
+        0.01,
+        0.1,
+    )
+    assert (optimization.max_train_steps, optimization.total_train_batch_size, augmentation.crop_size) == (
+        80_000,
+        32,
+        640,
+    )
+    assert (augmentation.image_scale, augmentation.ratio_range, optimization.num_warmup_steps) == (
+        [2048, 640],
+        [0.5, 2.0],
+        1500,
+    )
+    assert optimization.loss_reduction == "mean_all_pixels"
+    assert (paper.checkpoints.checkpointing_steps, optimization.eval_steps) == ("8000", 8_000)
+    assert optimization.resolve_gradient_accumulation_steps(num_processes=8) == 1
+    assert optimization.resolve_gradient_accumulation_steps(num_processes=2) == 4
+    epochs = parse_training_args(
+        ["--recipe", "ade20k-vit-b16", "--num_train_epochs", "3", "--output_dir", str(tmp_path)]
+    )
+    assert epochs.optimization.max_train_steps is None
+    with pytest.raises(ValueError, match="multiple of"):
+        optimization.resolve_gradient_accumulation_steps(num_processes=3)
+    for name, paper_miou in (("ade20k-rn50", (43.5, 44.7)), ("ade20k-rn101", (45.1, 46.5))):
+        resnet = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path)])
+        optimization, augmentation = resnet.optimization, resnet.augmentation
+        assert (augmentation.crop_size, augmentation.image_scale, optimization.max_train_steps) == (
+            512,
+            [2048, 512],
+            80_000,
+        )
+        assert (
+            optimization.learning_rate,
+            optimization.image_encoder_lr_multiplier,
+            optimization.total_train_batch_size,
+        ) == (1e-4, 0.1, 32)
+        assert RECIPES[name].paper_miou == paper_miou
+
+
+def test_every_recipe_setting_is_one_flag_of_one_concern(tmp_path):
+    """Each recipe setting is a flag of exactly one argument dataclass, left `None` there for the recipe to fill; a
+    full parse gives every flag once, with the recipe's values where none was given."""
+    flags = [field.name for group in ARGUMENT_GROUPS for field in dataclasses.fields(group)]
+    assert len(flags) == len(set(flags))
+    assert set(RECIPE_SETTING_GROUPS) == set(RECIPE_SETTINGS)
+    for group in ARGUMENT_GROUPS:
+        for field in dataclasses.fields(group):
+            if field.name in RECIPE_SETTINGS:
+                assert field.default is None, field.name
+    args = parse_training_args(["--recipe", "ade20k-rn50", "--output_dir", str(tmp_path), "--crop_size", "448"])
+    settings = args.to_flat_dict()
+    assert list(settings) == flags
+    recipe = RECIPES["ade20k-rn50"]
+    expected = {name: list(value) if isinstance(value, tuple) else value for name, value in vars(recipe).items()}
+    assert {name: settings[name] for name in RECIPE_SETTINGS} == {name: expected[name] for name in RECIPE_SETTINGS} | {
+        "crop_size": 448
+    }
+
+
+def test_data_arguments_serve_another_script_as_they_are(tmp_path):
+    """An evaluation script adds `DataArguments` to its own parser: the same dataset flags, the same checks, the same
+    data as `load_segmentation_data`."""
+
+    @dataclasses.dataclass
+    class EvaluationArguments:
+        batch_size: int = 1
+
+    ade = tmp_path / "ADEChallengeData2016"
+    for split, name in (("training", "ADE_train_1"), ("training", "ADE_train_2"), ("validation", "ADE_val_1")):
+        write_pair(ade / "images" / split / f"{name}.jpg", ade / "annotations" / split / f"{name}.png")
+    parser = HfArgumentParser((DataArguments, EvaluationArguments))
+    data_args, evaluation = parser.parse_args_into_dataclasses(
+        ["--train_dir", str(ade), "--do_reduce_labels", "--max_eval_samples", "1", "--batch_size", "4"]
+    )
+    assert evaluation.batch_size == 4 and data_args.uses_real_data and data_args.do_reduce_labels
+    data = data_args.load(seed=0)
+    expected = load_segmentation_data(train_dir=str(ade), max_eval_samples=1)
+    assert data.id2label == expected.id2label and len(data.id2label) == 150
+    assert (len(data.train), len(data.validation)) == (len(expected.train), len(expected.validation)) == (2, 1)
+    assert data.validation[0]["image"].size == (8, 6) and data.train[0]["label"].getpixel((0, 0)) == 1
+    assert not DataArguments().uses_real_data
+    with pytest.raises(ValueError, match="either --dataset_name or --train_dir"):
+        DataArguments(dataset_name="x", train_dir=str(ade))
+    with pytest.raises(ValueError, match="--max_eval_samples must be > 0"):
+        DataArguments(max_eval_samples=0)
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--dataset_name", "x", "--train_dir", "."], "either --dataset_name or --train_dir"),
+        (["--validation_dir", "."], "--validation_dir needs --train_dir"),
+        (["--train_dir", "/does/not/exist"], "does not exist"),
+        (["--learning_rate", "-1"], "--learning_rate must be > 0"),
+        (["--crop_size", "100"], "multiple of 32"),
+        (["--ratio_range", "2", "1"], "--ratio_range"),
+        (["--max_train_steps", "10", "--num_warmup_steps", "10"], "--num_warmup_steps"),
+        (["--checkpointing_steps", "often"], "--checkpointing_steps"),
+        (["--resume_from_checkpoint", "/nowhere"], "--resume_from_checkpoint"),
+        (["--recipe", "ade20k-rn18"], "invalid choice"),
+        (["--per_device_train_batch_size", "0"], "must be > 0"),
+    ],
+)
+def test_bad_arguments_fail_before_any_work(tmp_path, capsys, argv, message):
+    with pytest.raises(SystemExit) as error:
+        parse_training_args([*argv, "--output_dir", str(tmp_path / "out")])
+    assert error.value.code == 2 and message in capsys.readouterr().err
+
+
+def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
+    fake_checkpoint(tmp_path, 5)
+    with pytest.raises(SystemExit):
+        parse_training_args(["--output_dir", str(tmp_path)])
+    assert "--resume_from_checkpoint latest" in capsys.readouterr().err
+    assert parse_training_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
+    assert parse_training_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
