@@ -52,7 +52,7 @@ def reference_normalize(rgb: np.ndarray) -> np.ndarray:
 def test_defaults_follow_the_authors_test_pipeline():
     processor = DenseClipImageProcessor()
     assert dict(processor.size) == {"shortest_edge": 640, "longest_edge": 2048}
-    assert processor.size_divisor == 32
+    assert processor.size_divisor == 32 and processor.test_mode == "slide" and processor.scale_ratios is None
     assert processor.resample == Image.Resampling.BILINEAR
     assert processor.do_resize and processor.do_rescale and processor.do_normalize and processor.do_convert_rgb
     assert processor.rescale_factor == pytest.approx(1 / 255)
@@ -63,8 +63,9 @@ def test_defaults_follow_the_authors_test_pipeline():
     assert not hasattr(processor, "post_process_instance_segmentation")
 
 
-# (input height, width) -> output (height, width), worked out by hand with the mmseg keep-ratio rule
-# scale = min(2048 / long, 640 / short), side = int(side * scale + 0.5), then the nearest multiple of 32 (>= 32).
+# (input height, width) -> output (height, width) for one pass over the whole image (`test_mode="whole"`), worked out
+# by hand with the mmseg keep-ratio rule scale = min(2048 / long, 640 / short), side = int(side * scale + 0.5), then
+# the nearest multiple of 32 (>= 32).
 HAND_SIZES = [
     # 640/480 = 1.3333 < 2048/700: 480 -> 640, 700 -> int(933.33 + 0.5) = 933 -> 29.16 * 32 -> 928
     ((480, 700), (640, 928)),
@@ -85,7 +86,7 @@ HAND_SIZES = [
 
 @pytest.mark.parametrize(("input_size", "expected"), HAND_SIZES)
 def test_keep_ratio_size_with_size_divisor(input_size, expected):
-    assert DenseClipImageProcessor().get_resize_output_size(*input_size) == expected
+    assert DenseClipImageProcessor(test_mode="whole").get_resize_output_size(*input_size) == expected
 
 
 def test_size_variants_computed_by_hand():
@@ -107,7 +108,7 @@ def test_size_variants_computed_by_hand():
 
 
 def test_every_output_size_fits_the_model():
-    processor = DenseClipImageProcessor()
+    processor = DenseClipImageProcessor(test_mode="whole")
     for height in range(1, 3000, 97):
         for width in range(1, 3000, 89):
             out_height, out_width = processor.get_resize_output_size(height, width)
@@ -142,7 +143,9 @@ def test_pipeline_style_call():
 def test_resize_rescale_normalize_matches_torch_bilinear_plus_numpy():
     rgb = random_rgb(6, 10)
     # 16 / 6 = 2.667 < 64 / 10: 6 -> 16, 10 -> int(26.67 + 0.5) = 27 -> nearest multiple of 8 = 24
-    processor = DenseClipImageProcessor(size={"shortest_edge": 16, "longest_edge": 64}, size_divisor=8)
+    processor = DenseClipImageProcessor(
+        size={"shortest_edge": 16, "longest_edge": 64}, size_divisor=8, test_mode="whole"
+    )
     pixel_values = processor(Image.fromarray(rgb), return_tensors="np")["pixel_values"]
     assert pixel_values.shape == (1, 3, 16, 24)
     # one resize straight to the final size (no intermediate rounding), then rescale and normalise
@@ -505,6 +508,8 @@ CUSTOM_SETTINGS = {
     "image_std": (0.4, 0.5, 0.6),
     "do_reduce_labels": True,
     "do_convert_rgb": False,
+    "test_mode": "whole",
+    "scale_ratios": [0.5, 1.0],
 }
 
 

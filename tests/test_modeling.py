@@ -36,7 +36,7 @@ def make_model(config: DenseClipConfig, seed: int = 0) -> DenseClipForSemanticSe
 def test_output_shapes(config, height, width):
     model = make_model(config)
     with torch.no_grad():
-        out = model(torch.randn(2, 3, height, width), output_hidden_states=True)
+        out = model(torch.randn(2, 3, height, width), output_hidden_states=True, test_mode="plain")
     classes, dim = len(CLASS_NAMES), config.projection_dim
     assert out.logits.shape == (2, classes, height // 4, width // 4)
     assert out.score_map.shape == (2, classes, height // 16, width // 16)
@@ -50,7 +50,7 @@ def test_output_shapes(config, height, width):
 def test_rejects_bad_pixel_values(config):
     model = make_model(config)
     with pytest.raises(ValueError, match="multiples of the patch size 16"):
-        model(torch.randn(1, 3, 60, 64))
+        model(torch.randn(1, 3, 60, 64), test_mode="plain")
     with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
         model(torch.randn(3, 64, 64))
 
@@ -144,8 +144,8 @@ def test_batched_equals_one_by_one(config):
     model = make_model(config)
     pixel_values = torch.randn(3, 3, 64, 80)
     with torch.no_grad():
-        batched = model(pixel_values)
-        single = [model(pixel_values[i : i + 1]) for i in range(3)]
+        batched = model(pixel_values, test_mode="plain")
+        single = [model(pixel_values[i : i + 1], test_mode="plain") for i in range(3)]
     torch.testing.assert_close(batched.logits, torch.cat([s.logits for s in single]), atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(batched.score_map, torch.cat([s.score_map for s in single]), atol=1e-6, rtol=1e-5)
 
@@ -303,7 +303,7 @@ def test_score_map_joins_any_pyramid_level(tokenizer, vision, level, expected_le
     assert config.score_map_level == expected_level
     model = make_model(config)
     with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 96), output_hidden_states=True)
+        out = model(torch.randn(1, 3, 64, 96), output_hidden_states=True, test_mode="plain")
     patch = config.vision_config.patch_size
     assert out.score_map.shape == (1, len(CLASS_NAMES), 64 // patch, 96 // patch)
     assert out.logits.shape == (1, len(CLASS_NAMES), 16, 24)

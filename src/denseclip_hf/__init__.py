@@ -8,7 +8,7 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
 from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
 from .convert_denseclip_original_to_hf import convert_denseclip_checkpoint
-from .image_processing_denseclip import DenseClipImageProcessor
+from .image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from .modeling_denseclip import (
     DenseClipForSemanticSegmentation,
     DenseClipPreTrainedModel,
@@ -51,6 +51,7 @@ def __getattr__(name: str):
 __all__ = [
     *_LAZY_EXPORTS,
     "CLIP_TOKENIZER_PATH",
+    "MULTI_SCALE_RATIOS",
     "DenseClipConfig",
     "DenseClipForSemanticSegmentation",
     "DenseClipImageProcessor",

@@ -10,6 +10,10 @@ from transformers.configuration_utils import SubConfigSpec
 _VIT_B_FEATURE_LAYERS = [3, 5, 7, 11]
 _INTERPOLATION_MODES = ("bilinear", "bicubic")
 _LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
+# Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
+TEST_MODES = ("slide", "whole")
+# The coarsest pyramid stride: no model input may be smaller.
+_MIN_INPUT_SIZE = 32
 
 
 def default_vision_feature_layers(num_hidden_layers: int) -> list[int]:
@@ -28,6 +32,73 @@ def default_score_map_level(vision_config: "CLIPVisionConfig | DenseClipResNetCo
     ViT patch size (16 -> level 2, 8 -> level 1) or 32 for a ResNet (level 3); 3 for coarser maps."""
     stride = 32 if isinstance(vision_config, DenseClipResNetConfig) else vision_config.patch_size
     return min(int(math.log2(stride // 4)), 3)
+
+
+def input_size_multiple(vision_config: "CLIPVisionConfig | DenseClipResNetConfig") -> int:
+    """What every model input side must be a multiple of: the ViT patch size (the authors' patch convolution ignores
+    the rest of a side, and so does the test protocol), 1 for a ResNet (its strided layers round down themselves)."""
+    return 1 if isinstance(vision_config, DenseClipResNetConfig) else vision_config.patch_size
+
+
+def default_test_window(
+    vision_config: "CLIPVisionConfig | DenseClipResNetConfig", crop_size: int | list[int] | None = None
+) -> tuple[int | list[int], int | list[int]]:
+    """The authors' sliding window `(crop_size, stride)`: crop 640 for a ViT, 512 for a ResNet (their training crops),
+    and a stride of two thirds of the crop rounded down (640 -> 426, 512 -> 341, their `test_cfg`). A given
+    `crop_size` (int, or `[height, width]`) gets its stride by the same rule."""
+    if crop_size is None:
+        crop_size = 512 if isinstance(vision_config, DenseClipResNetConfig) else 640
+    if isinstance(crop_size, int):
+        return crop_size, crop_size * 2 // 3
+    return list(crop_size), [side * 2 // 3 for side in crop_size]
+
+
+def _pair(value) -> tuple[int, int] | None:
+    """An int or a `[height, width]` pair of positive ints as `(height, width)`; `None` for anything else."""
+    pair = [value, value] if isinstance(value, int) else value
+    if (
+        isinstance(pair, (list, tuple))
+        and len(pair) == 2
+        and all(isinstance(side, int) and not isinstance(side, bool) and side > 0 for side in pair)
+    ):
+        return int(pair[0]), int(pair[1])
+    return None
+
+
+def check_test_protocol(
+    mode: str,
+    crop_size: int | list[int],
+    stride: int | list[int],
+    vision_config: "CLIPVisionConfig | DenseClipResNetConfig",
+    owner: str = "DenseClipConfig",
+    names: tuple[str, str, str] = ("test_mode", "test_crop_size", "test_stride"),
+) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """Checks a test protocol for a model with `vision_config`; returns `(mode, (crop_h, crop_w), (stride_h,
+    stride_w))` or raises a `ValueError` that names the setting (`names`, as seen by `owner`) and the fix."""
+    mode_name, crop_name, stride_name = names
+    _check(mode in TEST_MODES, mode_name, repr(mode), f"must be one of {TEST_MODES}", owner)
+    crop, steps = _pair(crop_size), _pair(stride)
+    multiple = input_size_multiple(vision_config)
+    _check(crop is not None, crop_name, crop_size, "must be a positive int or [height, width]", owner)
+    _check(
+        all(side >= _MIN_INPUT_SIZE and side % multiple == 0 for side in crop),
+        crop_name,
+        crop_size,
+        f"does not fit the model: each side must be at least {_MIN_INPUT_SIZE} (the pyramid's coarsest stride) and a "
+        f"multiple of {multiple} (the image encoder's input granularity), e.g. "
+        f"{default_test_window(vision_config)[0]}",
+        owner,
+    )
+    _check(
+        steps is not None and all(step <= side for step, side in zip(steps, crop, strict=True)),
+        stride_name,
+        stride,
+        f"must be a positive int or [height, width] no larger than the crop {list(crop)} (windows must overlap or "
+        "touch to cover the image); the authors use two thirds of the crop, here "
+        f"{default_test_window(vision_config, crop_size)[1]}",
+        owner,
+    )
+    return mode, crop, steps
 
 
 @strict
@@ -181,6 +252,18 @@ class DenseClipConfig(PreTrainedConfig):
         palette (`list[list[int]]`, *optional*):
             One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
             the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
+        test_mode (`str`, *optional*, defaults to `"slide"`):
+            The test protocol an eval-mode forward without labels follows (so does the `image-segmentation`
+            pipeline), and the default of `predict_probabilities`: `"slide"` (the authors', every number of the
+            paper) runs the model on `test_crop_size` windows every `test_stride` pixels and averages the
+            overlapping logits; `"whole"` runs it once on the whole image. Both return logits at the input
+            resolution. See docs/inference.md.
+        test_crop_size (`int` or `list[int]`, *optional*):
+            Sliding-window size (an int, or `[height, width]`); each side at least 32 and, for a ViT, a multiple of
+            the patch size. Defaults to the authors': 640 for a ViT (ViT-B/16), 512 for a ResNet (RN50, RN101).
+        test_stride (`int` or `list[int]`, *optional*):
+            Sliding-window step (an int, or `[height, width]`), at most the crop. Defaults to two thirds of the crop,
+            rounded down: the authors' 426 (crop 640) and 341 (crop 512).
 
     Example:
 
@@ -222,6 +305,10 @@ class DenseClipConfig(PreTrainedConfig):
     initializer_range: float | int = 0.02
     palette: list[list[int]] | None = None
     drop_path_rate: float | int | None = None
+    # Test protocol (the authors' `test_cfg`)
+    test_mode: str = "slide"
+    test_crop_size: int | list[int] | None = None
+    test_stride: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
         # A ResNet tower given as a dict (e.g. read from config.json) is built here: the sub-config spec builds ViTs.
@@ -245,6 +332,10 @@ class DenseClipConfig(PreTrainedConfig):
             self.score_map_level = default_score_map_level(self.vision_config)
         if self.vision_feature_layers is None and self.image_encoder_family == "vit":
             self.vision_feature_layers = default_vision_feature_layers(self.vision_config.num_hidden_layers)
+        crop_size, stride = default_test_window(self.vision_config, self.test_crop_size)
+        self.test_crop_size = crop_size
+        if self.test_stride is None:
+            self.test_stride = stride
 
     @property
     def image_encoder_family(self) -> str:
@@ -295,6 +386,7 @@ class DenseClipConfig(PreTrainedConfig):
             f"must be one of {_LOSS_REDUCTIONS}",
         )
         self._validate_vision_tower()
+        check_test_protocol(self.test_mode, self.test_crop_size, self.test_stride, self.vision_config)
         self._validate_class_token_ids()
         self._validate_palette()
 
@@ -372,4 +464,12 @@ def _check(condition: bool, name: str, value, requirement: str, owner: str = "De
         raise ValueError(f"{owner}: `{name}`={value} {requirement}.")
 
 
-__all__ = ["DenseClipConfig", "DenseClipResNetConfig", "default_score_map_level", "default_vision_feature_layers"]
+__all__ = [
+    "DenseClipConfig",
+    "DenseClipResNetConfig",
+    "check_test_protocol",
+    "default_score_map_level",
+    "default_test_window",
+    "default_vision_feature_layers",
+    "input_size_multiple",
+]

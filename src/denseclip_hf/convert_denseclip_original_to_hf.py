@@ -146,6 +146,8 @@ def infer_config(
 
     Heads default to `width // 64` (ViT, text; the authors' ViT-B/16 and CLIP text tower) and 32 (ResNet attention
     pool, hard-coded by the authors); `vision_feature_layers` to `[3, 5, 7, 11]` for 12 layers (their `out_indices`).
+    The test protocol is the authors' `test_cfg`: sliding windows of the training crop (the size of the checkpoint's
+    positional grid: 640 for ViT-B/16, 512 for RN50/RN101) every two thirds of it (426, 341).
     """
     family = image_encoder_family(state_dict, "backbone.")
     if family == "resnet" and vision_heads is None:
@@ -182,6 +184,8 @@ def infer_config(
             state_dict, "decode_head.scale_heads.0.0.conv.weight", "the head width"
         ).shape[0],
         palette=palette,
+        test_mode="slide",
+        test_crop_size=vision_config.image_size,
         **({"loss_reduction": loss_reduction} if loss_reduction else {}),
     )
 
@@ -241,9 +245,12 @@ def convert_denseclip_checkpoint(
 
 def image_processor_for(config: DenseClipConfig) -> DenseClipImageProcessor:
     """The authors' test pipeline: keep-ratio resize into `(2048, crop)`, the crop being the size the checkpoint was
-    trained at (its positional grid: 640 for their ViT-B/16, 512 for their ResNets), CLIP mean/std."""
+    trained at (its positional grid: 640 for their ViT-B/16, 512 for their ResNets), CLIP mean/std, prepared for the
+    model's test protocol (sliding windows: no rounding of the resized size)."""
     crop = config.vision_config.image_size
-    return DenseClipImageProcessor(size={"shortest_edge": crop, "longest_edge": AUTHORS_TEST_LONGEST_EDGE})
+    return DenseClipImageProcessor(
+        size={"shortest_edge": crop, "longest_edge": AUTHORS_TEST_LONGEST_EDGE}, test_mode=config.test_mode
+    )
 
 
 def _read_class_names(value: str) -> list[str]:

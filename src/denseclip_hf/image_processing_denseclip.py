@@ -32,6 +32,10 @@ logger = logging.get_logger(__name__)
 
 # Label value that marks pixels the loss and the metrics ignore (`DenseClipConfig.semantic_loss_ignore_index`).
 IGNORE_INDEX = 255
+# The authors' multi-scale test: these ratios of `size` (their `img_ratios`), each with a horizontal flip.
+MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
+# The model's test protocols (`DenseClipConfig.test_mode`), which decide whether `size_divisor` applies.
+_TEST_MODES = ("slide", "whole")
 
 # Sentinel: "use this processor's own setting" (`None` is a real `size_divisor` value that disables rounding).
 _FROM_SETTINGS: Any = object()
@@ -46,13 +50,27 @@ class DenseClipImageProcessorKwargs(ImagesKwargs, total=False):
     """DenseCLIP-specific keyword arguments on top of transformers' `ImagesKwargs`.
 
     size_divisor (`int` or `None`):
-        Round each resized side to the nearest multiple of this value (at least the value itself); `None` disables.
+        Round each resized side to the nearest multiple of this value (at least the value itself) for a single pass
+        over the whole image (`test_mode="whole"`, or with label maps); `None` disables.
     do_reduce_labels (`bool`):
         Map label 0 to 255 (ignored) and every other label `x` (except 255) to `x - 1`, for ADE20K-style maps.
+    test_mode (`str`):
+        The model's test protocol the images are prepared for: `"slide"` (sliding windows) or `"whole"`.
+    scale_ratios (`list[float]` or `None`):
+        Prepare a multi-scale test: one keep-ratio resize of each image per ratio of `size`.
     """
 
     size_divisor: int | None
     do_reduce_labels: bool | None
+    test_mode: str | None
+    scale_ratios: list[float] | tuple[float, ...] | None
+
+
+def scaled_size(size: SizeDict, ratio: float) -> SizeDict:
+    """`size` times `ratio`, each bound truncated to an int: mmseg's `MultiScaleFlipAug` scales
+    `img_scale=(2048, 640)` by `img_ratios` this way (0.75 -> (1536, 480))."""
+    bounds = ("height", "width", "shortest_edge", "longest_edge")
+    return SizeDict(**{name: int(getattr(size, name) * ratio) for name in bounds if getattr(size, name)})
 
 
 def _round_to_multiple(length: int, divisor: int) -> int:
@@ -260,7 +278,9 @@ class DenseClipImageProcessor(PilBackend):
     Turns images into `pixel_values` `(batch, 3, height, width)` float32 and, optionally, label maps into `labels`
     `(batch, height, width)` int64 of exactly the same height and width. The defaults reproduce the DenseCLIP authors'
     test pipeline for the ViT-B/16 ADE20K model (mmseg `Resize(img_scale=(2048, 640), keep_ratio=True)`, `Normalize`
-    with CLIP's mean/std); `size_divisor` then makes every output fit the model (patch 16, pyramid stride 32).
+    with CLIP's mean/std) for their sliding-window test; for a single pass over the whole image (`test_mode="whole"`,
+    or label maps for the loss) `size_divisor` makes every output fit the model (patch 16, pyramid stride 32).
+    With `scale_ratios` one call prepares the inputs of the authors' multi-scale test (`MULTI_SCALE_RATIOS`).
 
     Settings (each can be given to the constructor or overridden per call):
         do_convert_rgb (`bool`, defaults to `True`):
@@ -277,7 +297,19 @@ class DenseClipImageProcessor(PilBackend):
             `{"height": h, "width": w}`: fixed size. An int means `{"shortest_edge": int}`.
         size_divisor (`int` or `None`, defaults to `32`):
             After the size rule, round each side to the nearest multiple of `size_divisor` (halves up, at least
-            `size_divisor`), in the same single resize. `None` disables it. Not applied when `do_resize=False`.
+            `size_divisor`), in the same single resize, where the model makes one pass over the whole image: with
+            `test_mode="whole"`, and whenever `segmentation_maps` are given (the loss uses that pass). `None`
+            disables it. Not applied under `test_mode="slide"` without label maps (the authors' windows have the
+            crop size, so they resize without rounding), nor when `do_resize=False`.
+        test_mode (`str`, defaults to `"slide"`):
+            The model's test protocol (`DenseClipConfig.test_mode`) the images are prepared for: `"slide"` resizes
+            exactly as the authors do, `"whole"` also applies `size_divisor`.
+        scale_ratios (`list[float]`, *optional*):
+            Prepare a multi-scale test: each image is resized (keep ratio) once per ratio, to `size` times the ratio
+            (each bound truncated to an int, as mmseg's `img_ratios`; the authors: `MULTI_SCALE_RATIOS`, 0.5-1.75 of
+            (2048, 640)). `pixel_values` is then a list with one entry per ratio (a `(batch, 3, h_r, w_r)` tensor
+            with `return_tensors`), the input of `DenseClipForSemanticSegmentation.predict_probabilities`. Not with
+            `segmentation_maps` (evaluate against the original label maps).
         resample (`PILImageResampling`, defaults to `PILImageResampling.BILINEAR`):
             Filter for images; label maps always use `NEAREST`.
         do_rescale (`bool`, defaults to `True`):
@@ -314,6 +346,8 @@ class DenseClipImageProcessor(PilBackend):
     image_mean = OPENAI_CLIP_MEAN
     image_std = OPENAI_CLIP_STD
     do_reduce_labels = False
+    test_mode = "slide"
+    scale_ratios = None
     do_center_crop = False
     do_pad = False
 
@@ -339,8 +373,9 @@ class DenseClipImageProcessor(PilBackend):
             **kwargs: Per-call overrides of the settings listed in the class docstring, and `return_tensors`.
 
         Returns:
-            `BatchFeature` with `pixel_values` `(batch, 3, height, width)` float32 and, with `segmentation_maps`,
-            `labels` `(batch, height, width)` int64 (lists of arrays when `return_tensors=None`).
+            `BatchFeature` with `pixel_values` `(batch, 3, height, width)` float32 (with `scale_ratios`: a list of
+            them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
+            arrays when `return_tensors=None`).
         """
         return super().preprocess(images, segmentation_maps, **kwargs)
 
@@ -367,11 +402,13 @@ class DenseClipImageProcessor(PilBackend):
     ) -> tuple[int, int]:
         """Output `(height, width)` of the resize for an input of `(height, width)`.
 
-        `size` and `size_divisor` default to this processor's settings; `size_divisor=None` disables the rounding.
+        `size` defaults to this processor's setting, `size_divisor` to the one its `test_mode` applies to images
+        without label maps (`self.size_divisor` under `"whole"`, none under `"slide"`); `None` disables the rounding.
         """
         size = self.size if size is None else size
         size = SizeDict(**size) if isinstance(size, dict) else size
-        size_divisor = self.size_divisor if size_divisor is _FROM_SETTINGS else size_divisor
+        if size_divisor is _FROM_SETTINGS:
+            size_divisor = self.size_divisor if self.test_mode == "whole" else None
         if size.height and size.width:
             new_height, new_width = size.height, size.width
         elif size.shortest_edge or size.longest_edge:
@@ -530,6 +567,30 @@ class DenseClipImageProcessor(PilBackend):
         size_divisor = kwargs["size_divisor"]
         if size_divisor is not None and (not isinstance(size_divisor, int) or size_divisor < 1):
             raise ValueError(f"size_divisor must be a positive int or None, got {size_divisor!r}.")
+        if kwargs["test_mode"] not in _TEST_MODES:
+            raise ValueError(
+                f"test_mode must be one of {_TEST_MODES} (the model's `config.test_mode`), got "
+                f"{kwargs['test_mode']!r}."
+            )
+        scale_ratios = kwargs.pop("scale_ratios")
+        if scale_ratios is not None:
+            if not (
+                isinstance(scale_ratios, (list, tuple))
+                and scale_ratios
+                and all(isinstance(r, (int, float)) and not isinstance(r, bool) and r > 0 for r in scale_ratios)
+            ):
+                raise ValueError(
+                    f"scale_ratios must be a non-empty list of positive numbers, e.g. {list(MULTI_SCALE_RATIOS)}, got "
+                    f"{scale_ratios!r}."
+                )
+            if segmentation_maps is not None:
+                raise ValueError(
+                    "scale_ratios prepares the inputs of a multi-scale test, whose predictions come back at the "
+                    "original size: pass no segmentation_maps and compare with the original label maps."
+                )
+        # One pass over the whole image needs sides the model accepts; the authors' windows have the crop size.
+        if kwargs["test_mode"] == "slide" and segmentation_maps is None:
+            size_divisor = kwargs["size_divisor"] = None
 
         images = _flatten_images(self.fetch_images(images))
         prepared = [
@@ -542,8 +603,9 @@ class DenseClipImageProcessor(PilBackend):
             )
             for image in images
         ]
-        outputs = self._preprocess(prepared, **kwargs)
-        data = {"pixel_values": outputs["pixel_values"]}
+        sizes = [kwargs["size"]] if scale_ratios is None else [scaled_size(kwargs["size"], r) for r in scale_ratios]
+        per_scale = [self._preprocess(prepared, **{**kwargs, "size": size})["pixel_values"] for size in sizes]
+        data = {"pixel_values": per_scale[0]}
 
         if segmentation_maps is not None:
             raw_maps = _flatten_segmentation_maps(segmentation_maps, len(images))
@@ -565,14 +627,22 @@ class DenseClipImageProcessor(PilBackend):
                 label_maps, kwargs["do_resize"], kwargs["size"], size_divisor, kwargs["do_reduce_labels"]
             )
 
-        if return_tensors is not None and len({array.shape for array in data["pixel_values"]}) > 1:
-            shapes = sorted({tuple(array.shape[-2:]) for array in data["pixel_values"]})
-            raise ValueError(
-                f"The processed images have different sizes {shapes} (the resize keeps each image's aspect ratio), so "
-                "they cannot be stacked into one tensor: process them one at a time, use a fixed "
-                'size={"height": h, "width": w}, or pass return_tensors=None to get lists of arrays.'
-            )
-        return BatchFeature(data=data, tensor_type=return_tensors)
+        if return_tensors is not None:
+            for scale in per_scale:
+                if len({array.shape for array in scale}) > 1:
+                    shapes = sorted({tuple(array.shape[-2:]) for array in scale})
+                    raise ValueError(
+                        f"The processed images have different sizes {shapes} (the resize keeps each image's aspect "
+                        "ratio), so they cannot be stacked into one tensor: process them one at a time, use a fixed "
+                        'size={"height": h, "width": w}, or pass return_tensors=None to get lists of arrays.'
+                    )
+        if scale_ratios is None:
+            return BatchFeature(data=data, tensor_type=return_tensors)
+        if return_tensors is not None:
+            per_scale = [
+                BatchFeature({"scale": np.stack(scale)}, tensor_type=return_tensors)["scale"] for scale in per_scale
+            ]
+        return BatchFeature(data={"pixel_values": per_scale}, skip_tensor_conversion={"pixel_values"})
 
     def post_process_semantic_segmentation(
         self, outputs: Any, target_sizes: list[tuple[int, int]] | torch.Tensor | None = None
@@ -606,4 +676,4 @@ class DenseClipImageProcessor(PilBackend):
         return maps
 
 
-__all__ = ["DenseClipImageProcessor"]
+__all__ = ["MULTI_SCALE_RATIOS", "DenseClipImageProcessor", "scaled_size"]

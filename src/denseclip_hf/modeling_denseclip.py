@@ -8,6 +8,7 @@ pixels -> CLIP image encoder (ViT or ResNet) -> stride 4/8/16/32 pyramid and the
 
 import math
 import os
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import partial
 
@@ -21,7 +22,13 @@ from transformers.modeling_outputs import SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
+from .configuration_denseclip import (
+    TEST_MODES,
+    DenseClipConfig,
+    DenseClipResNetConfig,
+    check_test_protocol,
+    input_size_multiple,
+)
 
 logger = logging.get_logger(__name__)
 
@@ -48,7 +55,9 @@ class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             `decode_loss + identity_loss_weight * identity_loss`.
         logits (`torch.FloatTensor` of shape `(batch, num_labels, height / 4, width / 4)`):
-            Per-pixel class scores at a quarter of the input size.
+            Per-pixel class scores at a quarter of the input size (the single pass); `(batch, num_labels, height,
+            width)` at the input size for a test protocol (`forward(test_mode="slide" | "whole")`, the default in eval
+            mode without labels), whose other outputs are then `None`.
         hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
             The 4 image-encoder pyramid levels `(batch, channels, height / stride, width / stride)` for strides 4, 8,
             16 and 32, before the score map is concatenated (channels: the ViT width, or the ResNet stage widths).
@@ -248,7 +257,8 @@ class DenseClipViTImageEncoder(nn.Module):
         if pixel_values.shape[-2] % patch_size or pixel_values.shape[-1] % patch_size:
             raise ValueError(
                 f"pixel_values height and width must be multiples of the patch size {patch_size}, got "
-                f"{tuple(pixel_values.shape[-2:])}: resize or pad the images (DenseClipImageProcessor does this)."
+                f"{tuple(pixel_values.shape[-2:])}: resize or pad the images (DenseClipImageProcessor rounds them "
+                "with test_mode='whole' or label maps), or run a test protocol (test_mode='slide' or 'whole')."
             )
         hidden_states, (height, width) = self.embed(pixel_values)
         hidden_states = self.vision_model.pre_layrnorm(hidden_states)
@@ -660,6 +670,93 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
 
 # ---------------------------------------------------------------------------------------------------------------------
+# Test protocol (the authors' slide_inference / inference / aug_test)
+# ---------------------------------------------------------------------------------------------------------------------
+# Module-level functions over `logits_fn(pixel_values) -> logits`: any callable that maps `(n, 3, h, w)` inputs to
+# logits `(n, num_labels, h', w')` at any resolution (the model's single pass gives h' = h / 4).
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Offsets of the windows along one side of `length` pixels: one every `stride` pixels, the last one moved back to
+    end at the border; a side no longer than `crop` has a single window at 0 that spans it whole."""
+    if length <= crop:
+        return [0]
+    count = -(-(length - crop) // stride) + 1
+    return [min(index * stride, length - crop) for index in range(count)]
+
+
+def slide_logits(
+    logits_fn: LogitsFn, pixel_values: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
+    """The authors' `slide_inference`: logits `(batch, num_labels, H, W)` at the input resolution.
+
+    `pixel_values` `(batch, 3, H, W)` is cut into windows of `crop_size` every `stride` pixels (see
+    `sliding_window_starts`; a side shorter than the crop is taken whole, so every window has the same size). All
+    windows of the batch run through `logits_fn` as one batch (exact: in eval mode no layer mixes samples); each
+    window's logits are bilinearly resized to the window, summed into place and divided by the number of windows
+    covering each pixel. Accumulated in float32.
+    """
+    batch, _, height, width = pixel_values.shape
+    window = (min(crop_size[0], height), min(crop_size[1], width))
+    corners = [
+        (top, left)
+        for top in sliding_window_starts(height, crop_size[0], stride[0])
+        for left in sliding_window_starts(width, crop_size[1], stride[1])
+    ]
+    crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
+    window_logits = _resize(logits_fn(crops).float(), window).unflatten(0, (len(corners), batch))
+    summed = window_logits.new_zeros(batch, window_logits.shape[2], height, width)
+    coverage = window_logits.new_zeros(1, 1, height, width)
+    for (top, left), logits in zip(corners, window_logits, strict=True):
+        summed[..., top : top + window[0], left : left + window[1]] += logits
+        coverage[..., top : top + window[0], left : left + window[1]] += 1
+    return summed / coverage
+
+
+def protocol_logits(
+    logits_fn: LogitsFn,
+    pixel_values: torch.Tensor,
+    mode: str,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """Logits `(batch, num_labels, H, W)` at the input resolution: `mode="slide"` is `slide_logits`, `"whole"` the
+    authors' `whole_inference` (one pass, logits bilinearly resized to the input)."""
+    if mode == "slide":
+        return slide_logits(logits_fn, pixel_values, crop_size, stride)
+    return _resize(logits_fn(pixel_values).float(), pixel_values.shape[-2:])
+
+
+def protocol_probabilities(
+    logits_fn: LogitsFn,
+    inputs: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    flip: bool,
+    mode: str,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """The authors' `inference` / `aug_test`: softmax probabilities `(batch, num_labels, *output_size)`.
+
+    For each input `(batch, 3, H_i, W_i)` (the scales of a multi-scale test), and with `flip` also for its horizontal
+    mirror: `protocol_logits`, bilinearly resized (align_corners=False) to `output_size`, soft-maxed over the classes
+    (a mirrored input's probabilities mirrored back); the average of all of them, summed in the authors' order.
+    """
+    total, count = None, 0
+    for pixel_values in inputs:
+        for mirrored in (False, True) if flip else (False,):
+            view = pixel_values.flip(-1) if mirrored else pixel_values
+            probabilities = _resize(protocol_logits(logits_fn, view, mode, crop_size, stride), output_size).softmax(1)
+            probabilities = probabilities.flip(-1) if mirrored else probabilities
+            total = probabilities if total is None else total + probabilities
+            count += 1
+    return total / count
+
+
+# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
 
@@ -908,17 +1005,38 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
+        test_mode: str | None = None,
         **kwargs,
     ) -> DenseClipSemanticSegmenterOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
-            Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
+            Normalized images. The single pass needs height and width that are multiples of the patch size (ViT) or
+            at least 32 (ResNet); a test protocol takes any size of at least 32.
         labels (`torch.LongTensor` of shape `(batch, height', width')`, *optional*):
             Class index per pixel (`config.semantic_loss_ignore_index` to ignore). Any size: logits and score map are
             bilinearly resized to it for the losses.
         output_hidden_states (`bool`, *optional*):
-            Also return the 4 image-encoder pyramid levels.
+            Also return the 4 image-encoder pyramid levels (single pass only).
+        test_mode (`str`, *optional*):
+            `"plain"`: the single pass (logits at 1/4 of the input, score map, text embeddings, losses).
+            `"slide"` / `"whole"`: the authors' test protocol (`config.test_crop_size`, `config.test_stride`), whose
+            `logits` are at the input resolution, with `score_map`, `text_embeddings` and `hidden_states` `None`
+            (see `predict_probabilities`). Default: `"plain"` in training mode or with `labels`, otherwise
+            `config.test_mode`, so that an eval-mode call (and the `image-segmentation` pipeline) follows the
+            model's test protocol.
         """
+        if test_mode is None:
+            test_mode = "plain" if self.training or labels is not None else self.config.test_mode
+        if test_mode != "plain":
+            if test_mode not in TEST_MODES:
+                raise ValueError(f"test_mode={test_mode!r} is not one of {('plain', *TEST_MODES)} (or None).")
+            if labels is not None:
+                raise ValueError(
+                    f"test_mode={test_mode!r} returns no loss: pass labels with test_mode='plain' (or None), and "
+                    "evaluate a test protocol on its predictions (`predict_probabilities`)."
+                )
+            logits = self._protocol_logits(pixel_values, test_mode)
+            return DenseClipSemanticSegmenterOutput(logits=logits)
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         image = self.image_encoder(pixel_values)
@@ -944,6 +1062,116 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             decode_loss=decode_loss,
             identity_loss=identity_loss,
         )
+
+    @torch.no_grad()
+    def predict_probabilities(
+        self,
+        pixel_values: torch.Tensor | Sequence[torch.Tensor],
+        output_size: tuple[int, int],
+        *,
+        flip: bool = False,
+        mode: str | None = None,
+        crop_size: int | tuple[int, int] | None = None,
+        stride: int | tuple[int, int] | None = None,
+    ) -> torch.Tensor:
+        """Class probabilities by the authors' test protocol (their `slide_inference`, `inference` and `aug_test`).
+
+        Per input: `mode="whole"` runs the model once; `mode="slide"` runs it on `crop_size` windows every `stride`
+        pixels (the last window of a row or column shifted back inside the image, a side shorter than the crop
+        taken whole), each window's logits bilinearly resized to the window, summed into place and divided by the
+        number of windows covering each pixel. The logits are then bilinearly resized (align_corners=False) to
+        `output_size` and soft-maxed; with `flip` each input also runs mirrored horizontally (its probabilities
+        mirrored back); all results are averaged. Call `model.eval()` first (as the authors' test does).
+
+        Like the authors' ViT, whose patch convolution ignores what does not fill a patch, each model input (a
+        window, or a whole image or side shorter than the crop) is cut to a multiple of the patch size before the
+        model runs; its logits are still resized to the full window.
+
+        Args:
+            pixel_values: Normalized images `(batch, 3, H, W)`, any size of at least 32; or a list of them, the inputs
+                of a multi-scale test (each already resized, e.g. by `DenseClipImageProcessor(scale_ratios=...)`),
+                all with the same batch. Moved to the model's device.
+            output_size: `(height, width)` of the result, usually the original image size.
+            flip: Also run each input mirrored horizontally (the authors' multi-scale test uses it).
+            mode, crop_size, stride: `"slide"` or `"whole"`, the window size and the window step (int or
+                `(height, width)`). Default: `config.test_mode`, `config.test_crop_size`, `config.test_stride`.
+
+        Returns:
+            `torch.FloatTensor` `(batch, num_labels, *output_size)`, float32, summing to 1 over the classes.
+        """
+        inputs = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
+        if not inputs or not all(isinstance(item, torch.Tensor) and item.ndim == 4 for item in inputs):
+            raise TypeError(
+                "pixel_values must be a (batch, 3, height, width) tensor or a non-empty list of them (one per scale), "
+                f"got {type(pixel_values).__name__}."
+            )
+        if len({item.shape[:2] for item in inputs}) > 1:
+            raise ValueError(
+                "The inputs of a multi-scale test must hold the same images, but their (batch, channels) differ: "
+                f"{[tuple(item.shape) for item in inputs]}. Pass one tensor per scale, each of the whole batch."
+            )
+        size = tuple(output_size) if isinstance(output_size, (list, tuple, torch.Size)) else ()
+        if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
+            raise ValueError(f"output_size must be (height, width) of positive ints, got {output_size!r}.")
+        mode, crop_size, stride = self._test_protocol(
+            mode, crop_size, stride, owner="predict_probabilities", names=("mode", "crop_size", "stride")
+        )
+        for item in inputs:
+            self._check_protocol_input(item)
+        return protocol_probabilities(
+            self._single_pass_logits,
+            [item.to(self.device) for item in inputs],
+            size,
+            flip=flip,
+            mode=mode,
+            crop_size=crop_size,
+            stride=stride,
+        )
+
+    def _test_protocol(
+        self,
+        mode: str | None = None,
+        crop_size: int | tuple[int, int] | None = None,
+        stride: int | tuple[int, int] | None = None,
+        owner: str = "DenseClipConfig",
+        names: tuple[str, str, str] = ("test_mode", "test_crop_size", "test_stride"),
+    ) -> tuple[str, tuple[int, int], tuple[int, int]]:
+        """The given protocol settings, each defaulting to the config's, checked against this model."""
+        config = self.config
+        return check_test_protocol(
+            config.test_mode if mode is None else mode,
+            config.test_crop_size if crop_size is None else crop_size,
+            config.test_stride if stride is None else stride,
+            config.vision_config,
+            owner=owner,
+            names=names,
+        )
+
+    def _check_protocol_input(self, pixel_values: torch.Tensor) -> None:
+        channels = self.config.vision_config.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+        minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(self.config.vision_config))
+        if min(pixel_values.shape[-2:]) < minimum:
+            raise ValueError(
+                f"pixel_values of size {tuple(pixel_values.shape[-2:])} are too small for the test protocol: each "
+                f"side must be at least {minimum} pixels (the pyramid's coarsest stride)."
+            )
+
+    def _single_pass_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """`logits_fn` of the test protocol: the single pass on `pixel_values` cut to a multiple of the patch size
+        (what the authors' patch convolution reads), logits `(batch, num_labels, h / 4, w / 4)`."""
+        multiple = input_size_multiple(self.config.vision_config)
+        height, width = (side // multiple * multiple for side in pixel_values.shape[-2:])
+        return self.forward(pixel_values[..., :height, :width], test_mode="plain", return_dict=True).logits
+
+    def _protocol_logits(self, pixel_values: torch.Tensor, mode: str) -> torch.Tensor:
+        """Logits `(batch, num_labels, H, W)` of the configured protocol with `mode` (see `predict_probabilities`)."""
+        mode, crop_size, stride = self._test_protocol(mode)
+        self._check_protocol_input(pixel_values)
+        return protocol_logits(self._single_pass_logits, pixel_values, mode, crop_size, stride)
 
     def compute_loss(
         self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
