@@ -1,6 +1,7 @@
 """Pictures: overlay colours, legends, the heatmap colour ramp, score-map figures, grids, atomic saves, bad input."""
 
 import colorsys
+import os
 
 import numpy as np
 import pytest
@@ -245,6 +246,9 @@ def test_save_figure_is_atomic(tmp_path, monkeypatch):
     figure = noise_image(20, 30)
     path = save_figure(figure, tmp_path / "new" / "figure.png")
     np.testing.assert_array_equal(np.asarray(Image.open(path)), np.asarray(figure))
+    umask = os.umask(0)
+    os.umask(umask)
+    assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # the permissions of any new file
 
     def crash(self, file, *args, **kwargs):
         file.write(b"\x89PNG half")

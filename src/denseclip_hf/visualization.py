@@ -14,7 +14,6 @@ stays readable at any size. Label maps and score maps may be NumPy arrays or tor
 """
 
 import os
-import tempfile
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -452,15 +451,15 @@ def save_figure(figure: Image.Image, path: str | os.PathLike) -> Path:
     if image_format is None:
         raise ValueError(f"Cannot tell the image format of {path}: use a suffix such as .png, .jpg or .webp.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
     try:
-        with os.fdopen(handle, "wb") as file:
+        with open(temporary, "wb") as file:
             figure.save(file, format=image_format)
             file.flush()
             os.fsync(file.fileno())
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise
     return path
 
