@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> list[Path]:
             parser.exit(
                 1, f"--synthetic needs a model of the synthetic classes {SYNTHETIC_CLASS_NAMES}, not {names}.\n"
             )
-        scenes = load_synthetic_dataset("validation").select(range(args.synthetic))
+        scenes = load_synthetic_dataset("validation", args.synthetic)
         images = {f"synthetic_{index}": scene["image"] for index, scene in enumerate(scenes)}
         ground_truths = [np.asarray(scene["label"]) for scene in scenes]
 

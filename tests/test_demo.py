@@ -133,9 +133,9 @@ def test_app_serves_the_pictures(model_folder, tmp_path):
     label_map, score_map = direct_outputs(model_folder, image)
     port = _free_port()
     log = (tmp_path / "app.log").open("w")
-    server = subprocess.Popen(
-        [sys.executable, str(APP), "--model_name_or_path", str(model_folder), "--server_port", str(port)],
-        env=_environment(tmp_path),
+    server = subprocess.Popen(  # the model from $DENSECLIP_MODEL, as on a Space
+        [sys.executable, str(APP), "--server_port", str(port)],
+        env={**_environment(tmp_path), "DENSECLIP_MODEL": str(model_folder)},
         stdout=log,
         stderr=subprocess.STDOUT,
     )
@@ -209,7 +209,7 @@ def test_visualize_script_on_synthetic_scenes(tmp_path, tokenizer):
         "visualize", ["--model_name_or_path", str(folder), "--synthetic", "2", "--output_dir", str(tmp_path / "out")]
     )
     assert len(written) == 5
-    scenes = load_synthetic_dataset("validation").select(range(2))
+    scenes = load_synthetic_dataset("validation", 2)
     images = [scene["image"] for scene in scenes]
     predictions = [direct_outputs(folder, image)[0] for image in images]
     expected = prediction_grid(
