@@ -25,7 +25,7 @@ from denseclip_hf import (
     load_synthetic_dataset,
 )
 from denseclip_hf.demo import DEFAULT_MODEL, SegmentationDemo
-from denseclip_hf.training import parse_training_args
+from denseclip_hf.training.arguments import parse_training_args
 from denseclip_hf.visualization import (
     default_palette,
     prediction_grid,
@@ -65,8 +65,9 @@ def direct_outputs(folder: Path, image: Image.Image) -> tuple[np.ndarray, np.nda
     processor = DenseClipImageProcessor.from_pretrained(folder)
     with torch.no_grad():
         outputs = model(**processor(images=image, return_tensors="pt"))
+        plain = model(**processor(images=image, test_mode="whole", return_tensors="pt"), test_mode="plain")
     label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
-    return label_map.numpy(), outputs.score_map[0].numpy()
+    return label_map.numpy(), plain.score_map[0].numpy()
 
 
 def expected_overlay(image: Image.Image, label_map: np.ndarray, alpha: float = 0.5) -> np.ndarray:
@@ -89,7 +90,7 @@ def test_segment_matches_the_model_run_directly(model_folder):
 
 def test_default_model_is_where_the_default_training_run_saves(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert parse_training_args([]).output_dir == DEFAULT_MODEL
+    assert parse_training_args([]).checkpoints.output_dir == DEFAULT_MODEL
     with pytest.raises(FileNotFoundError, match="accelerate launch examples/train_seg.py"):
         SegmentationDemo.from_pretrained()
     with pytest.raises(FileNotFoundError, match="No model folder at ./missing"):

@@ -83,14 +83,18 @@ class SegmentationDemo:
 
     @torch.inference_mode()
     def segment(self, image: ImageLike) -> Segmentation:
-        """Runs the model on one image as the `image-segmentation` pipeline does: processor, forward in eval mode,
-        `post_process_semantic_segmentation` at the image's size. The one place where the app, `examples/visualize.py`
-        and the tests run the model; the score map comes from the same single forward pass."""
+        """Runs the model on one image. The label map is what the `image-segmentation` pipeline gives: processor,
+        forward in eval mode (the model's configured test protocol, e.g. sliding windows),
+        `post_process_semantic_segmentation` at the image's size. The score map comes from one plain pass over the
+        whole image (`test_mode="plain"`, the input rounded to the processor's `size_divisor`). The one place where
+        the app, `examples/visualize.py` and the tests run the model."""
         image = to_rgb_image(image)
         inputs = self.processor(images=image, return_tensors="pt").to(self.model.device)
         outputs = self.model(**inputs)
         label_map = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
-        return Segmentation(label_map=label_map.cpu().numpy(), score_map=outputs.score_map[0].float().cpu().numpy())
+        whole = self.processor(images=image, test_mode="whole", return_tensors="pt").to(self.model.device)
+        score_map = self.model(**whole, test_mode="plain").score_map[0]
+        return Segmentation(label_map=label_map.cpu().numpy(), score_map=score_map.float().cpu().numpy())
 
     def pictures(
         self, image: ImageLike, class_name: str | None = None, legend: LegendMode = "present"
