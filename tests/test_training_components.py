@@ -72,24 +72,27 @@ def test_parameter_groups_follow_the_paper(tokenizer):
     placed = {names[id(parameter)]: group for group in groups for parameter in group["params"]}
     trainable = {name for name, parameter in model.named_parameters() if parameter.requires_grad}
     assert set(placed) == trainable and sum(len(group["params"]) for group in groups) == len(trainable)
-    assert not any(name.startswith("text_encoder.") for name in placed)
+    assert not any(name.startswith("denseclip.text_encoder.") for name in placed)
     for name, group in placed.items():
-        assert group["lr"] == pytest.approx(1e-5 if name.startswith("image_encoder.") else 1e-4)
+        assert group["lr"] == pytest.approx(1e-5 if name.startswith("denseclip.image_encoder.") else 1e-4)
     no_decay = {name for name, group in placed.items() if group["weight_decay"] == 0}
-    assert {"context_embeddings", "prompting.gamma"} <= no_decay
+    assert {"denseclip.prompting.context_embeddings", "denseclip.prompting.gamma"} <= no_decay
     assert (
         all(name.endswith("bias") for name in trainable if name.endswith("bias"))
         and {name for name in trainable if name.endswith("bias")} <= no_decay
     )
-    norm_weights = {"image_encoder.vision_model.pre_layrnorm.weight", "decode_head.scale_heads.0.0.norm.weight"}
+    norm_weights = {
+        "denseclip.image_encoder.vision_model.pre_layrnorm.weight",
+        "decoder.head.scale_heads.0.0.norm.weight",
+    }
     assert norm_weights <= no_decay
-    assert placed["decode_head.classifier.weight"]["weight_decay"] == 1e-4
-    assert placed["image_encoder.vision_model.embeddings.patch_embedding.weight"]["weight_decay"] == 1e-4
+    assert placed["decoder.head.classifier.weight"]["weight_decay"] == 1e-4
+    assert placed["denseclip.image_encoder.vision_model.embeddings.patch_embedding.weight"]["weight_decay"] == 1e-4
 
     optimizer = torch.optim.AdamW(groups)
     model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 4, (2, 64, 64))).loss.backward()
     optimizer.step()
-    frozen = [parameter for parameter in model.text_encoder.parameters()]
+    frozen = [parameter for parameter in model.base_model.text_encoder.parameters()]
     assert all(not parameter.requires_grad and parameter not in optimizer.state for parameter in frozen)
 
 
@@ -352,7 +355,8 @@ def test_load_model_converts_openai_resnet_files(tmp_path):
     assert model.config.image_encoder_family == "resnet" and model.config.score_map_level == 3
     assert model.config.loss_reduction == "mean_all_pixels" and model.config.id2label == {0: "sky", 1: "tree"}
     torch.testing.assert_close(
-        model.image_encoder.vision_model.attention_pool.out_proj.weight, reference.visual.attnpool.c_proj.weight
+        model.base_model.image_encoder.vision_model.attention_pool.out_proj.weight,
+        reference.visual.attnpool.c_proj.weight,
     )
 
 

@@ -22,8 +22,8 @@ from .checkpointing import checkpoint_step, checkpoints_root
 from .configuration_denseclip import DenseClipConfig
 from .modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
 
-# Parameters (names in `DenseClipForSemanticSegmentation`) trained without weight decay besides norms and biases.
-NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "prompting.gamma")
+# Parameters (last part of their names) trained without weight decay besides norms and biases.
+NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "gamma")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 
 
@@ -373,7 +373,9 @@ def gradient_accumulation_steps(args: SegmentationTrainingArguments, num_process
 def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
     """Names of the parameters trained without weight decay: normalization layers, biases, contexts and gamma."""
     names = {
-        name for name, _ in model.named_parameters() if name.endswith("bias") or name in NO_WEIGHT_DECAY_PARAMETERS
+        name
+        for name, _ in model.named_parameters()
+        if name.endswith("bias") or name.rsplit(".", 1)[-1] in NO_WEIGHT_DECAY_PARAMETERS
     }
     for module_name, module in model.named_modules():
         if isinstance(module, NORM_LAYERS):
@@ -387,15 +389,16 @@ def parameter_groups(
     """AdamW parameter groups of the paper's recipe, from the trainable (`requires_grad`) parameters only.
 
     The frozen text encoder gets no group, hence no optimizer state. Each group holds `lr`, `weight_decay` and
-    `lr_multiplier`: the image encoder (`image_encoder.*`, CLIP backbone and pyramid) trains at
+    `lr_multiplier`: the image encoder (`model.base_model.image_encoder`, CLIP backbone and pyramid) trains at
     `image_encoder_lr_multiplier * learning_rate`, all else at `learning_rate`.
     """
     no_decay = no_weight_decay_parameter_names(model)
+    image_encoder = {id(parameter) for parameter in model.base_model.image_encoder.parameters()}
     groups: dict[tuple[float, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
-        multiplier = image_encoder_lr_multiplier if name.startswith("image_encoder.") else 1.0
+        multiplier = image_encoder_lr_multiplier if id(parameter) in image_encoder else 1.0
         decay = name not in no_decay
         group = groups.setdefault(
             (multiplier, decay),
