@@ -4,15 +4,17 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
+from clip_reference import randomize_batch_norms
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 import denseclip_hf
-from denseclip_hf import DenseClipConfig, tokenize_class_names
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, tokenize_class_names
 from denseclip_hf.training.checkpointing import write_manifest
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -23,6 +25,27 @@ TINY_VISION = dict(
     hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2, image_size=64, patch_size=16
 )
 TINY_RESNET = dict(layers=[1, 2, 1, 1], width=8, attention_pool_heads=4, image_size=64)
+
+
+@dataclass(frozen=True)
+class EncoderFamily:
+    """An image encoder family in the tiny test size, and what the tests expect of it (written out here, not read
+    from the package)."""
+
+    vision_config: dict
+    score_map_stride: int  # z's stride: the ViT patch size, 32 for a ResNet
+    score_map_level: int  # the default pyramid level of the score map (its own stride)
+    pyramid_channels: list[int]  # the image encoder's 4 levels
+    bad_size: tuple[int, int]  # a (height, width) the encoder rejects...
+    bad_size_error: str  # ...with this message
+
+
+ENCODER_FAMILIES = {
+    "vit": EncoderFamily(TINY_VISION, 16, 2, [32, 32, 32, 32], (60, 64), "multiples of the patch size 16"),
+    "resnet": EncoderFamily(
+        {"model_type": "denseclip_resnet_vision", **TINY_RESNET}, 32, 3, [32, 64, 128, 256], (64, 16), "at least 32"
+    ),
+}
 
 
 @pytest.fixture(scope="session")
@@ -52,6 +75,26 @@ def tiny_config(tokenizer: CLIPTokenizer, class_names: list[str] = CLASS_NAMES, 
 @pytest.fixture
 def config(tokenizer) -> DenseClipConfig:
     return tiny_config(tokenizer)
+
+
+@pytest.fixture(params=list(ENCODER_FAMILIES))
+def family(request) -> str:
+    """Each image encoder family in turn (`ENCODER_FAMILIES`)."""
+    return request.param
+
+
+@pytest.fixture
+def family_config(tokenizer, family) -> DenseClipConfig:
+    """The tiny config of each image encoder family in turn."""
+    return tiny_config(tokenizer, vision_config=ENCODER_FAMILIES[family].vision_config)
+
+
+def make_model(config: DenseClipConfig, seed: int = 0) -> DenseClipForSemanticSegmentation:
+    """A random model in eval mode, its BatchNorms randomized too (so that none is an identity)."""
+    torch.manual_seed(seed)
+    model = DenseClipForSemanticSegmentation(config).eval()
+    randomize_batch_norms(model, seed)
+    return model
 
 
 @pytest.fixture(scope="session")

@@ -66,5 +66,5 @@ def test_round_trip(tokenizer, tmp_path):
     ],
 )
 def test_invalid_settings_name_the_setting(overrides, message):
-    with pytest.raises(Exception, match=message):
+    with pytest.raises(ValueError, match=message):
         DenseClipConfig(**overrides)

@@ -86,7 +86,9 @@ def test_command_writes_a_clipmodel_folder_that_from_clip_pretrained_reads(refer
     model = DenseClipForSemanticSegmentation.from_clip_pretrained(tmp_path, id2label={0: "cat"})
     with torch.no_grad():
         torch.testing.assert_close(
-            model.image_encoder(pixel_values).global_embedding, references["vit"].visual(pixel_values), **TOLERANCE
+            model.base_model.image_encoder(pixel_values).global_embedding,
+            references["vit"].visual(pixel_values),
+            **TOLERANCE,
         )
     with pytest.raises(SystemExit):
         main(["--checkpoint", checkpoint_files["rn", "state_dict"], "--output_dir", str(tmp_path / "rn"), *options])
@@ -111,11 +113,11 @@ def test_resnet_from_clip_pretrained_matches_the_reference(references, checkpoin
     )
     with torch.no_grad():
         torch.testing.assert_close(
-            model.get_text_embeddings(), reference.encode_text(model.class_token_ids), **TOLERANCE
+            model.get_text_embeddings(), reference.encode_text(model.base_model.class_token_ids), **TOLERANCE
         )
         for size in [(64, 64), (96, 64), (80, 48)]:  # the native grid, then resized positions
             pixel_values = torch.randn(2, 3, *size)
-            ours = model.image_encoder(pixel_values)
+            ours = model.base_model.image_encoder(pixel_values)
             features, global_embedding, dense_embedding = reference.visual(pixel_values)
             for level, (mine, theirs) in enumerate(zip(ours.pyramid, features, strict=True)):
                 torch.testing.assert_close(mine, theirs, **TOLERANCE, msg=f"stage {level}")
@@ -132,7 +134,9 @@ def test_vit_file_in_from_clip_pretrained_uses_the_packaged_tokenizer(references
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(
-            model.image_encoder(pixel_values).global_embedding, references["vit"].visual(pixel_values), **TOLERANCE
+            model.base_model.image_encoder(pixel_values).global_embedding,
+            references["vit"].visual(pixel_values),
+            **TOLERANCE,
         )
 
 

@@ -83,12 +83,14 @@ def reference_outputs(model: DenseClipForSemanticSegmentation, pixel_values: tor
     """Every tensor the fixtures store, computed by the converted model (intermediate ones caught with hooks)."""
     caught = {}
     hooks = [
-        model.prompting.context_decoder.register_forward_hook(lambda m, i, out: caught.update(context_decoder=out)),
-        model.neck.register_forward_hook(lambda m, i, out: caught.update(neck=out)),
+        model.base_model.prompting.context_decoder.register_forward_hook(
+            lambda m, i, out: caught.update(context_decoder=out)
+        ),
+        model.decoder.neck.register_forward_hook(lambda m, i, out: caught.update(neck=out)),
     ]
     with torch.no_grad():
         output = model(pixel_values, output_hidden_states=True, test_mode="plain")
-        image = model.image_encoder(pixel_values)
+        image = model.base_model.image_encoder(pixel_values)
         text_embeddings_pre = model.get_text_embeddings()
     for hook in hooks:
         hook.remove()
@@ -250,7 +252,7 @@ def test_unknown_and_missing_keys_are_listed():
     del checkpoint["state_dict"]["neck.fpn_convs.1.conv.bias"]
     del checkpoint["state_dict"]["backbone.attnpool.q_proj.bias"]
     with pytest.raises(
-        ValueError, match=r"missing tensors for 2 key\(s\).*attention_pool\.q_proj\.bias.*fpn_convs\.1"
+        ValueError, match=r"missing tensors for 2 key\(s\).*neck\.fpn_convs\.1.*attention_pool\.q_proj\.bias"
     ):
         convert_denseclip_checkpoint(checkpoint, text_heads=2)
 

@@ -44,7 +44,7 @@ def save_tiny_model(folder: Path, tokenizer, **config) -> Path:
     torch.manual_seed(0)
     model = DenseClipForSemanticSegmentation(tiny_config(tokenizer, **config)).eval()
     with torch.no_grad():  # a decisive classifier, so that the prediction holds several classes
-        model.decode_head.classifier.weight.normal_(std=1.0)
+        model.decoder.head.classifier.weight.normal_(std=1.0)
     model.save_pretrained(folder)
     DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}).save_pretrained(folder)
     return folder

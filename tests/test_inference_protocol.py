@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import FIXTURES, TINY_RESNET, tiny_config
+from conftest import FIXTURES, TINY_RESNET, make_model, tiny_config
 from PIL import Image
 from safetensors.torch import load_file
 from test_convert_denseclip import authors_checkpoint, head_options
@@ -99,7 +99,7 @@ def test_explicit_settings_equal_the_configured_ones(family):
 def test_a_side_that_does_not_fill_a_patch_is_cut_as_the_authors_patch_convolution_does():
     model = authors_model("vit")
     pixel_values = inference_fixture("vit")[0]["aug.pixel_values.0"]  # 48 x 72, patch 16
-    patch_embedding = model.image_encoder.vision_model.embeddings.patch_embedding
+    patch_embedding = model.base_model.image_encoder.vision_model.embeddings.patch_embedding
     with torch.no_grad():
         torch.testing.assert_close(patch_embedding(pixel_values), patch_embedding(pixel_values[..., :64]), **TOLERANCE)
         cut = model(pixel_values[..., :64], test_mode="plain").logits
@@ -270,10 +270,9 @@ def protocol_config(tokenizer, family: str, **overrides) -> DenseClipConfig:
 
 @pytest.fixture(scope="module", params=FAMILIES)
 def protocol_folder(request, tmp_path_factory, tokenizer):
-    torch.manual_seed(0)
-    model = DenseClipForSemanticSegmentation(protocol_config(tokenizer, request.param)).eval()
+    model = make_model(protocol_config(tokenizer, request.param), seed=3)  # a seed whose predictions vary
     with torch.no_grad():  # a decisive classifier, so that predictions are not ties
-        model.decode_head.classifier.weight.normal_(std=1.0)
+        model.decoder.head.classifier.weight.normal_(std=1.0)
     folder = tmp_path_factory.mktemp(f"protocol-{request.param}")
     model.save_pretrained(folder)
     DenseClipImageProcessor(size={"shortest_edge": 96, "longest_edge": 256}).save_pretrained(folder)

@@ -1,15 +1,22 @@
-"""A saved model folder: Auto classes, the image-segmentation pipeline, and loading without the package."""
+"""A saved model folder: what it holds, Auto classes, the image-segmentation pipeline, loading without the package;
+and what `import denseclip_hf` loads."""
 
 import json
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pytest
 import torch
-from conftest import CLASS_NAMES, run_without_denseclip_hf, tiny_config
+from conftest import CLASS_NAMES, make_model, run_without_denseclip_hf, tiny_config
 from PIL import Image
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation, pipeline
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation, pipeline
 
-from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipImageProcessor
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipImageProcessor, DenseClipModel
+
+MODEL_FILES = ["config.json", "configuration_denseclip.py", "model.safetensors", "modeling_denseclip.py"]
+PROCESSOR_FILES = ["image_processing_denseclip.py", "preprocessor_config.json"]
 
 
 @pytest.fixture(scope="module")
@@ -17,7 +24,7 @@ def saved_folder(tmp_path_factory, tokenizer):
     torch.manual_seed(0)
     model = DenseClipForSemanticSegmentation(tiny_config(tokenizer)).eval()
     with torch.no_grad():  # a decisive classifier, so that predictions are not ties
-        model.decode_head.classifier.weight.normal_(std=1.0)
+        model.decoder.head.classifier.weight.normal_(std=1.0)
     folder = tmp_path_factory.mktemp("denseclip-tiny")
     model.save_pretrained(folder)
     DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}).save_pretrained(folder)
@@ -36,6 +43,38 @@ def reference_segmentation(folder, image: Image.Image) -> np.ndarray:
     with torch.no_grad():
         outputs = model(**processor(images=image, return_tensors="pt"))
     return processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
+
+
+def test_folder_holds_only_what_running_the_model_needs(saved_folder, tokenizer, tmp_path):
+    """Weights, config and the code files of the model (and processor): no converter, no training code."""
+    assert sorted(os.listdir(saved_folder)) == sorted(MODEL_FILES + PROCESSOR_FILES)
+    make_model(tiny_config(tokenizer)).save_pretrained(tmp_path / "model")
+    assert sorted(os.listdir(tmp_path / "model")) == MODEL_FILES
+    make_model(tiny_config(tokenizer)).denseclip.save_pretrained(tmp_path / "base")
+    assert sorted(os.listdir(tmp_path / "base")) == MODEL_FILES
+    config = json.loads((tmp_path / "base" / "config.json").read_text())
+    assert config["auto_map"]["AutoModel"] == "modeling_denseclip.DenseClipModel"
+    assert type(AutoModel.from_pretrained(tmp_path / "base")) is DenseClipModel
+
+
+def test_import_loads_no_converter_and_exports_them_lazily():
+    script = """
+import sys
+import denseclip_hf
+loaded = sorted(name for name in sys.modules if name.startswith("denseclip_hf."))
+assert loaded == [
+    "denseclip_hf.assets",
+    "denseclip_hf.configuration_denseclip",
+    "denseclip_hf.image_processing_denseclip",
+    "denseclip_hf.modeling_denseclip",
+], loaded
+from denseclip_hf.convert_clip_original_to_hf import convert_clip_checkpoint
+from denseclip_hf.convert_denseclip_original_to_hf import convert_denseclip_checkpoint
+assert denseclip_hf.convert_clip_checkpoint is convert_clip_checkpoint
+assert denseclip_hf.convert_denseclip_checkpoint is convert_denseclip_checkpoint
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
 
 
 def test_folder_has_code_and_auto_map(saved_folder):
@@ -87,13 +126,33 @@ def test_loads_with_trust_remote_code_without_the_package(saved_folder, tmp_path
         processor = AutoImageProcessor.from_pretrained(folder, trust_remote_code=True)
         assert "denseclip_hf" not in sys.modules
         assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
-        assert not any(p.requires_grad for p in model.text_encoder.parameters())
+        assert not any(p.requires_grad for p in model.base_model.text_encoder.parameters())
         with torch.no_grad():
             outputs = model(**processor(images=image, return_tensors="pt"))
         ids = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
         np.testing.assert_array_equal(ids, np.load({str(tmp_path / "expected.npy")!r}))
         segments = pipeline("image-segmentation", model=folder, trust_remote_code=True)(image)
         assert segments and all(s["label"] in model.config.id2label.values() for s in segments)
+        """,
+        tmp_path,
+    )
+
+
+def test_remote_code_explains_that_checkpoint_files_need_the_package(saved_folder, tmp_path):
+    """`from_clip_pretrained` on an OpenAI/OpenCLIP file calls the converter, which remote code does not have."""
+    (tmp_path / "RN50.pt").write_bytes(b"not read")
+    run_without_denseclip_hf(
+        f"""
+        from transformers import AutoModelForSemanticSegmentation
+
+        model = AutoModelForSemanticSegmentation.from_pretrained({str(saved_folder)!r}, trust_remote_code=True)
+        try:
+            type(model).from_clip_pretrained({str(tmp_path / "RN50.pt")!r}, id2label={{0: "wall"}})
+        except ImportError as error:
+            message = str(error)
+        else:
+            raise AssertionError("no error")
+        assert "needs the denseclip_hf package" in message and "convert_clip_original_to_hf" in message, message
         """,
         tmp_path,
     )

@@ -1,4 +1,5 @@
-"""DenseClipForSemanticSegmentation: shapes, losses, gradients, CLIP loading, save/load, attention backends."""
+"""DenseClipModel and DenseClipForSemanticSegmentation: shapes, losses, gradients, save/load and cross-loading, for
+every image encoder family; CLIP loading, attention backends and the ViT-only parts."""
 
 import logging
 
@@ -6,17 +7,18 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import CLASS_NAMES, TINY_RESNET, TINY_VISION, tiny_config
+from conftest import CLASS_NAMES, ENCODER_FAMILIES, TINY_VISION, make_model, tiny_config
 from transformers import CLIPModel, CLIPTokenizer
 
 from denseclip_hf import (
     DenseClipConfig,
     DenseClipForSemanticSegmentation,
-    DenseClipResNetConfig,
+    DenseClipModel,
     pixel_text_score_map,
     tokenize_class_names,
 )
-from denseclip_hf.modeling_denseclip import drop_path, pixel_cross_entropy
+from denseclip_hf.configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES
+from denseclip_hf.modeling_denseclip import DECODERS, PROMPTINGS, drop_path, pixel_cross_entropy
 
 
 def comparable(config: DenseClipConfig) -> dict:
@@ -27,36 +29,51 @@ def comparable(config: DenseClipConfig) -> dict:
     return {key: value for key, value in settings.items() if key not in ("_name_or_path", "dtype")}
 
 
-def make_model(config: DenseClipConfig, seed: int = 0) -> DenseClipForSemanticSegmentation:
-    torch.manual_seed(seed)
-    return DenseClipForSemanticSegmentation(config).eval()
+def assert_same_tensors(got: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
+    assert got.keys() == expected.keys()
+    for key, tensor in expected.items():
+        torch.testing.assert_close(got[key], tensor, rtol=0, atol=0, msg=key)
 
 
-@pytest.mark.parametrize("height, width", [(64, 64), (64, 96), (96, 48), (32, 32)])
-def test_output_shapes(config, height, width):
-    model = make_model(config)
+# ---------------------------------------------------------------------------------------------------------------------
+# Every image encoder family
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("height, width", [(64, 64), (64, 96), (96, 48), (80, 48), (32, 32)])
+def test_output_shapes(family_config, family, height, width):
+    expected = ENCODER_FAMILIES[family]
+    model = make_model(family_config)
     with torch.no_grad():
         out = model(torch.randn(2, 3, height, width), output_hidden_states=True, test_mode="plain")
-    classes, dim = len(CLASS_NAMES), config.projection_dim
+    classes, dim, stride = len(CLASS_NAMES), family_config.projection_dim, expected.score_map_stride
     assert out.logits.shape == (2, classes, height // 4, width // 4)
-    assert out.score_map.shape == (2, classes, height // 16, width // 16)
+    assert out.score_map.shape == (2, classes, height // stride, width // stride)
     assert out.text_embeddings.shape == (2, classes, dim)
     assert [tuple(level.shape) for level in out.hidden_states] == [
-        (2, 32, height // stride, width // stride) for stride in (4, 8, 16, 32)
+        (2, channels, height // stride, width // stride)
+        for channels, stride in zip(expected.pyramid_channels, (4, 8, 16, 32), strict=True)
     ]
     assert out.loss is None
+    level = expected.score_map_level
+    assert family_config.score_map_level == level
+    # The score map joins the level of its own stride.
+    assert model.decoder.neck.lateral_convs[level].in_channels == expected.pyramid_channels[level] + classes
 
 
-def test_rejects_bad_pixel_values(config):
-    model = make_model(config)
-    with pytest.raises(ValueError, match="multiples of the patch size 16"):
-        model(torch.randn(1, 3, 60, 64), test_mode="plain")
+def test_rejects_bad_pixel_values(family_config, family):
+    expected = ENCODER_FAMILIES[family]
+    model = make_model(family_config)
+    with pytest.raises(ValueError, match=expected.bad_size_error):
+        model(torch.randn(1, 3, *expected.bad_size), test_mode="plain")
     with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
         model(torch.randn(3, 64, 64))
+    with pytest.raises(ValueError, match=r"shape \(batch, 3, height, width\)"):
+        model(torch.randn(1, 1, 64, 64))
 
 
-def test_loss_is_decode_plus_weighted_identity(config):
-    model = make_model(config)
+def test_loss_is_decode_plus_weighted_identity(family_config):
+    model = make_model(family_config)
     labels = torch.randint(0, len(CLASS_NAMES), (2, 64, 64))
     labels[0, :10] = 255
     out = model(torch.randn(2, 3, 64, 64), labels=labels)
@@ -68,6 +85,181 @@ def test_loss_is_decode_plus_weighted_identity(config):
     torch.testing.assert_close(out.identity_loss, expected_identity)
     with pytest.raises(ValueError, match="labels must have shape"):
         model(torch.randn(2, 3, 64, 64), labels=labels[:, None])
+
+
+def family_parameters(model: DenseClipForSemanticSegmentation, family: str) -> dict[str, torch.Tensor]:
+    """Trainable tensors that only the image encoder of `family` has."""
+    tower = model.base_model.image_encoder.vision_model
+    if family == "vit":
+        return {
+            "vision tower": tower.encoder.layers[0].mlp.fc1.weight,
+            "visual projection": model.base_model.image_encoder.visual_projection.weight,
+            "pyramid": model.base_model.image_encoder.pyramid.levels[0][1].weight,
+        }
+    return {
+        "stem": tower.stem.layers[0].conv.weight,
+        "bottleneck": tower.stages[1][1].spatial.conv.weight,
+        "shortcut": tower.stages[2][0].shortcut.conv.weight,
+        "positions": tower.attention_pool.position_embedding,
+        "pool projection": tower.attention_pool.out_proj.weight,
+    }
+
+
+def test_gradients_reach_trainable_parts_but_not_text_tower(family_config, family):
+    model = make_model(family_config).train()
+    out = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, len(CLASS_NAMES), (2, 64, 64)))
+    out.loss.backward()
+    prompting = model.base_model.prompting
+    trainable = {
+        "contexts": prompting.context_embeddings,
+        "gamma": prompting.gamma,
+        "context decoder": prompting.context_decoder.layers[0].cross_attn.q_proj.weight,
+        "neck": model.decoder.neck.lateral_convs[2].weight,
+        "neck at the score map": model.decoder.neck.lateral_convs[family_config.score_map_level].weight,
+        "head": model.decoder.head.classifier.weight,
+        **family_parameters(model, family),
+    }
+    for name, parameter in trainable.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    for name, parameter in model.base_model.text_encoder.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_tuple_output_matches_dict(family_config):
+    model = make_model(family_config)
+    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.randint(0, 4, (1, 64, 64))
+    with torch.no_grad():
+        as_dict = model(pixel_values, labels=labels)
+        as_tuple = model(pixel_values, labels=labels, return_dict=False)
+    expected = [as_dict[key] for key in as_dict.keys()]
+    assert len(as_tuple) == len(expected) == 6
+    for got, want in zip(as_tuple, expected, strict=True):
+        torch.testing.assert_close(got, want)
+
+
+def test_batched_equals_one_by_one(family_config):
+    model = make_model(family_config)
+    pixel_values = torch.randn(3, 3, 64, 80)
+    with torch.no_grad():
+        batched = model(pixel_values, test_mode="plain")
+        single = [model(pixel_values[i : i + 1], test_mode="plain") for i in range(3)]
+    torch.testing.assert_close(batched.logits, torch.cat([s.logits for s in single]), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(batched.score_map, torch.cat([s.score_map for s in single]), atol=1e-6, rtol=1e-5)
+
+
+def test_save_and_load_round_trip(family_config, tmp_path):
+    model = make_model(family_config)
+    model.save_pretrained(tmp_path)
+    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
+    assert comparable(loaded.config) == comparable(model.config)
+    assert type(loaded.config.vision_config) is type(model.config.vision_config)
+    assert not any(p.requires_grad for p in loaded.base_model.text_encoder.parameters())
+    torch.testing.assert_close(loaded.base_model.class_token_ids, model.base_model.class_token_ids)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+def test_base_model_returns_the_language_guided_pyramid(family_config, family):
+    """`DenseClipModel`: the pyramid with the score map joined at its level (x' = [x, s]), z_bar, z and t."""
+    task_model = make_model(family_config)
+    model = task_model.denseclip
+    assert isinstance(model, DenseClipModel) and task_model.base_model is model
+    pixel_values = torch.randn(2, 3, 64, 96)
+    with torch.no_grad():
+        out = model(pixel_values, output_hidden_states=True)
+        image = model.image_encoder(pixel_values)
+        task_out = task_model(pixel_values, test_mode="plain")
+    expected = ENCODER_FAMILIES[family]
+    level, classes = expected.score_map_level, len(CLASS_NAMES)
+    assert model.pyramid_channels == [
+        channels + (classes if index == level else 0) for index, channels in enumerate(expected.pyramid_channels)
+    ]
+    assert [feature.shape[1] for feature in out.pyramid] == model.pyramid_channels
+    for index, (joined, feature) in enumerate(zip(out.pyramid, out.hidden_states, strict=True)):
+        if index == level:  # the score map is at the level's own stride here: concatenated unchanged
+            torch.testing.assert_close(joined, torch.cat([feature, out.score_map], dim=1), rtol=0, atol=0)
+        else:
+            torch.testing.assert_close(joined, feature, rtol=0, atol=0)
+    torch.testing.assert_close(out.global_embedding, image.global_embedding)
+    torch.testing.assert_close(out.dense_embedding, image.dense_embedding)
+    torch.testing.assert_close(out.score_map, pixel_text_score_map(out.dense_embedding, out.text_embeddings))
+    assert out.text_embeddings.shape == (2, classes, family_config.projection_dim)
+    torch.testing.assert_close(task_out.score_map, out.score_map)
+    torch.testing.assert_close(task_out.text_embeddings, out.text_embeddings)
+    with torch.no_grad():
+        torch.testing.assert_close(task_out.logits, task_model.decoder(out.pyramid))
+
+
+def test_task_and_base_models_load_each_other(family_config, tmp_path):
+    """`base_model_prefix`: a base model reads a task model's folder and the other way round."""
+    task_model = make_model(family_config)
+    task_model.save_pretrained(tmp_path / "task")
+    base, info = DenseClipModel.from_pretrained(tmp_path / "task", output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]  # the decoder's tensors are left out silently
+    assert_same_tensors(base.state_dict(), task_model.denseclip.state_dict())
+    assert not any(p.requires_grad for p in base.text_encoder.parameters())
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(base.eval()(pixel_values).pyramid, task_model.denseclip(pixel_values).pyramid)
+
+    base.save_pretrained(tmp_path / "base")
+    task, info = DenseClipForSemanticSegmentation.from_pretrained(tmp_path / "base", output_loading_info=True)
+    assert info["missing_keys"] == {f"decoder.{key}" for key in task_model.decoder.state_dict()}
+    assert not info["unexpected_keys"]
+    assert_same_tensors(task.denseclip.state_dict(), task_model.denseclip.state_dict())
+
+
+def test_resized_position_embeddings_give_the_per_forward_interpolation(family_config, family, tmp_path):
+    """Resizing once to 96 pixels (the authors' start from CLIP) equals interpolating on every 96-pixel forward."""
+    model = make_model(family_config)
+    resized = make_model(family_config)
+    resized.resize_position_embeddings(96)
+    assert resized.config.vision_config.image_size == 96
+    pixel_values = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        torch.testing.assert_close(resized(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=1e-5)
+    resized.save_pretrained(tmp_path)
+    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, resized(pixel_values).logits)
+    table = dict(loaded.named_parameters())[
+        "denseclip.image_encoder.vision_model.embeddings.position_embedding.weight"
+        if family == "vit"
+        else "denseclip.image_encoder.vision_model.attention_pool.position_embedding"
+    ]
+    assert table.shape[0] == 1 + (96 // ENCODER_FAMILIES[family].score_map_stride) ** 2
+    with pytest.raises(ValueError, match="must be a multiple of"):
+        resized.resize_position_embeddings(100)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Parts chosen by the config
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_every_configurable_choice_has_a_module():
+    assert set(PROMPTINGS) == set(PROMPTING_TYPES) and set(DECODERS) == set(DECODER_TYPES)
+    config = DenseClipConfig()
+    assert (config.prompting_type, config.decoder_type) == ("post_model", "semantic_fpn")
+
+
+@pytest.mark.parametrize(
+    "setting, value, message",
+    [
+        ("prompting_type", "pre_model", r"`prompting_type`=pre_model must be one of \('post_model',\)"),
+        ("decoder_type", "upernet", r"`decoder_type`=upernet must be one of \('semantic_fpn',\)"),
+    ],
+)
+def test_unknown_parts_name_the_choices(setting, value, message):
+    with pytest.raises(ValueError, match=message):
+        DenseClipConfig(**{setting: value})
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Losses and the score map
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("reduction", ["mean_non_ignored", "mean_all_pixels"])
@@ -108,62 +300,29 @@ def test_score_map_is_cosine_similarity():
         )
 
 
-def test_gradients_reach_trainable_parts_but_not_text_tower(config):
-    model = make_model(config).train()
-    out = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, len(CLASS_NAMES), (2, 64, 64)))
-    out.loss.backward()
-    trainable = {
-        "contexts": model.context_embeddings,
-        "gamma": model.prompting.gamma,
-        "context decoder": model.prompting.context_decoder.layers[0].cross_attn.q_proj.weight,
-        "vision tower": model.image_encoder.vision_model.encoder.layers[0].mlp.fc1.weight,
-        "visual projection": model.image_encoder.visual_projection.weight,
-        "pyramid": model.image_encoder.pyramid.levels[0][1].weight,
-        "neck": model.neck.lateral_convs[2].weight,
-        "head": model.decode_head.classifier.weight,
-    }
-    for name, parameter in trainable.items():
-        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
-    for name, parameter in model.text_encoder.named_parameters():
-        assert not parameter.requires_grad and parameter.grad is None, name
-
-
-def test_tuple_output_matches_dict(config):
+@pytest.mark.parametrize(
+    "vision, level, expected_level",
+    [({"patch_size": 8}, None, 1), ({"patch_size": 32}, None, 3), ({}, 1, 1), ({}, 3, 3)],
+)
+def test_score_map_joins_any_pyramid_level(tokenizer, vision, level, expected_level):
+    """The default level is the score map's own stride; another level gets the score map resized to its size."""
+    config = tiny_config(tokenizer, vision_config={**TINY_VISION, **vision}, score_map_level=level)
+    assert config.score_map_level == expected_level
     model = make_model(config)
-    pixel_values, labels = torch.randn(1, 3, 64, 64), torch.randint(0, 4, (1, 64, 64))
     with torch.no_grad():
-        as_dict = model(pixel_values, labels=labels)
-        as_tuple = model(pixel_values, labels=labels, return_dict=False)
-    expected = [as_dict[key] for key in as_dict.keys()]
-    assert len(as_tuple) == len(expected) == 6
-    for got, want in zip(as_tuple, expected, strict=True):
-        torch.testing.assert_close(got, want)
+        out = model(torch.randn(1, 3, 64, 96), output_hidden_states=True, test_mode="plain")
+        joined = model.denseclip(torch.randn(1, 3, 64, 96)).pyramid
+    patch = config.vision_config.patch_size
+    assert out.score_map.shape == (1, len(CLASS_NAMES), 64 // patch, 96 // patch)
+    assert out.logits.shape == (1, len(CLASS_NAMES), 16, 24)
+    assert model.decoder.neck.lateral_convs[expected_level].in_channels == 32 + len(CLASS_NAMES)
+    stride = 4 * 2**expected_level
+    assert joined[expected_level].shape == (1, 32 + len(CLASS_NAMES), 64 // stride, 96 // stride)
 
 
-def test_batched_equals_one_by_one(config):
-    model = make_model(config)
-    pixel_values = torch.randn(3, 3, 64, 80)
-    with torch.no_grad():
-        batched = model(pixel_values, test_mode="plain")
-        single = [model(pixel_values[i : i + 1], test_mode="plain") for i in range(3)]
-    torch.testing.assert_close(batched.logits, torch.cat([s.logits for s in single]), atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(batched.score_map, torch.cat([s.score_map for s in single]), atol=1e-6, rtol=1e-5)
-
-
-@pytest.mark.parametrize("vision_config", [TINY_VISION, {"model_type": "denseclip_resnet_vision", **TINY_RESNET}])
-def test_save_and_load_round_trip(tokenizer, tmp_path, vision_config):
-    model = make_model(tiny_config(tokenizer, vision_config=vision_config))
-    model.save_pretrained(tmp_path)
-    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
-    assert comparable(loaded.config) == comparable(model.config)
-    assert type(loaded.config.vision_config) is type(model.config.vision_config)
-    assert not any(p.requires_grad for p in loaded.text_encoder.parameters())
-    torch.testing.assert_close(loaded.class_token_ids, model.class_token_ids)
-    for key, tensor in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
-    pixel_values = torch.randn(2, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+# ---------------------------------------------------------------------------------------------------------------------
+# Building on CLIP weights
+# ---------------------------------------------------------------------------------------------------------------------
 
 
 def test_text_encoder_reproduces_clip_prompt(tiny_clip_dir, tokenizer):
@@ -174,7 +333,9 @@ def test_text_encoder_reproduces_clip_prompt(tiny_clip_dir, tokenizer):
     ).eval()
     prompt_ids = tokenizer("a photo of a", add_special_tokens=False)["input_ids"]
     with torch.no_grad():
-        model.context_embeddings.copy_(clip.text_model.embeddings.token_embedding.weight[prompt_ids])
+        model.base_model.prompting.context_embeddings.copy_(
+            clip.text_model.embeddings.token_embedding.weight[prompt_ids]
+        )
         ours = model.get_text_embeddings()
         sentences = tokenizer(["a photo of a cat", "a photo of a dog"], return_tensors="pt")
         reference = clip.get_text_features(**sentences).pooler_output
@@ -190,17 +351,19 @@ def test_global_embedding_is_clip_image_embedding(tiny_clip_dir, size):
     ).eval()
     pixel_values = torch.randn(2, 3, *size)
     with torch.no_grad():
-        ours = model.image_encoder(pixel_values).global_embedding
+        ours = model.base_model.image_encoder(pixel_values).global_embedding
         reference = clip.get_image_features(pixel_values, interpolate_pos_encoding=True).pooler_output
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
-def test_from_clip_pretrained_loads_clip_exactly_and_initialises_the_rest(tiny_clip_dir, tokenizer):
+@pytest.mark.parametrize("model_class", [DenseClipForSemanticSegmentation, DenseClipModel])
+def test_from_clip_pretrained_loads_clip_exactly_and_initialises_the_rest(tiny_clip_dir, tokenizer, model_class):
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
-    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
+    model = model_class.from_clip_pretrained(
         tiny_clip_dir, id2label={0: "wall", 1: "traffic light"}, fpn_channels=8, decode_head_channels=8
     )
-    state = model.state_dict()
+    base = model.base_model
+    state = base.state_dict()
     prefixes = {
         "text_model.": "text_encoder.text_model.",
         "text_projection.": "text_encoder.text_projection.",
@@ -217,15 +380,17 @@ def test_from_clip_pretrained_loads_clip_exactly_and_initialises_the_rest(tiny_c
     assert checked == len(clip.state_dict()) - 1
     assert model.config.fpn_channels == 8 and model.config.vision_config.hidden_size == 32
     assert model.config.class_token_ids == tokenize_class_names(["wall", "traffic light"], tokenizer, 5)
-    torch.testing.assert_close(model.class_token_ids, torch.tensor(model.config.class_token_ids))
+    torch.testing.assert_close(base.class_token_ids, torch.tensor(model.config.class_token_ids))
     # DenseCLIP's own tensors come from `_init_weights` (the model was built on the meta device).
-    torch.testing.assert_close(model.prompting.gamma, torch.full((24,), 1e-4))
-    assert 0.5 < model.context_embeddings.std() < 1.5 and model.context_embeddings.abs().max() <= 2
-    norm = model.decode_head.scale_heads[1][0].norm
-    assert torch.equal(norm.running_var, torch.ones(8)) and torch.equal(norm.running_mean, torch.zeros(8))
-    assert torch.equal(model.neck.lateral_convs[0].bias, torch.zeros(8))
-    assert model.decode_head.classifier.weight.std() < 0.05
-    for key, tensor in state.items():
+    contexts = base.prompting.context_embeddings
+    torch.testing.assert_close(base.prompting.gamma, torch.full((24,), 1e-4))
+    assert 0.5 < contexts.std() < 1.5 and contexts.abs().max() <= 2
+    if model_class is DenseClipForSemanticSegmentation:
+        norm = model.decoder.head.scale_heads[1][0].norm
+        assert torch.equal(norm.running_var, torch.ones(8)) and torch.equal(norm.running_mean, torch.zeros(8))
+        assert torch.equal(model.decoder.neck.lateral_convs[0].bias, torch.zeros(8))
+        assert model.decoder.head.classifier.weight.std() < 0.05
+    for key, tensor in model.state_dict().items():
         assert tensor.device.type == "cpu" and (not tensor.is_floating_point() or torch.isfinite(tensor).all()), key
 
 
@@ -234,8 +399,7 @@ def test_from_clip_pretrained_then_save_uses_denseclip_keys(tiny_clip_dir, tmp_p
     model.save_pretrained(tmp_path)
     loaded, info = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, output_loading_info=True)
     assert not info["missing_keys"] and not info["unexpected_keys"]
-    for key, tensor in model.state_dict().items():
-        torch.testing.assert_close(loaded.state_dict()[key], tensor, rtol=0, atol=0, msg=key)
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
 
 
 def test_from_clip_pretrained_errors(tiny_clip_dir, tmp_path, tokenizer):
@@ -255,61 +419,6 @@ def test_from_clip_pretrained_errors(tiny_clip_dir, tmp_path, tokenizer):
         DenseClipForSemanticSegmentation.from_clip_pretrained(tiny_clip_dir, id2label={0: "wall", 2: "sky"})
 
 
-def test_model_without_class_token_ids_explains_fix(tokenizer):
-    model = make_model(tiny_config(tokenizer, class_token_ids=None))
-    with pytest.raises(ValueError, match="tokenize_class_names"):
-        model(torch.randn(1, 3, 64, 64))
-
-
-@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
-def test_attention_implementation_reaches_towers(config, tmp_path, implementation):
-    make_model(config).save_pretrained(tmp_path)
-    model = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation=implementation)
-    assert model.text_encoder.text_model.config._attn_implementation == implementation
-    assert model.image_encoder.vision_model.config._attn_implementation == implementation
-    reference = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation="eager")
-    pixel_values = torch.randn(1, 3, 64, 64)
-    with torch.no_grad():
-        torch.testing.assert_close(model(pixel_values).logits, reference(pixel_values).logits, atol=1e-5, rtol=1e-5)
-
-
-def test_gradient_checkpointing_gives_same_gradients(config):
-    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
-    gradients = []
-    for checkpointing in (False, True):
-        model = make_model(config)  # eval mode: dropout off and BatchNorm fixed outside the CLIP vision tower
-        if checkpointing:
-            model.gradient_checkpointing_enable()
-        # Checkpointing only acts in training mode; drop path is then active too, and must draw the same masks when
-        # the checkpointed layers are recomputed in the backward pass.
-        model.image_encoder.vision_model.train()
-        torch.manual_seed(0)
-        model(pixel_values, labels=labels).loss.backward()
-        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
-        layer = model.image_encoder.vision_model.encoder.layers[0]
-        assert layer.gradient_checkpointing == checkpointing
-    assert gradients[0].keys() == gradients[1].keys()
-    for name in gradients[0]:
-        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5, msg=name)
-
-
-@pytest.mark.parametrize(
-    "vision, level, expected_level",
-    [({"patch_size": 8}, None, 1), ({"patch_size": 32}, None, 3), ({}, 1, 1), ({}, 3, 3)],
-)
-def test_score_map_joins_any_pyramid_level(tokenizer, vision, level, expected_level):
-    """The default level is the score map's own stride; another level gets the score map resized to its size."""
-    config = tiny_config(tokenizer, vision_config={**TINY_VISION, **vision}, score_map_level=level)
-    assert config.score_map_level == expected_level
-    model = make_model(config)
-    with torch.no_grad():
-        out = model(torch.randn(1, 3, 64, 96), output_hidden_states=True, test_mode="plain")
-    patch = config.vision_config.patch_size
-    assert out.score_map.shape == (1, len(CLASS_NAMES), 64 // patch, 96 // patch)
-    assert out.logits.shape == (1, len(CLASS_NAMES), 16, 24)
-    assert model.neck.lateral_convs[expected_level].in_channels == 32 + len(CLASS_NAMES)
-
-
 def test_from_clip_pretrained_reports_only_real_problems(tiny_clip_dir, tmp_path):
     records = []
     handler = logging.Handler()
@@ -327,10 +436,55 @@ def test_from_clip_pretrained_reports_only_real_problems(tiny_clip_dir, tmp_path
     clip = CLIPModel.from_pretrained(tiny_clip_dir)
     state = {key: value for key, value in clip.state_dict().items() if key != "vision_model.post_layernorm.weight"}
     clip.save_pretrained(incomplete, state_dict=state)
-    with pytest.raises(ValueError, match=r"not a complete CLIP checkpoint \(missing: \['image_encoder.vision_model"):
+    with pytest.raises(
+        ValueError, match=r"not a complete CLIP checkpoint \(missing: \['denseclip.image_encoder.vision_model"
+    ):
         DenseClipForSemanticSegmentation.from_clip_pretrained(
             incomplete, id2label={0: "wall"}, tokenizer=CLIPTokenizer.from_pretrained(tiny_clip_dir)
         )
+
+
+def test_model_without_class_token_ids_explains_fix(tokenizer):
+    model = make_model(tiny_config(tokenizer, class_token_ids=None))
+    with pytest.raises(ValueError, match="tokenize_class_names"):
+        model(torch.randn(1, 3, 64, 64))
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Attention backends, activation checkpointing, ViT stochastic depth
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("implementation", ["eager", "sdpa"])
+def test_attention_implementation_reaches_towers(config, tmp_path, implementation):
+    make_model(config).save_pretrained(tmp_path)
+    model = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation=implementation)
+    assert model.base_model.text_encoder.text_model.config._attn_implementation == implementation
+    assert model.base_model.image_encoder.vision_model.config._attn_implementation == implementation
+    reference = DenseClipForSemanticSegmentation.from_pretrained(tmp_path, attn_implementation="eager")
+    pixel_values = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(model(pixel_values).logits, reference(pixel_values).logits, atol=1e-5, rtol=1e-5)
+
+
+def test_activation_checkpointing_gives_same_gradients(config):
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    gradients = []
+    for checkpointing in (False, True):
+        model = make_model(config)  # eval mode: dropout off and BatchNorm fixed outside the CLIP vision tower
+        if checkpointing:
+            model.activation_checkpointing_enable()
+        # Checkpointing only acts in training mode; drop path is then active too, and must draw the same masks when
+        # the checkpointed layers are recomputed in the backward pass.
+        model.base_model.image_encoder.vision_model.train()
+        torch.manual_seed(0)
+        model(pixel_values, labels=labels).loss.backward()
+        gradients.append({name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None})
+        layer = model.base_model.image_encoder.vision_model.encoder.layers[0]
+        assert layer.gradient_checkpointing == checkpointing
+    assert gradients[0].keys() == gradients[1].keys()
+    for name in gradients[0]:
+        torch.testing.assert_close(gradients[1][name], gradients[0][name], atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_drop_path_drops_whole_samples_and_rescales_the_rest():
@@ -347,12 +501,12 @@ def test_drop_path_drops_whole_samples_and_rescales_the_rest():
 
 def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
     model = make_model(tiny_config(tokenizer, drop_path_rate=0.3))
-    for layer, rate in zip(model.image_encoder.vision_model.encoder.layers, [0.0, 0.1, 0.2, 0.3], strict=True):
+    encoder = model.base_model.image_encoder
+    for layer, rate in zip(encoder.vision_model.encoder.layers, [0.0, 0.1, 0.2, 0.3], strict=True):
         hooks = [*layer.self_attn._forward_hooks.values(), *layer.mlp._forward_hooks.values()]
         assert [hook.args[0] for hook in hooks] == pytest.approx([rate, rate] if rate else [])
-    reference = make_model(tiny_config(tokenizer, drop_path_rate=0.0))
+    plain = make_model(tiny_config(tokenizer, drop_path_rate=0.0)).base_model.image_encoder
     pixel_values = torch.randn(2, 3, 64, 64)
-    encoder, plain = model.image_encoder, reference.image_encoder
     with torch.no_grad():
         torch.testing.assert_close(encoder(pixel_values).global_embedding, plain(pixel_values).global_embedding)
         encoder.train()
@@ -362,28 +516,3 @@ def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
             runs.append(encoder(pixel_values).global_embedding)
     torch.testing.assert_close(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2]) and not torch.allclose(runs[0], plain(pixel_values).global_embedding)
-
-
-@pytest.mark.parametrize("family", ["vit", "resnet"])
-def test_resized_position_embeddings_give_the_per_forward_interpolation(tokenizer, family, tmp_path):
-    """Resizing once to 96 pixels (the authors' start from CLIP) equals interpolating on every 96-pixel forward."""
-    vision = TINY_VISION if family == "vit" else DenseClipResNetConfig(layers=[1, 1, 1, 1], width=8, image_size=64)
-    model = make_model(tiny_config(tokenizer, vision_config=vision))
-    resized = make_model(tiny_config(tokenizer, vision_config=vision))
-    resized.resize_position_embeddings(96)
-    assert resized.config.vision_config.image_size == 96
-    pixel_values = torch.randn(1, 3, 96, 96)
-    with torch.no_grad():
-        torch.testing.assert_close(resized(pixel_values).logits, model(pixel_values).logits, atol=1e-5, rtol=1e-5)
-    resized.save_pretrained(tmp_path)
-    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path)
-    with torch.no_grad():
-        torch.testing.assert_close(loaded(pixel_values).logits, resized(pixel_values).logits)
-    table = dict(loaded.named_parameters())[
-        "image_encoder.vision_model.embeddings.position_embedding.weight"
-        if family == "vit"
-        else "image_encoder.vision_model.attention_pool.position_embedding"
-    ]
-    assert table.shape[0] == 1 + (96 // (16 if family == "vit" else 32)) ** 2
-    with pytest.raises(ValueError, match="must be a multiple of"):
-        resized.resize_position_embeddings(100)

@@ -50,7 +50,7 @@ def test_parameter_groups_follow_the_paper(tokenizer):
         all(name.endswith("bias") for name in trainable if name.endswith("bias"))
         and {name for name in trainable if name.endswith("bias")} <= no_decay
     )
-    vision_model, decode_head = model.base_model.image_encoder.vision_model, model.decode_head
+    vision_model, decode_head = model.base_model.image_encoder.vision_model, model.decoder.head
     norm_weights = {names[id(vision_model.pre_layrnorm.weight)], names[id(decode_head.scale_heads[0][0].norm.weight)]}
     assert norm_weights <= no_decay
     assert placed[names[id(decode_head.classifier.weight)]]["weight_decay"] == 1e-4

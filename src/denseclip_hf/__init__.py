@@ -2,15 +2,16 @@
 
 import importlib
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
+from .assets import CLIP_TOKENIZER_PATH
 from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
-from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
-from .convert_denseclip_original_to_hf import convert_denseclip_checkpoint
 from .image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from .modeling_denseclip import (
     DenseClipForSemanticSegmentation,
+    DenseClipModel,
+    DenseClipModelOutput,
     DenseClipPreTrainedModel,
     DenseClipSemanticSegmenterOutput,
     pixel_text_score_map,
@@ -18,18 +19,23 @@ from .modeling_denseclip import (
 )
 
 AutoConfig.register(DenseClipConfig.model_type, DenseClipConfig, exist_ok=True)
+AutoModel.register(DenseClipConfig, DenseClipModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(DenseClipConfig, DenseClipForSemanticSegmentation, exist_ok=True)
 AutoImageProcessor.register(DenseClipConfig, image_processor_classes={"pil": DenseClipImageProcessor}, exist_ok=True)
 # `save_pretrained` then writes `auto_map` and copies the code, so saved folders load with `trust_remote_code=True`.
 DenseClipConfig.register_for_auto_class()
+DenseClipModel.register_for_auto_class("AutoModel")
 DenseClipForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 DenseClipImageProcessor.register_for_auto_class("AutoImageProcessor")
 # DenseCLIP has no video processor. Saying so keeps `pipeline(...)` from asking whether to run a remote one, which
 # transformers infers from the image processor's `auto_map` (a blocking "[y/N]" prompt in a terminal).
 AutoVideoProcessor.register(DenseClipConfig, video_processor_classes={}, exist_ok=True)
 
-# Training helpers import `datasets` and `accelerate`: they load on first use, so `import denseclip_hf` stays light.
+# Loaded on first use, so that `import denseclip_hf` stays light: the converters (which import the model, never the
+# other way round) and the training helpers (which import `datasets` and `accelerate`).
 _LAZY_EXPORTS = {
+    "convert_clip_checkpoint": "convert_clip_original_to_hf",
+    "convert_denseclip_checkpoint": "convert_denseclip_original_to_hf",
     "SYNTHETIC_CLASS_NAMES": "synthetic",
     "load_synthetic_dataset": "synthetic",
     "SegmentationAugmentation": "training.transforms",
@@ -55,11 +61,11 @@ __all__ = [
     "DenseClipConfig",
     "DenseClipForSemanticSegmentation",
     "DenseClipImageProcessor",
+    "DenseClipModel",
+    "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipResNetConfig",
     "DenseClipSemanticSegmenterOutput",
-    "convert_clip_checkpoint",
-    "convert_denseclip_checkpoint",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]

@@ -1,19 +1,31 @@
-"""DenseCLIP configuration."""
+"""DenseCLIP configuration.
+
+`DenseClipConfig` holds every setting of a DenseCLIP model. Its parts are chosen by name: the image encoder by the
+`model_type` of `vision_config` (`IMAGE_ENCODER_SETTINGS` below; the modeling file maps each family to its module),
+the prompting by `prompting_type` and the decoder by `decoder_type` (`PROMPTING_TYPES`, `DECODER_TYPES`).
+"""
 
 import math
+from typing import ClassVar
 
 from huggingface_hub.dataclasses import strict
-from transformers import CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
 from transformers.configuration_utils import SubConfigSpec
 
+# Strides of the 4 pyramid levels every image encoder returns (the Semantic FPN's).
+PYRAMID_STRIDES = (4, 8, 16, 32)
 # The ViT-B feature layers used by the authors (`out_indices=[3, 5, 7, 11]`).
 _VIT_B_FEATURE_LAYERS = [3, 5, 7, 11]
 _INTERPOLATION_MODES = ("bilinear", "bicubic")
 _LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
+# How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
+# (`decoder_type`). The modeling file maps each name to its module.
+PROMPTING_TYPES = ("post_model",)
+DECODER_TYPES = ("semantic_fpn",)
 # Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
 TEST_MODES = ("slide", "whole")
 # The coarsest pyramid stride: no model input may be smaller.
-_MIN_INPUT_SIZE = 32
+_MIN_INPUT_SIZE = PYRAMID_STRIDES[-1]
 
 
 def default_vision_feature_layers(num_hidden_layers: int) -> list[int]:
@@ -27,27 +39,26 @@ def default_vision_feature_layers(num_hidden_layers: int) -> list[int]:
     return [round(num_hidden_layers * (level + 1) / 4) - 1 for level in range(4)]
 
 
-def default_score_map_level(vision_config: "CLIPVisionConfig | DenseClipResNetConfig") -> int:
+def default_score_map_level(vision_config: PreTrainedConfig) -> int:
     """The pyramid level (strides 4/8/16/32) of the score map's own stride, the authors' `score_concat_index`: the
     ViT patch size (16 -> level 2, 8 -> level 1) or 32 for a ResNet (level 3); 3 for coarser maps."""
-    stride = 32 if isinstance(vision_config, DenseClipResNetConfig) else vision_config.patch_size
-    return min(int(math.log2(stride // 4)), 3)
+    stride = image_encoder_settings(vision_config).score_map_stride()
+    return min(int(math.log2(stride // PYRAMID_STRIDES[0])), len(PYRAMID_STRIDES) - 1)
 
 
-def input_size_multiple(vision_config: "CLIPVisionConfig | DenseClipResNetConfig") -> int:
-    """What every model input side must be a multiple of: the ViT patch size (the authors' patch convolution ignores
-    the rest of a side, and so does the test protocol), 1 for a ResNet (its strided layers round down themselves)."""
-    return 1 if isinstance(vision_config, DenseClipResNetConfig) else vision_config.patch_size
+def input_size_multiple(vision_config: PreTrainedConfig) -> int:
+    """What every model input side must be a multiple of (see `ImageEncoderSettings.input_size_multiple`)."""
+    return image_encoder_settings(vision_config).input_size_multiple()
 
 
 def default_test_window(
-    vision_config: "CLIPVisionConfig | DenseClipResNetConfig", crop_size: int | list[int] | None = None
+    vision_config: PreTrainedConfig, crop_size: int | list[int] | None = None
 ) -> tuple[int | list[int], int | list[int]]:
-    """The authors' sliding window `(crop_size, stride)`: crop 640 for a ViT, 512 for a ResNet (their training crops),
-    and a stride of two thirds of the crop rounded down (640 -> 426, 512 -> 341, their `test_cfg`). A given
-    `crop_size` (int, or `[height, width]`) gets its stride by the same rule."""
+    """The authors' sliding window `(crop_size, stride)`: the image encoder's `default_test_crop_size` (their training
+    crops: 640 for a ViT, 512 for a ResNet) and a stride of two thirds of the crop rounded down (640 -> 426,
+    512 -> 341, their `test_cfg`). A given `crop_size` (int, or `[height, width]`) gets its stride by the same rule."""
     if crop_size is None:
-        crop_size = 512 if isinstance(vision_config, DenseClipResNetConfig) else 640
+        crop_size = image_encoder_settings(vision_config).default_test_crop_size
     if isinstance(crop_size, int):
         return crop_size, crop_size * 2 // 3
     return list(crop_size), [side * 2 // 3 for side in crop_size]
@@ -69,7 +80,7 @@ def check_test_protocol(
     mode: str,
     crop_size: int | list[int],
     stride: int | list[int],
-    vision_config: "CLIPVisionConfig | DenseClipResNetConfig",
+    vision_config: PreTrainedConfig,
     owner: str = "DenseClipConfig",
     names: tuple[str, str, str] = ("test_mode", "test_crop_size", "test_stride"),
 ) -> tuple[str, tuple[int, int], tuple[int, int]]:
@@ -145,6 +156,7 @@ class DenseClipResNetConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         self.layers = list(self.layers)
         super().__post_init__(**kwargs)
+        self.validate_architecture()  # a plain ValueError (see `DenseClipConfig.__post_init__`)
 
     @property
     def embed_dim(self) -> int:
@@ -183,31 +195,208 @@ class DenseClipResNetConfig(PreTrainedConfig):
         )
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# Image encoder families: what each one implies for the DenseCLIP settings
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class ImageEncoderSettings:
+    """The DenseCLIP settings that depend on the kind of image encoder: their defaults and their checks.
+
+    One subclass per family, found by the `model_type` of the vision config (`IMAGE_ENCODER_SETTINGS`). Its `name`
+    is `DenseClipConfig.image_encoder_family`, by which the modeling file picks the encoder module
+    (`IMAGE_ENCODERS`) and the converters their checkpoint rules. A new family is one subclass here, one module there.
+    """
+
+    name: ClassVar[str]
+    # Stochastic depth of the encoder layers in training (`DenseClipConfig.drop_path_rate`'s default).
+    default_drop_path_rate: ClassVar[float] = 0.0
+    # The sliding-window crop of the authors' test protocol (`DenseClipConfig.test_crop_size`'s default).
+    default_test_crop_size: ClassVar[int]
+
+    def __init__(self, vision_config: PreTrainedConfig):
+        self.vision_config = vision_config
+
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the 4 pyramid levels the encoder returns (strides 4, 8, 16, 32)."""
+        raise NotImplementedError
+
+    def score_map_stride(self) -> int:
+        """Stride of the dense embedding z, hence of the score map (Eq. 2)."""
+        raise NotImplementedError
+
+    def default_feature_layers(self) -> list[int] | None:
+        """`DenseClipConfig.vision_feature_layers`' default: the encoder layers the pyramid is read from, if any."""
+        return None
+
+    def input_size_multiple(self) -> int:
+        """What every model input side must be a multiple of (1: any size). The test protocol cuts an input down to
+        it, as the authors' encoder ignores the rest of a side."""
+        return 1
+
+    def validate(self, config: "DenseClipConfig") -> None:
+        """Checks the `config` settings that depend on this encoder; a bad one raises a `ValueError` naming it."""
+
+
+class ClipViTSettings(ImageEncoderSettings):
+    """CLIP ViT (`CLIPVisionConfig`): the pyramid is read from 4 encoder layers at stride `patch_size`, resampled to
+    strides 4-32; z has stride `patch_size`; stochastic depth 0.1 as the authors' ViT."""
+
+    name = "vit"
+    default_drop_path_rate = 0.1
+    default_test_crop_size = 640
+
+    def pyramid_channels(self) -> list[int]:
+        return [self.vision_config.hidden_size] * len(PYRAMID_STRIDES)
+
+    def score_map_stride(self) -> int:
+        return self.vision_config.patch_size
+
+    def default_feature_layers(self) -> list[int]:
+        return default_vision_feature_layers(self.vision_config.num_hidden_layers)
+
+    def input_size_multiple(self) -> int:
+        # The authors' patch convolution ignores the rest of a side.
+        return self.vision_config.patch_size
+
+    def validate(self, config: "DenseClipConfig") -> None:
+        patch_size = self.vision_config.patch_size
+        _check(
+            patch_size >= 4 and patch_size & (patch_size - 1) == 0,
+            "vision_config.patch_size",
+            patch_size,
+            "must be a power of two >= 4 so that the patch grid can form a stride 4/8/16/32 pyramid",
+        )
+        layers = self.vision_config.num_hidden_layers
+        _check(
+            len(config.vision_feature_layers) == 4
+            and all(0 <= layer < layers for layer in config.vision_feature_layers)
+            and sorted(set(config.vision_feature_layers)) == list(config.vision_feature_layers),
+            "vision_feature_layers",
+            config.vision_feature_layers,
+            f"must be 4 increasing layer indices in [0, {layers - 1}]",
+        )
+
+
+class ClipResNetSettings(ImageEncoderSettings):
+    """CLIP ResNet (`DenseClipResNetConfig`): the pyramid is its 4 stages; z (the attention pool's) has stride 32;
+    no stochastic depth and no feature layers to choose."""
+
+    name = "resnet"
+    default_test_crop_size = 512
+
+    def pyramid_channels(self) -> list[int]:
+        return self.vision_config.pyramid_channels
+
+    def score_map_stride(self) -> int:
+        return PYRAMID_STRIDES[-1]
+
+    def validate(self, config: "DenseClipConfig") -> None:
+        _check(
+            config.drop_path_rate == 0,
+            "drop_path_rate",
+            config.drop_path_rate,
+            "applies to ViT image encoders only (CLIP ResNets have no stochastic depth): leave it unset",
+        )
+        _check(
+            config.vision_feature_layers is None,
+            "vision_feature_layers",
+            config.vision_feature_layers,
+            "applies to ViT image encoders only (a ResNet's pyramid is its 4 stages): leave it unset",
+        )
+
+
+# Vision config classes by `model_type`, with the settings of the image encoder each one describes.
+VISION_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
+    CLIPVisionConfig.model_type: CLIPVisionConfig,
+    DenseClipResNetConfig.model_type: DenseClipResNetConfig,
+}
+IMAGE_ENCODER_SETTINGS: dict[str, type[ImageEncoderSettings]] = {
+    CLIPVisionConfig.model_type: ClipViTSettings,
+    DenseClipResNetConfig.model_type: ClipResNetSettings,
+}
+
+_SUPPORTED_VISION_CONFIGS = "must be one of " + ", ".join(
+    f"{model_type!r} ({settings.name})" for model_type, settings in IMAGE_ENCODER_SETTINGS.items()
+)
+
+
+def image_encoder_settings(vision_config: PreTrainedConfig) -> ImageEncoderSettings:
+    """The `ImageEncoderSettings` of `vision_config`; a `ValueError` naming the supported kinds for any other."""
+    settings = IMAGE_ENCODER_SETTINGS.get(vision_config.model_type)
+    _check(settings is not None, "vision_config.model_type", vision_config.model_type, _SUPPORTED_VISION_CONFIGS)
+    return settings(vision_config)
+
+
+class VisionConfigSpec(SubConfigSpec):
+    """transformers' sub-config spec for `vision_config`, resolving a dict by its `model_type` (`clip_vision_model`
+    when it has none): this file's `VISION_CONFIG_CLASSES` first, then any config transformers knows (`AutoConfig`).
+
+    Looking the own classes up here rather than registering them with `AutoConfig` keeps each copy of this file
+    self-contained: loaded as remote code (no `denseclip_hf` installed, or another version of it in the same
+    process), it builds its own `DenseClipResNetConfig`, and registers nothing globally.
+    """
+
+    def get_config_class(self, model_type: str | None = None) -> type[PreTrainedConfig]:
+        if model_type in VISION_CONFIG_CLASSES:
+            return VISION_CONFIG_CLASSES[model_type]
+        try:
+            return super().get_config_class(model_type)
+        except ValueError:
+            _check(False, "vision_config.model_type", model_type, _SUPPORTED_VISION_CONFIGS)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The DenseCLIP configuration
+# ---------------------------------------------------------------------------------------------------------------------
+
+
 @strict
 class DenseClipConfig(PreTrainedConfig):
     r"""
-    Configuration of a DenseCLIP semantic segmentation model (Rao et al., CVPR 2022) built on a CLIP image encoder (ViT
-    or ResNet) and the CLIP text encoder. Defaults reproduce the authors' ViT-B/16 ADE20K model.
+    Configuration of a DenseCLIP model (Rao et al., CVPR 2022): a CLIP image encoder (ViT or ResNet), the CLIP text
+    encoder, a prompting strategy and a dense-prediction decoder. Defaults reproduce the authors' ViT-B/16 ADE20K
+    model.
 
-    Args:
-        text_config (`dict` or `CLIPTextConfig`, *optional*):
-            The CLIP text tower. Defaults to CLIP's text transformer (width 512, 12 layers).
+    Image encoder:
+
         vision_config (`dict`, `CLIPVisionConfig` or `DenseClipResNetConfig`, *optional*):
             The CLIP image tower: a `CLIPVisionConfig` for a ViT (the default, ViT-B/16 with `patch_size=16`; the patch
             size must be a power of two of at least 4 so that the feature maps form a stride 4/8/16/32 pyramid) or a
             [`DenseClipResNetConfig`] for CLIP's ResNets (RN50, RN101, ...). A dict is read by its `model_type`
-            (`"denseclip_resnet_vision"` for a ResNet, a ViT otherwise).
+            (`"denseclip_resnet_vision"` for a ResNet, `"clip_vision_model"`, the default, for a ViT). The kind of
+            tower is `image_encoder_family` (`"vit"` or `"resnet"`) and sets the defaults below.
         projection_dim (`int`, *optional*, defaults to 512):
             Dimension D of the joint image-text embedding space (CLIP's `projection_dim`).
+        vision_feature_layers (`list[int]`, *optional*):
+            ViT only: the 4 encoder layers (0-based) whose patch tokens form the pyramid. Defaults to `[3, 5, 7, 11]`
+            for a 12-layer tower and to 4 evenly spaced layers ending at the last one otherwise. A ResNet's pyramid is
+            its 4 stages, so this stays `None` there.
+        position_embedding_interpolation (`str`, *optional*, defaults to `"bilinear"`):
+            How the positional embedding (ViT patch grid, or the ResNet attention pool's grid) is resized to the
+            input: `"bilinear"` (the authors') or `"bicubic"` (transformers' `interpolate_pos_encoding`).
+        drop_path_rate (`float`, *optional*):
+            ViT only: stochastic depth of the CLIP encoder layers during training, rising linearly from 0 at the first
+            layer to this rate at the last. Defaults to the authors' 0.1 for a ViT and 0 for a ResNet (which has none).
+
+    Text encoder and prompting:
+
+        text_config (`dict` or `CLIPTextConfig`, *optional*):
+            The CLIP text tower (frozen). Defaults to CLIP's text transformer (width 512, 12 layers).
         class_token_ids (`list[list[int]]`, *optional*):
             Token ids of each class name in `id2label` order (`[SOT, name..., EOT, 0...]`, length
             `class_name_token_length`). Stored with the model so that it runs with no tokenizer; written by
             [`DenseClipForSemanticSegmentation.from_clip_pretrained`] and [`tokenize_class_names`].
-        num_context_tokens (`int`, *optional*, defaults to 8):
-            Number N of learnable context vectors p inserted after the start token (Eq. 3). Paper: 8.
         class_name_token_length (`int`, *optional*, defaults to 5):
             Token length of a class name including start and end tokens (the authors' `context_length=5`).
             `num_context_tokens + class_name_token_length` must fit the text tower's positions.
+        prompting_type (`str`, *optional*, defaults to `"post_model"`):
+            How the class text embeddings become context-aware. `"post_model"` (the paper's DenseCLIP, its default and
+            best variant, Table 2): learnable contexts p before each class name (Eq. 3), then the text embeddings
+            attend to the image's [z_bar, z] in a Transformer decoder and are refined, t <- t + gamma * v_post
+            (Eqs. 5-6).
+        num_context_tokens (`int`, *optional*, defaults to 8):
+            Number N of learnable context vectors p inserted after the start token (Eq. 3). Paper: 8.
         context_decoder_layers (`int`, *optional*, defaults to 3):
             Transformer decoder layers of the context decoder (Eq. 5). Authors' configs: 3 (the paper text says 6).
         context_decoder_hidden_size (`int`, *optional*, defaults to 256):
@@ -218,37 +407,40 @@ class DenseClipConfig(PreTrainedConfig):
             Dropout of the context decoder's attention projections and MLP. Paper: 0.1.
         gamma_init_value (`float`, *optional*, defaults to 1e-4):
             Initial value of every channel of gamma, the residual scale of post-model prompting (Eq. 6). Paper: 1e-4.
-        temperature (`float`, *optional*, defaults to 0.07):
-            Temperature tau dividing the score map in the identity (auxiliary) loss (Eq. 7). Paper: 0.07.
-        identity_loss_weight (`float`, *optional*, defaults to 0.4):
-            Weight of the identity loss on the score map (Eq. 7) in the total loss. Paper: 0.4.
+
+    Score map and decoder:
+
         score_map_level (`int`, *optional*):
-            Pyramid level (0-3, strides 4/8/16/32) onto which the score map is concatenated. Defaults to the level of
-            the score map's own stride, the authors' choice: 2 for a ViT-B/16 (stride 16; 1 for patch 8), 3 for a
-            ResNet (stride 32). At another level the score map is first resized bilinearly to that level's size.
-        vision_feature_layers (`list[int]`, *optional*):
-            ViT only: the 4 encoder layers (0-based) whose patch tokens form the pyramid. Defaults to `[3, 5, 7, 11]`
-            for a 12-layer tower and to 4 evenly spaced layers ending at the last one otherwise. A ResNet's pyramid is
-            its 4 stages, so this stays `None` there.
-        position_embedding_interpolation (`str`, *optional*, defaults to `"bilinear"`):
-            How the positional embedding (ViT patch grid, or the ResNet attention pool's grid) is resized to the
-            input: `"bilinear"` (the authors') or `"bicubic"` (transformers' `interpolate_pos_encoding`).
+            Pyramid level (0-3, strides 4/8/16/32) onto which the score map is concatenated (x' = [x, s], Sec. 3.2).
+            Defaults to the level of the score map's own stride, the authors' choice: 2 for a ViT-B/16 (stride 16; 1
+            for patch 8), 3 for a ResNet (stride 32). At another level the score map is first resized bilinearly to
+            that level's size.
+        decoder_type (`str`, *optional*, defaults to `"semantic_fpn"`):
+            What turns the language-guided pyramid into logits. `"semantic_fpn"` (the paper's segmentation decoder,
+            Sec. 4.1): an FPN neck and a Semantic FPN head (Kirillov et al.).
         fpn_channels (`int`, *optional*, defaults to 256):
             Output channels of every FPN neck level. Paper: 256.
         decode_head_channels (`int`, *optional*, defaults to 256):
             Channels of the Semantic FPN head. Paper: 256.
         decode_head_dropout (`float`, *optional*, defaults to 0.1):
             Dropout before the classifier of the Semantic FPN head. Paper: 0.1.
+
+    Losses:
+
+        temperature (`float`, *optional*, defaults to 0.07):
+            Temperature tau dividing the score map in the identity (auxiliary) loss (Eq. 7). Paper: 0.07.
+        identity_loss_weight (`float`, *optional*, defaults to 0.4):
+            Weight of the identity loss on the score map (Eq. 7) in the total loss. Paper: 0.4.
         semantic_loss_ignore_index (`int`, *optional*, defaults to 255):
             Label value ignored by both losses.
         loss_reduction (`str`, *optional*, defaults to `"mean_non_ignored"`):
             How per-pixel cross-entropy is averaged: `"mean_non_ignored"` (PyTorch and transformers convention) or
             `"mean_all_pixels"` (mmseg 0.x, used by the authors: ignored pixels count as zero in the mean).
+
+    Other:
+
         initializer_range (`float`, *optional*, defaults to 0.02):
             Standard deviation of the truncated normal init of the context decoder's linear layers.
-        drop_path_rate (`float`, *optional*):
-            ViT only: stochastic depth of the CLIP encoder layers during training, rising linearly from 0 at the first
-            layer to this rate at the last. Defaults to the authors' 0.1 for a ViT and 0 for a ResNet (which has none).
         palette (`list[list[int]]`, *optional*):
             One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
             the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
@@ -278,13 +470,16 @@ class DenseClipConfig(PreTrainedConfig):
     model_type = "denseclip"
     sub_configs_defaults = {
         "text_config": CLIPTextConfig,
-        "vision_config": SubConfigSpec(CLIPVisionConfig, init_kwargs={"patch_size": 16}),
+        "vision_config": VisionConfigSpec(
+            config_class=AutoConfig, model_type=CLIPVisionConfig.model_type, init_kwargs={"patch_size": 16}
+        ),
     }
 
     text_config: dict | CLIPTextConfig | None = None
-    vision_config: dict | CLIPVisionConfig | DenseClipResNetConfig | None = None
+    vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 512
     class_token_ids: list[list[int]] | None = None
+    prompting_type: str = "post_model"
     num_context_tokens: int = 8
     class_name_token_length: int = 5
     context_decoder_layers: int = 3
@@ -297,6 +492,7 @@ class DenseClipConfig(PreTrainedConfig):
     score_map_level: int | None = None
     vision_feature_layers: list[int] | None = None
     position_embedding_interpolation: str = "bilinear"
+    decoder_type: str = "semantic_fpn"
     fpn_channels: int = 256
     decode_head_channels: int = 256
     decode_head_dropout: float | int = 0.1
@@ -311,36 +507,33 @@ class DenseClipConfig(PreTrainedConfig):
     test_stride: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
-        # A ResNet tower given as a dict (e.g. read from config.json) is built here: the sub-config spec builds ViTs.
-        if isinstance(self.vision_config, dict):
-            vision_type = self.vision_config.get("model_type", CLIPVisionConfig.model_type)
-            _check(
-                vision_type in (CLIPVisionConfig.model_type, DenseClipResNetConfig.model_type),
-                "vision_config.model_type",
-                vision_type,
-                f"must be {CLIPVisionConfig.model_type!r} (ViT) or {DenseClipResNetConfig.model_type!r} (ResNet)",
-            )
-            if vision_type == DenseClipResNetConfig.model_type:
-                settings = {key: value for key, value in self.vision_config.items() if key != "model_type"}
-                self.vision_config = DenseClipResNetConfig(**settings)
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:
             self.label2id = {name: label for label, name in self.id2label.items()}
+        encoder = self.image_encoder_settings
         if self.drop_path_rate is None:
-            self.drop_path_rate = 0.1 if self.image_encoder_family == "vit" else 0.0
+            self.drop_path_rate = encoder.default_drop_path_rate
         if self.score_map_level is None:
             self.score_map_level = default_score_map_level(self.vision_config)
-        if self.vision_feature_layers is None and self.image_encoder_family == "vit":
-            self.vision_feature_layers = default_vision_feature_layers(self.vision_config.num_hidden_layers)
+        if self.vision_feature_layers is None:
+            self.vision_feature_layers = encoder.default_feature_layers()
         crop_size, stride = default_test_window(self.vision_config, self.test_crop_size)
         self.test_crop_size = crop_size
         if self.test_stride is None:
             self.test_stride = stride
+        # Checked here already, so that a bad setting is a `ValueError` naming it: the strict-dataclass validation that
+        # runs next (and on `validate()`) wraps the same error in a `StrictDataclassClassValidationError`.
+        self.validate_architecture()
+
+    @property
+    def image_encoder_settings(self) -> ImageEncoderSettings:
+        """The defaults and checks that come with the kind of `vision_config` (see `ImageEncoderSettings`)."""
+        return image_encoder_settings(self.vision_config)
 
     @property
     def image_encoder_family(self) -> str:
-        """`"resnet"` for a CLIP ResNet image encoder, `"vit"` for a CLIP ViT."""
-        return "resnet" if isinstance(self.vision_config, DenseClipResNetConfig) else "vit"
+        """The kind of image encoder: `"vit"` for a CLIP ViT, `"resnet"` for a CLIP ResNet."""
+        return self.image_encoder_settings.name
 
     def validate_architecture(self):
         """Checks every DenseCLIP setting; a bad one raises a `ValueError` that names it."""
@@ -358,6 +551,8 @@ class DenseClipConfig(PreTrainedConfig):
             self.num_context_tokens + self.class_name_token_length,
             f"must not exceed the text tower's {positions} positions",
         )
+        for name, choices in (("prompting_type", PROMPTING_TYPES), ("decoder_type", DECODER_TYPES)):
+            _check(getattr(self, name) in choices, name, getattr(self, name), f"must be one of {choices}")
         for name in ("context_decoder_layers", "context_decoder_hidden_size", "context_decoder_heads"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _check(
@@ -385,42 +580,10 @@ class DenseClipConfig(PreTrainedConfig):
             self.loss_reduction,
             f"must be one of {_LOSS_REDUCTIONS}",
         )
-        self._validate_vision_tower()
+        self.image_encoder_settings.validate(self)
         check_test_protocol(self.test_mode, self.test_crop_size, self.test_stride, self.vision_config)
         self._validate_class_token_ids()
         self._validate_palette()
-
-    def _validate_vision_tower(self):
-        if self.image_encoder_family == "resnet":
-            _check(
-                self.drop_path_rate == 0,
-                "drop_path_rate",
-                self.drop_path_rate,
-                "applies to ViT image encoders only (CLIP ResNets have no stochastic depth): leave it unset",
-            )
-            _check(
-                self.vision_feature_layers is None,
-                "vision_feature_layers",
-                self.vision_feature_layers,
-                "applies to ViT image encoders only (a ResNet's pyramid is its 4 stages): leave it unset",
-            )
-            return
-        patch_size = self.vision_config.patch_size
-        _check(
-            patch_size >= 4 and patch_size & (patch_size - 1) == 0,
-            "vision_config.patch_size",
-            patch_size,
-            "must be a power of two >= 4 so that the patch grid can form a stride 4/8/16/32 pyramid",
-        )
-        layers = self.vision_config.num_hidden_layers
-        _check(
-            len(self.vision_feature_layers) == 4
-            and all(0 <= layer < layers for layer in self.vision_feature_layers)
-            and sorted(set(self.vision_feature_layers)) == list(self.vision_feature_layers),
-            "vision_feature_layers",
-            self.vision_feature_layers,
-            f"must be 4 increasing layer indices in [0, {layers - 1}]",
-        )
 
     def _validate_class_token_ids(self):
         if self.class_token_ids is None:
@@ -465,11 +628,18 @@ def _check(condition: bool, name: str, value, requirement: str, owner: str = "De
 
 
 __all__ = [
+    "DECODER_TYPES",
+    "IMAGE_ENCODER_SETTINGS",
+    "PROMPTING_TYPES",
+    "PYRAMID_STRIDES",
+    "TEST_MODES",
     "DenseClipConfig",
     "DenseClipResNetConfig",
+    "ImageEncoderSettings",
     "check_test_protocol",
     "default_score_map_level",
     "default_test_window",
     "default_vision_feature_layers",
+    "image_encoder_settings",
     "input_size_multiple",
 ]

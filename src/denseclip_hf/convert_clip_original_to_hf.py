@@ -5,7 +5,7 @@
 The ViT layout is transformers' `CLIPModel` (the command above writes a `CLIPModel` folder with the CLIP tokenizer);
 ResNet image towers, which transformers does not have, get the same `vision_model.` prefix with
 `DenseClipResNetVisionModel` keys. `DenseClipForSemanticSegmentation.from_clip_pretrained` accepts the checkpoint files
-directly and converts them in memory.
+directly and converts them in memory, through `convert_clip_checkpoint`.
 
 This module also holds the key-mapping mechanism that `convert_denseclip_original_to_hf` reuses: a list of rules
 (regular expression on a source key -> new key(s) and tensor(s)), applied so that every source key is consumed
@@ -19,7 +19,6 @@ import re
 import zipfile
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -31,13 +30,12 @@ from transformers import (
     CLIPTokenizer,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
+    PreTrainedConfig,
 )
 
-from .configuration_denseclip import DenseClipResNetConfig
+from .assets import CLIP_TOKENIZER_PATH
+from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseClipResNetConfig
 from .modeling_denseclip import DenseClipResNetVisionModel
-
-# The real CLIP BPE tokenizer (OpenAI CLIP, MIT license), shipped with the package: OpenAI/OpenCLIP files have none.
-CLIP_TOKENIZER_PATH = str(Path(__file__).parent / "assets" / "clip_tokenizer")
 
 # Scalars that OpenAI's TorchScript archives keep next to the weights (OpenAI's `build_model` drops them too).
 _OPENAI_METADATA_KEYS = ("input_resolution", "context_length", "vocab_size")
@@ -220,26 +218,6 @@ def clip_resnet_rules(prefix: str) -> list[Rule]:
     ]
 
 
-def clip_tower_rules(family: str, vision_prefix: str, text_prefix: str) -> list[Rule]:
-    """Rules for both CLIP towers of an image encoder `family` (`"vit"` or `"resnet"`)."""
-    vision_rules = clip_vit_rules(vision_prefix) if family == "vit" else clip_resnet_rules(vision_prefix)
-    return [*vision_rules, *clip_text_rules(text_prefix)]
-
-
-def clip_tower_shapes(
-    text_config: CLIPTextConfig, vision_config: CLIPVisionConfig | DenseClipResNetConfig
-) -> dict[str, torch.Size]:
-    """The tensors (CLIP layout) that `clip_tower_rules` must produce for these configs."""
-    with torch.device("meta"):
-        shapes = shapes_of(CLIPTextModelWithProjection(text_config))
-        if isinstance(vision_config, DenseClipResNetConfig):
-            tower = DenseClipResNetVisionModel(vision_config, text_config.projection_dim, "bilinear")
-            shapes.update(shapes_of(tower, prefix="vision_model."))
-        else:
-            shapes.update(shapes_of(CLIPVisionModelWithProjection(vision_config)))
-    return shapes
-
-
 def require_tensor(state_dict: dict[str, torch.Tensor], key: str, needed_for: str) -> torch.Tensor:
     """`state_dict[key]`, or a `ValueError` that says what the missing tensor was needed for."""
     if key not in state_dict:
@@ -273,23 +251,6 @@ def _heads(width: int, heads: int | None, what: str, option: str) -> int:
     return heads
 
 
-def image_encoder_family(state_dict: dict[str, Any], prefix: str) -> str:
-    """`"vit"` or `"resnet"` from the image tower's keys under `prefix`; a clear error for other towers."""
-    if f"{prefix}class_embedding" in state_dict:
-        return "vit"
-    if f"{prefix}attnpool.positional_embedding" in state_dict:
-        return "resnet"
-    if any(key.startswith(f"{prefix}trunk.") for key in state_dict):
-        raise ValueError(
-            f"The image tower under {prefix!r} is a timm model ({prefix}trunk.*): only CLIP's own ViT and ResNet "
-            "towers are supported."
-        )
-    raise ValueError(
-        f"No CLIP image tower found under {prefix!r}: expected {prefix}class_embedding (ViT) or "
-        f"{prefix}attnpool.positional_embedding (ResNet)."
-    )
-
-
 def infer_clip_text_config(
     state_dict: dict[str, torch.Tensor], prefix: str, heads: int | None, hidden_act: str
 ) -> CLIPTextConfig:
@@ -312,25 +273,30 @@ def infer_clip_text_config(
     )
 
 
-def infer_clip_vision_config(
+def _infer_vit_config(
     state_dict: dict[str, torch.Tensor], prefix: str, heads: int | None, hidden_act: str
-) -> CLIPVisionConfig | DenseClipResNetConfig:
-    """The image tower's config from tensor shapes: a `CLIPVisionConfig` (ViT; heads default to `width // 64`) or a
-    `DenseClipResNetConfig` (attention-pool heads default to `32 * width // 64`, OpenAI's rule)."""
-    if image_encoder_family(state_dict, prefix) == "vit":
-        width, _, patch_size, _ = require_tensor(state_dict, f"{prefix}conv1.weight", "the ViT width").shape
-        positions = require_tensor(state_dict, f"{prefix}positional_embedding", "the ViT grid").shape[0]
-        blocks = f"{prefix}transformer.resblocks."
-        return CLIPVisionConfig(
-            hidden_size=width,
-            intermediate_size=require_tensor(state_dict, f"{blocks}0.mlp.c_fc.weight", "the ViT MLP width").shape[0],
-            num_hidden_layers=count_indexed(state_dict, re.escape(blocks) + r"(\d+)\.", "ViT layers"),
-            num_attention_heads=_heads(width, heads, "The ViT", "the ViT heads (vision_heads)"),
-            patch_size=patch_size,
-            image_size=patch_size * _square_side(positions, 1, f"{prefix}positional_embedding"),
-            projection_dim=require_tensor(state_dict, f"{prefix}proj", "the embedding size").shape[1],
-            hidden_act=hidden_act,
-        )
+) -> CLIPVisionConfig:
+    """A ViT's `CLIPVisionConfig` from tensor shapes (heads default to `width // 64`, CLIP's rule)."""
+    width, _, patch_size, _ = require_tensor(state_dict, f"{prefix}conv1.weight", "the ViT width").shape
+    positions = require_tensor(state_dict, f"{prefix}positional_embedding", "the ViT grid").shape[0]
+    blocks = f"{prefix}transformer.resblocks."
+    return CLIPVisionConfig(
+        hidden_size=width,
+        intermediate_size=require_tensor(state_dict, f"{blocks}0.mlp.c_fc.weight", "the ViT MLP width").shape[0],
+        num_hidden_layers=count_indexed(state_dict, re.escape(blocks) + r"(\d+)\.", "ViT layers"),
+        num_attention_heads=_heads(width, heads, "The ViT", "the ViT heads (vision_heads)"),
+        patch_size=patch_size,
+        image_size=patch_size * _square_side(positions, 1, f"{prefix}positional_embedding"),
+        projection_dim=require_tensor(state_dict, f"{prefix}proj", "the embedding size").shape[1],
+        hidden_act=hidden_act,
+    )
+
+
+def _infer_resnet_config(
+    state_dict: dict[str, torch.Tensor], prefix: str, heads: int | None, hidden_act: str
+) -> DenseClipResNetConfig:
+    """A ResNet's `DenseClipResNetConfig` from tensor shapes (attention-pool heads default to `32 * width // 64`,
+    OpenAI's rule; `hidden_act` does not apply)."""
     width = require_tensor(state_dict, f"{prefix}conv3.weight", "the ResNet stem width").shape[0]
     positions = require_tensor(state_dict, f"{prefix}attnpool.positional_embedding", "the ResNet grid").shape[0]
     return DenseClipResNetConfig(
@@ -344,11 +310,84 @@ def infer_clip_vision_config(
     )
 
 
-def vision_projection_dim(state_dict: dict[str, torch.Tensor], prefix: str, family: str) -> int:
-    """Size of the joint embedding space on the image side."""
-    if family == "vit":
-        return require_tensor(state_dict, f"{prefix}proj", "the embedding size").shape[1]
-    return require_tensor(state_dict, f"{prefix}attnpool.c_proj.weight", "the embedding size").shape[0]
+def _vit_shapes(vision_config: CLIPVisionConfig, projection_dim: int) -> dict[str, torch.Size]:
+    return shapes_of(CLIPVisionModelWithProjection(vision_config))
+
+
+def _resnet_shapes(vision_config: DenseClipResNetConfig, projection_dim: int) -> dict[str, torch.Size]:
+    return shapes_of(DenseClipResNetVisionModel(vision_config, projection_dim, "bilinear"), prefix="vision_model.")
+
+
+@dataclass(frozen=True)
+class ClipImageTower:
+    """One kind of CLIP image tower in OpenAI's layout: how to recognise it, read its config and convert its keys.
+
+    `family` is the `DenseClipConfig.image_encoder_family` it becomes; `CLIP_IMAGE_TOWERS` holds one per family.
+    """
+
+    family: str
+    marker: str  # a key, under the tower's prefix, that only this kind of tower has
+    rules: Callable[[str], list[Rule]]  # the tower's prefix -> its rules (to the CLIP layout)
+    infer_config: Callable[[dict[str, torch.Tensor], str, int | None, str], PreTrainedConfig]
+    projection_key: str  # the tensor whose shape gives the embedding size D, and at which axis
+    projection_axis: int
+    shapes: Callable[[PreTrainedConfig, int], dict[str, torch.Size]]  # what `rules` must produce
+    in_transformers_clip: bool  # whether transformers' `CLIPModel` can hold it
+
+    def projection_dim(self, state_dict: dict[str, torch.Tensor], prefix: str) -> int:
+        """Size of the joint embedding space on the image side."""
+        key = prefix + self.projection_key
+        return require_tensor(state_dict, key, "the embedding size").shape[self.projection_axis]
+
+
+CLIP_IMAGE_TOWERS = {
+    tower.family: tower
+    for tower in (
+        ClipImageTower(
+            ClipViTSettings.name, "class_embedding", clip_vit_rules, _infer_vit_config, "proj", 1, _vit_shapes, True
+        ),
+        ClipImageTower(
+            ClipResNetSettings.name,
+            "attnpool.positional_embedding",
+            clip_resnet_rules,
+            _infer_resnet_config,
+            "attnpool.c_proj.weight",
+            0,
+            _resnet_shapes,
+            False,
+        ),
+    )
+}
+
+
+def clip_image_tower(state_dict: dict[str, Any], prefix: str) -> ClipImageTower:
+    """The kind of CLIP image tower under `prefix`, from its keys; a clear error for other towers."""
+    for tower in CLIP_IMAGE_TOWERS.values():
+        if prefix + tower.marker in state_dict:
+            return tower
+    if any(key.startswith(f"{prefix}trunk.") for key in state_dict):
+        raise ValueError(
+            f"The image tower under {prefix!r} is a timm model ({prefix}trunk.*): only CLIP's own ViT and ResNet "
+            "towers are supported."
+        )
+    expected = " or ".join(f"{prefix}{tower.marker} ({tower.family})" for tower in CLIP_IMAGE_TOWERS.values())
+    raise ValueError(f"No CLIP image tower found under {prefix!r}: expected {expected}.")
+
+
+def clip_tower_rules(tower: ClipImageTower, vision_prefix: str, text_prefix: str) -> list[Rule]:
+    """Rules for both CLIP towers: the image `tower` under `vision_prefix`, the text tower under `text_prefix`."""
+    return [*tower.rules(vision_prefix), *clip_text_rules(text_prefix)]
+
+
+def clip_tower_shapes(
+    tower: ClipImageTower, text_config: CLIPTextConfig, vision_config: PreTrainedConfig
+) -> dict[str, torch.Size]:
+    """The tensors (CLIP layout) that `clip_tower_rules` must produce for these configs."""
+    with torch.device("meta"):
+        return {
+            **shapes_of(CLIPTextModelWithProjection(text_config)),
+            **tower.shapes(vision_config, text_config.projection_dim),
+        }
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -411,17 +450,23 @@ class ConvertedClip:
     `state_dict` has transformers `CLIPModel` keys (`text_model.*`, `text_projection.weight`, `vision_model.*`,
     `visual_projection.weight` for a ViT, `logit_scale`); a ResNet image tower has `vision_model.*` keys of a
     `DenseClipResNetVisionModel` and no separate projection (it is the attention pool's output projection).
+    OpenAI/OpenCLIP files hold no tokenizer: `tokenizer_path` is the CLIP tokenizer shipped with this package.
     """
 
+    image_tower: ClipImageTower
     text_config: CLIPTextConfig
-    vision_config: CLIPVisionConfig | DenseClipResNetConfig
+    vision_config: PreTrainedConfig
     projection_dim: int
     state_dict: dict[str, torch.Tensor]
+    tokenizer_path: str = CLIP_TOKENIZER_PATH
 
     def clip_config(self) -> CLIPConfig:
-        """The transformers `CLIPConfig` (ViT image towers only)."""
-        if isinstance(self.vision_config, DenseClipResNetConfig):
-            raise ValueError("transformers' CLIPModel has no ResNet image tower: use from_clip_pretrained instead.")
+        """The transformers `CLIPConfig` (image towers that transformers' `CLIPModel` has: ViT)."""
+        if not self.image_tower.in_transformers_clip:
+            raise ValueError(
+                f"transformers' CLIPModel has no {self.image_tower.family} image tower: use from_clip_pretrained "
+                "instead."
+            )
         return CLIPConfig(
             text_config=self.text_config.to_dict(),
             vision_config=self.vision_config.to_dict(),
@@ -454,24 +499,24 @@ def convert_clip_checkpoint(
     raw = checkpoint if isinstance(checkpoint, dict) else load_checkpoint_file(checkpoint)
     state_dict = unwrap_state_dict(raw, source)
     hidden_act = hidden_act or "quick_gelu"
-    family = image_encoder_family(state_dict, "visual.")
+    tower = clip_image_tower(state_dict, "visual.")
     text_config = infer_clip_text_config(state_dict, "", text_heads, hidden_act)
-    vision_config = infer_clip_vision_config(state_dict, "visual.", vision_heads, hidden_act)
-    projection_dim = vision_projection_dim(state_dict, "visual.", family)
+    vision_config = tower.infer_config(state_dict, "visual.", vision_heads, hidden_act)
+    projection_dim = tower.projection_dim(state_dict, "visual.")
     if projection_dim != text_config.projection_dim:
         raise ValueError(
             f"{source}: image embeddings have {projection_dim} channels, text embeddings {text_config.projection_dim}."
         )
     rules = [
-        *clip_tower_rules(family, "visual.", ""),
+        *clip_tower_rules(tower, "visual.", ""),
         (r"logit_scale", rename("logit_scale")),
         ("|".join(_OPENAI_METADATA_KEYS), drop),
     ]
     converted = convert_keys(state_dict, rules, source)
     converted = {key: value.float() if value.is_floating_point() else value for key, value in converted.items()}
-    expected = {**clip_tower_shapes(text_config, vision_config), "logit_scale": torch.Size([])}
+    expected = {**clip_tower_shapes(tower, text_config, vision_config), "logit_scale": torch.Size([])}
     check_converted(converted, expected, source)
-    return ConvertedClip(text_config, vision_config, projection_dim, converted)
+    return ConvertedClip(tower, text_config, vision_config, projection_dim, converted)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -491,15 +536,15 @@ def main(argv: list[str] | None = None) -> None:
     clip = convert_clip_checkpoint(
         args.checkpoint, vision_heads=args.vision_heads, text_heads=args.text_heads, hidden_act=args.hidden_act
     )
-    if isinstance(clip.vision_config, DenseClipResNetConfig):
+    if not clip.image_tower.in_transformers_clip:
         parser.error(
-            "this is a ResNet CLIP, which transformers' CLIPModel cannot hold: use "
+            f"this is a {clip.image_tower.family} CLIP, which transformers' CLIPModel cannot hold: use "
             "DenseClipForSemanticSegmentation.from_clip_pretrained(checkpoint_path, id2label=...) instead."
         )
     model = CLIPModel(clip.clip_config())
     model.load_state_dict(clip.state_dict, strict=True)
     model.save_pretrained(args.output_dir)
-    CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH).save_pretrained(args.output_dir)
+    CLIPTokenizer.from_pretrained(clip.tokenizer_path).save_pretrained(args.output_dir)
     print(f"Wrote a CLIPModel ({clip.vision_config.num_hidden_layers}-layer ViT) to {args.output_dir}")
 
 

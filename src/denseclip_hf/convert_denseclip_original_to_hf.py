@@ -19,39 +19,35 @@ import json
 import os
 import re
 from collections.abc import Callable
+from dataclasses import dataclass
+from dataclasses import field as dataclass_field
 from pathlib import Path
 from typing import Any
 
 import torch
 from transformers import CLIPTokenizer
 
-from .configuration_denseclip import DenseClipConfig
+from .assets import CLIP_TOKENIZER_PATH
+from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseClipConfig, image_encoder_settings
 from .convert_clip_original_to_hf import (
-    CLIP_TOKENIZER_PATH,
+    CLIP_IMAGE_TOWERS,
     NORM_TENSORS,
     Rule,
     check_converted,
+    clip_image_tower,
     clip_tower_rules,
     convert_keys,
     count_indexed,
-    image_encoder_family,
     infer_clip_text_config,
-    infer_clip_vision_config,
     load_checkpoint_file,
     rename,
     require_tensor,
     shapes_of,
     unwrap_state_dict,
-    vision_projection_dim,
     with_key_mapping,
 )
 from .image_processing_denseclip import DenseClipImageProcessor
-from .modeling_denseclip import (
-    CLIP_KEY_MAPPING,
-    PYRAMID_STRIDES,
-    DenseClipForSemanticSegmentation,
-    tokenize_class_names,
-)
+from .modeling_denseclip import CLIP_KEY_MAPPING, DenseClipForSemanticSegmentation, tokenize_class_names
 
 # The authors' values of what checkpoints do not store.
 AUTHORS_RESNET_ATTENTION_POOL_HEADS = 32  # hard-coded in their `CLIPResNetWithAttention`
@@ -59,35 +55,67 @@ AUTHORS_CONTEXT_DECODER_HEADS = 4
 # Their test pipeline: mmseg `Resize(img_scale=(2048, crop), keep_ratio=True)`, the crop being the training size.
 AUTHORS_TEST_LONGEST_EDGE = 2048
 
-_CONTEXT_DECODER = "prompting.context_decoder."
-_POSITIONS = "image_encoder.vision_model.embeddings.position_embedding.weight"
-_CLASS_EMBEDDING = "image_encoder.vision_model.embeddings.class_embedding"
+# Where the parts sit in `DenseClipForSemanticSegmentation`'s state dict.
+_MODEL = f"{DenseClipForSemanticSegmentation.base_model_prefix}."
+_PROMPTING = _MODEL + "prompting."
+_CONTEXT_DECODER = _PROMPTING + "context_decoder."
+_POSITIONS = _MODEL + "image_encoder.vision_model.embeddings.position_embedding.weight"
+_CLASS_EMBEDDING = _MODEL + "image_encoder.vision_model.embeddings.class_embedding"
+_NECK, _HEAD = "decoder.neck.", "decoder.head."
 
 
 def _contexts(match: re.Match, tensor: torch.Tensor) -> dict[str, torch.Tensor]:
     """The learnable contexts `(1, N, width)` -> `context_embeddings` `(N, width)`."""
-    return {"context_embeddings": tensor[0]}
+    return {_PROMPTING + "context_embeddings": tensor[0]}
 
 
 def _scale_head_block(name: str) -> Callable[[re.Match], str]:
     """mmseg's `scale_heads.L` interleaves conv blocks (even indices) with parameter-free upsampling (odd ones)."""
-    return lambda m: f"decode_head.scale_heads.{m[1]}.{int(m[2]) // 2}.{name}.{m[3]}"
+    return lambda m: f"{_HEAD}scale_heads.{m[1]}.{int(m[2]) // 2}.{name}.{m[3]}"
 
 
 def _pyramid_level(match: re.Match) -> str:
     """fpn1 = [GroupNorm, ConvT, BN, GELU, ConvT], fpn2 = [GroupNorm, ConvT], fpn3 = GroupNorm, fpn4 = [GroupNorm,
     MaxPool]: the same layers, at the same indices, as `DenseClipViTPyramid.levels[0-3]`."""
-    return f"image_encoder.pyramid.levels.{int(match[1]) - 1}.{match[2] or 0}.{match[3]}"
+    return f"{_MODEL}image_encoder.pyramid.levels.{int(match[1]) - 1}.{match[2] or 0}.{match[3]}"
+
+
+@dataclass(frozen=True)
+class AuthorsImageTower:
+    """What the authors' code does differently per image encoder family (`DenseClipConfig.image_encoder_family`)."""
+
+    extra_rules: list[Rule] = dataclass_field(default_factory=list)  # their keys beyond CLIP's tower
+    default_heads: int | None = None  # attention heads where they deviate from CLIP's rule
+    fix: Callable[[dict[str, torch.Tensor]], None] | None = None  # applied to the converted tensors
+
+
+def fold_repeated_class_embedding(converted: dict[str, torch.Tensor]) -> None:
+    """The authors' ViT gives token 0 the class embedding twice (the token itself, and `pos[0] + class_embedding`);
+    transformers' CLIP adds it once, so the second copy moves into row 0 of the positional embedding."""
+    positions = converted[_POSITIONS].clone()
+    positions[0] += converted[_CLASS_EMBEDDING]
+    converted[_POSITIONS] = positions
+
+
+AUTHORS_IMAGE_TOWERS = {
+    # Their ViT's pyramid (`fpn1-4`) and its doubled class embedding.
+    ClipViTSettings.name: AuthorsImageTower(
+        extra_rules=[(r"backbone\.fpn([1-4])\.(?:(\d)\.)?" + NORM_TENSORS, rename(_pyramid_level))],
+        fix=fold_repeated_class_embedding,
+    ),
+    ClipResNetSettings.name: AuthorsImageTower(default_heads=AUTHORS_RESNET_ATTENTION_POOL_HEADS),
+}
 
 
 def denseclip_rules(family: str) -> list[Rule]:
     """Authors' keys -> `DenseClipForSemanticSegmentation` keys, for an image encoder `family` (`"vit"`/`"resnet"`)."""
     layer = r"context_decoder\.decoder\.(\d+)\."
     decoder_layer = _CONTEXT_DECODER + r"layers.\1."
-    rules = [
-        *with_key_mapping(clip_tower_rules(family, "backbone.", "text_encoder."), CLIP_KEY_MAPPING),
+    clip_keys = {pattern: _MODEL + target for pattern, target in CLIP_KEY_MAPPING.items()}
+    return [
+        *with_key_mapping(clip_tower_rules(CLIP_IMAGE_TOWERS[family], "backbone.", "text_encoder."), clip_keys),
         (r"contexts", _contexts),
-        (r"gamma", rename("prompting.gamma")),
+        (r"gamma", rename(_PROMPTING + "gamma")),
         (
             r"context_decoder\.(memory|text)_proj\.(\d)\.(weight|bias)",
             rename(_CONTEXT_DECODER + r"\1_projection.\2.\3"),
@@ -98,22 +126,12 @@ def denseclip_rules(family: str) -> list[Rule]:
         (layer + r"(norm[1-3])\.(weight|bias)", rename(decoder_layer + r"\2.\3")),
         (layer + r"mlp\.0\.(weight|bias)", rename(decoder_layer + r"fc1.\2")),
         (layer + r"mlp\.3\.(weight|bias)", rename(decoder_layer + r"fc2.\2")),
-        (r"neck\.(lateral_convs|fpn_convs)\.(\d)\.conv\.(weight|bias)", rename(r"neck.\1.\2.\3")),
+        (r"neck\.(lateral_convs|fpn_convs)\.(\d)\.conv\.(weight|bias)", rename(_NECK + r"\1.\2.\3")),
         (r"decode_head\.scale_heads\.(\d)\.(\d+)\.conv\.(weight)", rename(_scale_head_block("conv"))),
         (r"decode_head\.scale_heads\.(\d)\.(\d+)\.bn\." + NORM_TENSORS, rename(_scale_head_block("norm"))),
-        (r"decode_head\.conv_seg\.(weight|bias)", rename(r"decode_head.classifier.\1")),
+        (r"decode_head\.conv_seg\.(weight|bias)", rename(_HEAD + r"classifier.\1")),
+        *AUTHORS_IMAGE_TOWERS[family].extra_rules,
     ]
-    if family == "vit":
-        rules.append((r"backbone\.fpn([1-4])\.(?:(\d)\.)?" + NORM_TENSORS, rename(_pyramid_level)))
-    return rules
-
-
-def fold_repeated_class_embedding(converted: dict[str, torch.Tensor]) -> None:
-    """The authors' ViT gives token 0 the class embedding twice (the token itself, and `pos[0] + class_embedding`);
-    transformers' CLIP adds it once, so the second copy moves into row 0 of the positional embedding."""
-    positions = converted[_POSITIONS].clone()
-    positions[0] += converted[_CLASS_EMBEDDING]
-    converted[_POSITIONS] = positions
 
 
 def _score_map_level(state_dict: dict[str, torch.Tensor], pyramid_channels: list[int], num_classes: int) -> int:
@@ -149,23 +167,21 @@ def infer_config(
     The test protocol is the authors' `test_cfg`: sliding windows of the training crop (the size of the checkpoint's
     positional grid: 640 for ViT-B/16, 512 for RN50/RN101) every two thirds of it (426, 341).
     """
-    family = image_encoder_family(state_dict, "backbone.")
-    if family == "resnet" and vision_heads is None:
-        vision_heads = AUTHORS_RESNET_ATTENTION_POOL_HEADS
+    tower = clip_image_tower(state_dict, "backbone.")
+    if vision_heads is None:
+        vision_heads = AUTHORS_IMAGE_TOWERS[tower.family].default_heads
     text_config = infer_clip_text_config(state_dict, "text_encoder.", text_heads, "quick_gelu")
-    vision_config = infer_clip_vision_config(state_dict, "backbone.", vision_heads, "quick_gelu")
+    vision_config = tower.infer_config(state_dict, "backbone.", vision_heads, "quick_gelu")
     num_classes = require_tensor(state_dict, "decode_head.conv_seg.weight", "the number of classes").shape[0]
     if len(class_names) != num_classes:
         raise ValueError(f"Got {len(class_names)} class names for a checkpoint with {num_classes} classes.")
     num_contexts = require_tensor(state_dict, "contexts", "the number of contexts").shape[1]
     name_length = text_config.max_position_embeddings - num_contexts
-    pyramid_channels = (
-        vision_config.pyramid_channels if family == "resnet" else [vision_config.hidden_size] * len(PYRAMID_STRIDES)
-    )
+    pyramid_channels = image_encoder_settings(vision_config).pyramid_channels()
     return DenseClipConfig(
         text_config=text_config.to_dict(),
         vision_config=vision_config.to_dict(),
-        projection_dim=vision_projection_dim(state_dict, "backbone.", family),
+        projection_dim=tower.projection_dim(state_dict, "backbone."),
         id2label=dict(enumerate(class_names)),
         class_token_ids=tokenize_class_names(
             class_names, CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH), name_length
@@ -237,8 +253,9 @@ def convert_denseclip_checkpoint(
     converted = convert_keys(state_dict, denseclip_rules(config.image_encoder_family), source)
     model = DenseClipForSemanticSegmentation(config)
     check_converted(converted, shapes_of(model), source)
-    if config.image_encoder_family == "vit":
-        fold_repeated_class_embedding(converted)
+    fix = AUTHORS_IMAGE_TOWERS[config.image_encoder_family].fix
+    if fix is not None:
+        fix(converted)
     model.load_state_dict(converted, strict=True)
     return model.eval()
 

@@ -1,21 +1,36 @@
-"""DenseCLIP: language-guided semantic segmentation with context-aware prompting (Rao et al., CVPR 2022).
+"""DenseCLIP: language-guided dense prediction with context-aware prompting (Rao et al., CVPR 2022).
 
 Read top to bottom, this file follows the data:
-pixels -> CLIP image encoder (ViT or ResNet) -> stride 4/8/16/32 pyramid and the language-compatible map z (Eq. 1)
--> class text embeddings t from learnable contexts (Eq. 3) -> post-model prompting (Eqs. 5-6)
--> pixel-text score map s (Eq. 2) -> FPN neck -> Semantic FPN head -> logits, and the losses (Eq. 7).
+pixels -> image encoder (CLIP ViT or ResNet) -> stride 4/8/16/32 pyramid, global and dense embeddings z_bar, z (Eq. 1)
+-> class text embeddings t from learnable contexts (Eq. 3) -> prompting (post-model, Eqs. 5-6)
+-> pixel-text score map s (Eq. 2), joined to the pyramid (x' = [x, s]) -> decoder (Semantic FPN) -> logits -> losses
+(Eq. 7).
+
+Image encoders, promptings and decoders are each one small interface (`DenseClipImageEncoder`, `DenseClipPrompting`,
+`DenseClipDecoder`) with its implementations registered by name (`IMAGE_ENCODERS`, `PROMPTINGS`, `DECODERS`); the
+config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Modules and parameters:
+
+    DenseClipForSemanticSegmentation
+    ├── denseclip: DenseClipModel                      the base model: pixels -> language-guided pyramid
+    │   ├── image_encoder: DenseClipViTImageEncoder    vision_model (CLIPVisionModel), visual_projection, pyramid
+    │   │              or DenseClipResNetImageEncoder  vision_model (stem, stages, attention_pool)
+    │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
+    │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
+    │   └── class_token_ids                            buffer (not saved: it is in the config)
+    └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
 """
 
 import math
 import os
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from contextlib import contextmanager
+from dataclasses import dataclass, field, fields
 from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedModel
+from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -23,7 +38,10 @@ from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_denseclip import (
+    PYRAMID_STRIDES,
     TEST_MODES,
+    ClipResNetSettings,
+    ClipViTSettings,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
@@ -32,18 +50,61 @@ from .configuration_denseclip import (
 
 logger = logging.get_logger(__name__)
 
-PYRAMID_STRIDES = (4, 8, 16, 32)
 
-# CLIPModel checkpoint keys -> this model's CLIP towers (`from_clip_pretrained`). The converters write ResNet towers
-# with the same `vision_model.` prefix (a `DenseClipResNetVisionModel`), so one mapping serves both families.
-CLIP_KEY_MAPPING = {
-    r"^text_model\.": "text_encoder.text_model.",
-    r"^text_projection\.": "text_encoder.text_projection.",
-    r"^vision_model\.": "image_encoder.vision_model.",
-    r"^visual_projection\.": "image_encoder.visual_projection.",
-}
-# `from_pretrained` arguments that say where and how to fetch files, shared by config, tokenizer and weights.
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+# ---------------------------------------------------------------------------------------------------------------------
+# Outputs
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseClipImageEncoderOutput(ModelOutput):
+    r"""
+    What every image encoder returns (see `DenseClipImageEncoder`).
+
+    Args:
+        pyramid (`tuple(torch.FloatTensor)`):
+            4 feature maps `(batch, channels_i, height / stride, width / stride)` for strides 4, 8, 16 and 32.
+        global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
+            The global image embedding z_bar (Eq. 1).
+        dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
+            The language-compatible feature map z (Eq. 1), not normalized; stride `patch_size` (ViT) or 32 (ResNet).
+    """
+
+    pyramid: tuple[torch.FloatTensor, ...] | None = None
+    global_embedding: torch.FloatTensor | None = None
+    dense_embedding: torch.FloatTensor | None = None
+
+
+@dataclass
+class DenseClipModelOutput(ModelOutput):
+    r"""
+    Output of [`DenseClipModel`]: the language-guided pyramid and what it was made from.
+
+    Args:
+        pyramid (`tuple(torch.FloatTensor)`):
+            The 4 image-encoder levels `(batch, channels_i, height / stride, width / stride)` for strides 4, 8, 16 and
+            32, with the score map concatenated on the channels of level `config.score_map_level` (x' = [x, s],
+            Sec. 3.2; that level has `channels_i + num_labels` channels). `DenseClipModel.pyramid_channels` lists the
+            channels.
+        score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
+            Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT, 32 for
+            ResNet).
+        global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
+            The global image embedding z_bar (Eq. 1).
+        dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
+            The language-compatible feature map z (Eq. 1), not normalized, on the score map's grid.
+        text_embeddings (`torch.FloatTensor` of shape `(batch, num_labels, projection_dim)`):
+            Class text embeddings t after prompting (Eq. 6), not normalized.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+            The 4 image-encoder levels before the score map is joined.
+    """
+
+    pyramid: tuple[torch.FloatTensor, ...] | None = None
+    score_map: torch.FloatTensor | None = None
+    global_embedding: torch.FloatTensor | None = None
+    dense_embedding: torch.FloatTensor | None = None
+    text_embeddings: torch.FloatTensor | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
 
 
 @dataclass
@@ -76,23 +137,6 @@ class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
     text_embeddings: torch.FloatTensor | None = None
     decode_loss: torch.FloatTensor | None = None
     identity_loss: torch.FloatTensor | None = None
-
-
-@dataclass
-class DenseClipImageEncoderOutput(ModelOutput):
-    r"""
-    Args:
-        pyramid (`tuple(torch.FloatTensor)`):
-            4 feature maps `(batch, channels, height / stride, width / stride)` for strides 4, 8, 16 and 32.
-        global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
-            The global image embedding z_bar (Eq. 1).
-        dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
-            The language-compatible feature map z (Eq. 1), not normalized; stride `patch_size` (ViT) or 32 (ResNet).
-    """
-
-    pyramid: tuple[torch.FloatTensor, ...] | None = None
-    global_embedding: torch.FloatTensor | None = None
-    dense_embedding: torch.FloatTensor | None = None
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -145,7 +189,45 @@ class DenseClipConvNormAct(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Image side, CLIP ViT: pixels -> patch tokens -> pyramid, z_bar and z (Eq. 1)
+# Image encoders: pixels -> pyramid, z_bar and z (Eq. 1)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipImageEncoder(nn.Module):
+    """The image encoder interface.
+
+    Built from the `DenseClipConfig` alone. `forward(pixel_values)` takes normalized images `(batch, 3, height, width)`
+    and returns a `DenseClipImageEncoderOutput`: the pyramid, 4 maps `(batch, pyramid_channels[i], height / stride,
+    width / stride)` at strides 4, 8, 16, 32; the global embedding z_bar `(batch, D)`; the dense embedding z
+    `(batch, D, h, w)` in the text embedding space (D = `config.projection_dim`). Bad input is a `ValueError`.
+    `resize_position_embeddings(image_size)` stores the positional embedding for `image_size` x `image_size` inputs.
+
+    Each family's defaults (`pyramid_channels`, the score map's stride, feature layers) come from its
+    `ImageEncoderSettings` in the configuration file; `IMAGE_ENCODERS` maps its name to the module.
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        self.pyramid_channels: list[int] = config.image_encoder_settings.pyramid_channels()
+        self.num_channels: int = config.vision_config.num_channels
+
+    def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
+        """A `ValueError` unless `pixel_values` is `(batch, num_channels, height, width)`."""
+        channels = self.num_channels
+        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+            raise ValueError(
+                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
+            )
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        raise NotImplementedError
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        raise NotImplementedError
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image encoder, CLIP ViT: pixels -> patch tokens -> pyramid, z_bar and z (Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -194,17 +276,18 @@ class DenseClipViTPyramid(nn.Module):
         return tuple(level(feature) for level, feature in zip(self.levels, features, strict=True))
 
 
-class DenseClipViTImageEncoder(nn.Module):
+class DenseClipViTImageEncoder(DenseClipImageEncoder):
     """CLIP ViT image encoder that also returns the pyramid and the dense embedding z.
 
     Input `pixel_values` `(batch, 3, height, width)` of any size divisible by the patch size, square or not: the
     positional embedding is resized to the patch grid on every call (`config.position_embedding_interpolation`).
+    The pyramid is read from the patch tokens of `config.vision_feature_layers`, all `hidden_size` channels wide.
     """
 
     def __init__(self, config: DenseClipConfig):
-        super().__init__()
+        super().__init__(config)
         vision_config = config.vision_config
-        self.vision_model = CLIPVisionModel._from_config(vision_config)
+        self.vision_model = CLIPVisionModel(vision_config)
         self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
         self.pyramid = DenseClipViTPyramid(vision_config.hidden_size, vision_config.patch_size)
         self.feature_layers = list(config.vision_feature_layers)
@@ -216,10 +299,6 @@ class DenseClipViTImageEncoder(nn.Module):
             if rate > 0:
                 layer.self_attn.register_forward_hook(partial(_drop_path_hook, rate))
                 layer.mlp.register_forward_hook(partial(_drop_path_hook, rate))
-
-    @property
-    def pyramid_channels(self) -> list[int]:
-        return [self.vision_model.config.hidden_size] * len(PYRAMID_STRIDES)
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + class tokens plus positions: `(batch, 1 + h * w, hidden)` and the patch grid `(h, w)`."""
@@ -234,7 +313,6 @@ class DenseClipViTImageEncoder(nn.Module):
         return tokens + positions.unsqueeze(0), (height, width)
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        """Stores the positional embedding for `image_size` inputs (see `DenseClipForSemanticSegmentation`)."""
         embeddings = self.vision_model.embeddings
         if image_size % embeddings.patch_size:
             raise ValueError(f"image_size={image_size} must be a multiple of the patch size {embeddings.patch_size}.")
@@ -245,14 +323,9 @@ class DenseClipViTImageEncoder(nn.Module):
         embeddings.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
         embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, side * side, len(table)
         embeddings.position_ids = torch.arange(len(table), device=table.device).expand((1, -1))
-        self.vision_model.config.image_size = image_size
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != self.vision_model.config.num_channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {self.vision_model.config.num_channels}, height, width), "
-                f"got {tuple(pixel_values.shape)}."
-            )
+        self.check_pixel_values(pixel_values)
         patch_size = self.vision_model.config.patch_size
         if pixel_values.shape[-2] % patch_size or pixel_values.shape[-1] % patch_size:
             raise ValueError(
@@ -278,7 +351,7 @@ class DenseClipViTImageEncoder(nn.Module):
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Image side, CLIP ResNet: pixels -> stem -> 4 bottleneck stages (the pyramid) -> attention pool: z_bar and z (Eq. 1)
+# Image encoder, CLIP ResNet: pixels -> stem -> 4 bottleneck stages (the pyramid) -> attention pool: z_bar, z (Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -401,7 +474,7 @@ class DenseClipResNetVisionModel(nn.Module):
         )
 
 
-class DenseClipResNetImageEncoder(nn.Module):
+class DenseClipResNetImageEncoder(DenseClipImageEncoder):
     """CLIP ResNet image encoder: its 4 stage outputs are the pyramid, its attention pool gives z_bar and z (Eq. 1).
 
     Input `pixel_values` `(batch, 3, height, width)` of any size of at least 32 pixels, square or not: the attention
@@ -410,18 +483,13 @@ class DenseClipResNetImageEncoder(nn.Module):
     """
 
     def __init__(self, config: DenseClipConfig):
-        super().__init__()
+        super().__init__(config)
         self.vision_model = DenseClipResNetVisionModel(
             config.vision_config, config.projection_dim, config.position_embedding_interpolation
         )
-        self.pyramid_channels = list(config.vision_config.pyramid_channels)
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
-        channels = self.vision_model.stem.layers[0].conv.in_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
+        self.check_pixel_values(pixel_values)
         if min(pixel_values.shape[-2:]) < PYRAMID_STRIDES[-1]:
             raise ValueError(
                 f"pixel_values height and width must be at least {PYRAMID_STRIDES[-1]} (the last stage has stride "
@@ -430,7 +498,6 @@ class DenseClipResNetImageEncoder(nn.Module):
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        """Stores the attention pool's positional embedding for `image_size` inputs (a stride-32 grid)."""
         if image_size % PYRAMID_STRIDES[-1]:
             raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
         pool = self.vision_model.attention_pool
@@ -439,15 +506,15 @@ class DenseClipResNetImageEncoder(nn.Module):
         pool.position_embedding = nn.Parameter(table.clone())
 
 
-def build_image_encoder(config: DenseClipConfig) -> DenseClipViTImageEncoder | DenseClipResNetImageEncoder:
-    """The image encoder for `config.vision_config`: CLIP ViT (`CLIPVisionConfig`) or CLIP ResNet."""
-    if config.image_encoder_family == "resnet":
-        return DenseClipResNetImageEncoder(config)
-    return DenseClipViTImageEncoder(config)
+# The image encoder of each family (`DenseClipConfig.image_encoder_family`, `ImageEncoderSettings.name`).
+IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
+    ClipViTSettings.name: DenseClipViTImageEncoder,
+    ClipResNetSettings.name: DenseClipResNetImageEncoder,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Text side: class names + learnable contexts -> CLIP text tower -> t (Eq. 3)
+# Text side: class names + contexts -> CLIP text tower -> t (Eq. 3)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -456,7 +523,7 @@ class DenseClipTextEncoder(nn.Module):
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
-        self.text_model = CLIPTextModel._from_config(config.text_config)
+        self.text_model = CLIPTextModel(config.text_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
@@ -469,7 +536,7 @@ class DenseClipTextEncoder(nn.Module):
         inputs_embeds = torch.cat([token_embeddings[:, :1], contexts, token_embeddings[:, 1:]], dim=1)
         hidden_states = text_model.embeddings(inputs_embeds=inputs_embeds)
         causal_mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden_states, attention_mask=None, past_key_values=None
+            config=text_model.config, inputs_embeds=hidden_states, attention_mask=None, cache=None
         )
         hidden_states = text_model.encoder(
             inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True
@@ -498,8 +565,27 @@ def tokenize_class_names(class_names: list[str], tokenizer, length: int) -> list
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Post-model vision-to-language prompting (Eqs. 5-6)
+# Prompting: how the class text embeddings meet the image (post-model: Eqs. 5-6)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipPrompting(nn.Module):
+    """The prompting interface: what the text encoder reads besides the class names, and how its output meets the
+    image.
+
+    Built from the `DenseClipConfig`. `text_contexts(image)` returns the vectors the text encoder reads between the
+    start token and each class name (Eq. 3), `(N, text hidden size)`, the same for every image: the class text
+    embeddings t `(num_labels, D)` (`DenseClipModel.get_text_embeddings`) then do not depend on the image (`image` may
+    be `None`). `forward(text_embeddings, image)` takes t and the image encoder's output and returns the text
+    embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each `config.prompting_type` to
+    its module.
+    """
+
+    def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+        raise NotImplementedError
+
+    def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class DenseClipContextAttention(nn.Module):
@@ -572,26 +658,37 @@ class DenseClipContextDecoder(nn.Module):
         return self.output_projection(hidden_states)
 
 
-class DenseClipPostModelPrompting(nn.Module):
-    """Refines the class text embeddings with the image's context: t <- t + gamma * TransDecoder(t, [z_bar, z])."""
+class DenseClipPostModelPrompting(DenseClipPrompting):
+    """Post-model prompting, the paper's DenseCLIP: N learnable contexts p before each class name (Eq. 3), then the
+    class text embeddings refined with the image's context, t <- t + gamma * TransDecoder(t, [z_bar, z]) (Eqs. 5-6).
+    """
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
+        self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
         self.context_decoder = DenseClipContextDecoder(config)
         self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
 
-    def forward(
-        self, text_embeddings: torch.Tensor, global_embedding: torch.Tensor, dense_embedding: torch.Tensor
-    ) -> torch.Tensor:
-        """`text_embeddings` `(classes, D)`, z_bar `(batch, D)`, z `(batch, D, h, w)` -> `(batch, classes, D)`."""
-        visual_context = torch.cat([global_embedding.unsqueeze(1), dense_embedding.flatten(2).transpose(1, 2)], dim=1)
-        text_embeddings = text_embeddings.expand(global_embedding.shape[0], -1, -1)
+    def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+        """The learnable contexts p `(N, text hidden size)`, shared by every image and class (Eq. 3)."""
+        return self.context_embeddings
+
+    def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
+        """`text_embeddings` t `(classes, D)`, z_bar `(batch, D)` and z `(batch, D, h, w)` -> `(batch, classes, D)`."""
+        visual_context = torch.cat(
+            [image.global_embedding.unsqueeze(1), image.dense_embedding.flatten(2).transpose(1, 2)], dim=1
+        )
+        text_embeddings = text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
         v_post = self.context_decoder(text_embeddings, visual_context)  # Eq. 5
         return text_embeddings + self.gamma * v_post  # Eq. 6
 
 
+# The prompting of each `DenseClipConfig.prompting_type` (`PROMPTING_TYPES`).
+PROMPTINGS: dict[str, type[DenseClipPrompting]] = {"post_model": DenseClipPostModelPrompting}
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Pixel-text score map (Eq. 2)
+# Pixel-text score map (Eq. 2), joined to the pyramid (Sec. 3.2)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -603,9 +700,31 @@ def pixel_text_score_map(dense_embedding: torch.Tensor, text_embeddings: torch.T
     return torch.einsum("bdhw,bkd->bkhw", F.normalize(dense_embedding, dim=1), F.normalize(text_embeddings, dim=2))
 
 
+def join_score_map(pyramid: tuple[torch.Tensor, ...], score_map: torch.Tensor, level: int) -> tuple[torch.Tensor, ...]:
+    """Sec. 3.2: x' = [x, s], the score map `(batch, classes, h, w)` concatenated on the channels of pyramid level
+    `level` (bilinearly resized to that level's size when its stride differs). Other levels are unchanged."""
+    features = list(pyramid)
+    score_map = _resize(score_map, features[level].shape[-2:]).to(features[level].dtype)
+    features[level] = torch.cat([features[level], score_map], dim=1)
+    return tuple(features)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Decoder: FPN neck + Semantic FPN head
+# Decoders: language-guided pyramid -> logits (Semantic FPN: FPN neck + Semantic FPN head)
 # ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipDecoder(nn.Module):
+    """The decoder interface: the language-guided pyramid -> per-pixel class logits.
+
+    Built from the `DenseClipConfig` and the pyramid's channels `in_channels` (4 ints, `DenseClipModel.
+    pyramid_channels`). `forward(pyramid)` takes the 4 maps `(batch, in_channels[i], H / stride, W / stride)`
+    (strides 4, 8, 16, 32) and returns logits `(batch, num_labels, H / 4, W / 4)`. `DECODERS` maps each
+    `config.decoder_type` to its module.
+    """
+
+    def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        raise NotImplementedError
 
 
 class DenseClipFPN(nn.Module):
@@ -650,6 +769,24 @@ class DenseClipSemanticFPNHead(nn.Module):
                     hidden_states = _resize(hidden_states, (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1]))
             output = hidden_states if output is None else output + _resize(hidden_states, output.shape[-2:])
         return self.classifier(self.dropout(output))
+
+
+class DenseClipSemanticFPNDecoder(DenseClipDecoder):
+    """Semantic FPN, the paper's segmentation decoder (Sec. 4.1): an FPN neck, then the Semantic FPN head."""
+
+    def __init__(self, config: DenseClipConfig, in_channels: list[int]):
+        super().__init__()
+        self.neck = DenseClipFPN(in_channels, config.fpn_channels)
+        self.head = DenseClipSemanticFPNHead(
+            config.fpn_channels, config.decode_head_channels, config.num_labels, config.decode_head_dropout
+        )
+
+    def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        return self.head(self.neck(pyramid))
+
+
+# The decoder of each `DenseClipConfig.decoder_type` (`DECODER_TYPES`).
+DECODERS: dict[str, type[DenseClipDecoder]] = {"semantic_fpn": DenseClipSemanticFPNDecoder}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -757,13 +894,167 @@ def protocol_probabilities(
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Models
+# Building DenseCLIP on CLIP weights (`from_clip_pretrained`): resolve the source, tokenize the labels, load, check
+# ---------------------------------------------------------------------------------------------------------------------
+
+# CLIPModel checkpoint keys -> `DenseClipModel`'s CLIP towers. The converter writes ResNet towers with the same
+# `vision_model.` prefix (a `DenseClipResNetVisionModel`), so one mapping serves both families.
+CLIP_KEY_MAPPING = {
+    r"^text_model\.": "text_encoder.text_model.",
+    r"^text_projection\.": "text_encoder.text_projection.",
+    r"^vision_model\.": "image_encoder.vision_model.",
+    r"^visual_projection\.": "image_encoder.visual_projection.",
+}
+# `from_pretrained` arguments that say where and how to fetch files, shared by config, tokenizer and weights.
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
+_CONFIG_SETTINGS = frozenset(setting.name for setting in fields(DenseClipConfig))
+
+
+@dataclass
+class ClipSource:
+    """Where `from_clip_pretrained` reads CLIP from: the towers' configs, how to load their weights, and the tokenizer
+    that goes with them."""
+
+    name: str
+    text_config: PreTrainedConfig
+    vision_config: PreTrainedConfig
+    projection_dim: int
+    weights: dict = field(repr=False)  # `from_pretrained` arguments that read the weights
+    tokenizer_path: str
+    tokenizer_kwargs: dict = field(default_factory=dict)
+
+
+def resolve_clip_source(
+    pretrained_model_name_or_path: str | os.PathLike,
+    *,
+    vision_heads: int | None = None,
+    text_heads: int | None = None,
+    hidden_act: str | None = None,
+    **hub_kwargs,
+) -> ClipSource:
+    """Step 1: a transformers `CLIPModel` (Hub id or folder: its config, weights and tokenizer), or an OpenAI/OpenCLIP
+    checkpoint file, converted in memory (`denseclip_hf.convert_clip_original_to_hf.convert_clip_checkpoint`)."""
+    name = os.fspath(pretrained_model_name_or_path)
+    if os.path.isfile(name):
+        clip = convert_clip_checkpoint_file(
+            name, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
+        )
+        return ClipSource(
+            name,
+            clip.text_config,
+            clip.vision_config,
+            clip.projection_dim,
+            weights={"pretrained_model_name_or_path": None, "state_dict": clip.state_dict},
+            tokenizer_path=clip.tokenizer_path,
+        )
+    options = {"vision_heads": vision_heads, "text_heads": text_heads, "hidden_act": hidden_act}
+    if any(value is not None for value in options.values()):
+        raise ValueError(
+            f"{sorted(option for option, value in options.items() if value is not None)} only apply to OpenAI or "
+            f"OpenCLIP checkpoint files; {name!r} is read as a transformers CLIPModel, whose config already has them."
+        )
+    clip_config = CLIPConfig.from_pretrained(name, **hub_kwargs)
+    return ClipSource(
+        name,
+        clip_config.text_config,
+        clip_config.vision_config,
+        clip_config.projection_dim,
+        weights={"pretrained_model_name_or_path": name, **hub_kwargs},
+        tokenizer_path=name,
+        tokenizer_kwargs=hub_kwargs,
+    )
+
+
+def convert_clip_checkpoint_file(path: str, **options):
+    """An OpenAI/OpenCLIP checkpoint file in this package's CLIP layout (a `ConvertedClip`): reading those formats is
+    the converter's job, so this needs the `denseclip_hf` package (absent when this file runs as remote code)."""
+    try:
+        from denseclip_hf.convert_clip_original_to_hf import convert_clip_checkpoint
+    except ImportError as error:
+        raise ImportError(
+            f"{path!r} is an OpenAI/OpenCLIP checkpoint file: reading it needs the denseclip_hf package, which is not "
+            "installed here (`pip install denseclip_hf`). Or convert it to a transformers CLIPModel folder where the "
+            "package is installed (`python -m denseclip_hf.convert_clip_original_to_hf`) and pass the folder."
+        ) from error
+    return convert_clip_checkpoint(path, **options)
+
+
+def load_clip_tokenizer(source: ClipSource, tokenizer=None):
+    """Step 2a: `tokenizer`, or the CLIP tokenizer that goes with `source`; a `ValueError` when there is none with the
+    text tower's vocabulary."""
+    if tokenizer is None:
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, **source.tokenizer_kwargs)
+        except (OSError, ValueError) as error:
+            tokenizer = error
+    vocab_size = source.text_config.vocab_size
+    # transformers 5 builds an empty tokenizer for a folder without vocabulary files: check the vocabulary size.
+    if isinstance(tokenizer, Exception) or len(tokenizer) != vocab_size:
+        found = tokenizer if isinstance(tokenizer, Exception) else f"a vocabulary of {len(tokenizer)} tokens"
+        raise ValueError(
+            f"No CLIP tokenizer with {vocab_size} tokens was found for {source.name!r} (got {found}); pass one with "
+            "`tokenizer=CLIPTokenizer.from_pretrained(...)`."
+        )
+    return tokenizer
+
+
+def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[dict[int, str], list[list[int]]]:
+    """Step 2b: `id2label` with int keys `0..K-1` (a `ValueError` otherwise) and the class names' token ids
+    (`tokenize_class_names`)."""
+    id2label = {int(label): name for label, name in id2label.items()}
+    if sorted(id2label) != list(range(len(id2label))):
+        raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
+    return id2label, tokenize_class_names([id2label[label] for label in range(len(id2label))], tokenizer, length)
+
+
+def check_clip_towers(loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...]) -> None:
+    """Step 4: a `ValueError` unless every CLIP tower tensor (keys starting with `tower_prefixes`) was loaded and the
+    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`)."""
+    problems = {
+        "missing": sorted(key for key in loading_info["missing_keys"] if key.startswith(tower_prefixes)),
+        "unexpected": sorted(loading_info["unexpected_keys"]),
+        "mismatched": sorted(str(key) for key in loading_info["mismatched_keys"]),
+    }
+    if any(problems.values()):
+        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
+        raise ValueError(f"{source.name!r} is not a complete CLIP checkpoint ({details}).")
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Workarounds for transformers behaviour (`tests/test_transformers_behaviour.py` fails when the behaviour changes)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
 def _is_not_a_load_report(record) -> bool:
-    """Logging filter that drops transformers' "LOAD REPORT" (see `from_clip_pretrained`)."""
     return "LOAD REPORT" not in record.getMessage()
+
+
+@contextmanager
+def _without_load_report():
+    """Drops the "LOAD REPORT" warning that transformers' `from_pretrained` (5.x, logger `transformers.modeling_utils`)
+    writes whenever a checkpoint lacks tensors of the model. `from_clip_pretrained` loads a CLIP checkpoint, which
+    lacks every DenseCLIP tensor by design, and checks the CLIP towers itself (`check_clip_towers`); transformers has
+    no public switch for the report."""
+    loading_logger = logging.get_logger("transformers.modeling_utils")
+    loading_logger.addFilter(_is_not_a_load_report)
+    try:
+        yield
+    finally:
+        loading_logger.removeFilter(_is_not_a_load_report)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Models
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The key layout of folders saved by version 0.1.0 (one model: `image_encoder.*`, `text_encoder.*`,
+# `context_embeddings`, `prompting.*`, `neck.*`, `decode_head.*`) -> this version's. `from_pretrained` applies it to
+# every checkpoint (its patterns match none of this version's keys), so old folders load unchanged.
+_V0_1_0_BASE_MODEL_KEYS = {  # relative to DenseClipModel
+    r"^(image_encoder|text_encoder|prompting)\.": r"\1.",
+    r"^context_embeddings$": "prompting.context_embeddings",
+}
+_V0_1_0_DECODER_KEYS = {r"^neck\.": "decoder.neck.", r"^decode_head\.": "decoder.head."}
 
 
 class DenseClipPreTrainedModel(PreTrainedModel):
@@ -781,10 +1072,112 @@ class DenseClipPreTrainedModel(PreTrainedModel):
     # CLIP's contrastive temperature is not part of DenseCLIP (the score map uses the fixed `temperature`).
     _keys_to_ignore_on_load_unexpected = [r"logit_scale"]
 
+    @classmethod
+    def _base_model_key_prefix(cls) -> str:
+        """Where `DenseClipModel`'s tensors sit in this class's state dict: `""` in `DenseClipModel`, `"denseclip."` in
+        the task models built on it."""
+        return "" if issubclass(cls, DenseClipModel) else f"{cls.base_model_prefix}."
+
+    @classmethod
+    def _base_model_key_mapping(cls, mapping: dict[str, str]) -> dict[str, str]:
+        """`mapping` (targets relative to `DenseClipModel`) for this class's state dict."""
+        return {pattern: cls._base_model_key_prefix() + target for pattern, target in mapping.items()}
+
+    @classmethod
+    def from_pretrained(cls, *args, key_mapping: dict[str, str] | None = None, **kwargs):
+        """`PreTrainedModel.from_pretrained`, also reading the key layout of version 0.1.0 and each other's
+        checkpoints (`DenseClipModel` <-> task models); then the text tower is frozen again (loading makes tensors
+        trainable)."""
+        key_mapping = {
+            **cls._base_model_key_mapping(_V0_1_0_BASE_MODEL_KEYS),
+            **_V0_1_0_DECODER_KEYS,
+            **(key_mapping or {}),
+        }
+        loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
+        model = loaded[0] if isinstance(loaded, tuple) else loaded
+        model.base_model.freeze_text_encoder()
+        return loaded
+
+    def save_pretrained(self, save_directory: str | os.PathLike, *args, save_original_format: bool = False, **kwargs):
+        """`PreTrainedModel.save_pretrained`, always in this version's key layout: transformers' default
+        (`save_original_format=True`) would write a model loaded through a key mapping (`from_clip_pretrained`, an
+        old folder) back in its source's layout."""
+        return super().save_pretrained(save_directory, *args, save_original_format=save_original_format, **kwargs)
+
+    @classmethod
+    def from_clip_pretrained(
+        cls,
+        pretrained_model_name_or_path: str | os.PathLike,
+        id2label: dict[int, str],
+        tokenizer=None,
+        *,
+        vision_heads: int | None = None,
+        text_heads: int | None = None,
+        hidden_act: str | None = None,
+        **kwargs,
+    ):
+        """Builds DenseCLIP on CLIP weights: a transformers `CLIPModel` (Hub id or folder; ViT), or a checkpoint file
+        in OpenAI's or OpenCLIP's format (ViT or ResNet: OpenAI's `RN50.pt`, `ViT-B-16.pt`, an OpenCLIP state dict).
+
+        The CLIP towers load bit-exactly; every DenseCLIP tensor gets its initial value from `_init_weights`.
+        Class names (`id2label`) are tokenized with `tokenizer`, by default the CLIP tokenizer stored with the
+        checkpoint (for a checkpoint file: the CLIP tokenizer shipped with this package), and kept in
+        `config.class_token_ids`, so the resulting model needs no tokenizer.
+
+        Args:
+            pretrained_model_name_or_path: Hub id or local folder of a `CLIPModel` checkpoint, or the path of an
+                OpenAI/OpenCLIP checkpoint file (converted in memory by `denseclip_hf.convert_clip_checkpoint`, which
+                needs the package; TorchScript archives are read with `torch.jit.load`, so only load archives you
+                trust).
+            id2label: Class names by index, e.g. `{0: "wall", 1: "building"}`.
+            tokenizer: A CLIP tokenizer, when the checkpoint has none.
+            vision_heads, text_heads, hidden_act: Checkpoint files only, which do not store them: attention heads of
+                the image tower (ViT, or the ResNet attention pool) and of the text tower, by default OpenAI's rule
+                `channels // 64` (the pool has `32 * width` channels); and the activation of both transformers,
+                `"quick_gelu"` by default (OpenAI's; OpenCLIP models without `-quickgelu` in their name use `"gelu"`).
+            kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
+                `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        source = resolve_clip_source(
+            pretrained_model_name_or_path,
+            vision_heads=vision_heads,
+            text_heads=text_heads,
+            hidden_act=hidden_act,
+            **hub_kwargs,
+        )
+        id2label, class_token_ids = tokenize_labels(
+            id2label,
+            load_clip_tokenizer(source, tokenizer),
+            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
+        )
+        config = DenseClipConfig(
+            text_config=source.text_config.to_dict(),
+            vision_config=source.vision_config.to_dict(),
+            projection_dim=source.projection_dim,
+            id2label=id2label,
+            class_token_ids=class_token_ids,
+            **settings,
+        )
+        clip_key_mapping = cls._base_model_key_mapping(CLIP_KEY_MAPPING)
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                **source.weights, config=config, key_mapping=clip_key_mapping, output_loading_info=True, **kwargs
+            )
+        check_clip_towers(info, source, tuple(clip_key_mapping.values()))
+        logger.info(
+            f"Loaded the CLIP towers from {source.name!r}; {len(info['missing_keys'])} DenseCLIP tensors (contexts, "
+            "context decoder, pyramid, decoder) are newly initialised."
+        )
+        return (model, info) if output_loading_info else model
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # For models defined outside transformers, transformers skips every module whose own parameters are all
-        # loaded, including modules with no parameters of their own (`DenseClipFPN`, `DenseClipResNetBottleneck`,
-        # ...), as it cannot know whether their init would overwrite loaded tensors. `_init_weights` below only uses
+        # Workaround (test: tests/test_transformers_behaviour.py): for models defined outside transformers,
+        # `PreTrainedModel._initialize_weights` skips every module whose own parameters are all loaded, including
+        # modules with no parameters of their own (`DenseClipFPN`, `DenseClipResNetBottleneck`, ...), as it cannot
+        # know whether their init would overwrite loaded tensors. `_init_weights` below only uses
         # `transformers.initialization`, which leaves loaded tensors alone, so every module gets its init.
         super()._initialize_weights(module, is_custom_code=False)
 
@@ -792,11 +1185,11 @@ class DenseClipPreTrainedModel(PreTrainedModel):
     def _init_weights(self, module: nn.Module) -> None:
         super()._init_weights(module)
         config = self.config
-        if isinstance(module, DenseClipForSemanticSegmentation):
-            init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
+        if isinstance(module, DenseClipModel):
             if config.class_token_ids is not None:
                 init.copy_(module.class_token_ids, torch.tensor(config.class_token_ids))
         elif isinstance(module, DenseClipPostModelPrompting):
+            init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
             init.constant_(module.gamma, config.gamma_init_value)
         elif isinstance(module, DenseClipContextDecoder):
             for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
@@ -834,149 +1227,41 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             init.zeros_(module.classifier.bias)
 
 
-class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
-    """DenseCLIP with a CLIP image encoder (ViT or ResNet), post-model prompting, an FPN neck and a Semantic FPN head.
+class DenseClipModel(DenseClipPreTrainedModel):
+    """The DenseCLIP base model: pixels -> image encoder -> class text embeddings -> prompting -> pixel-text score map,
+    joined to the pyramid (the language-guided features a decoder reads), as `SegformerModel` is to SegFormer.
 
-    The CLIP text tower is frozen (`requires_grad=False`); gradients still flow through it to the learnable contexts.
+    The parts come from the config (`image_encoder_family`, `prompting_type`). The CLIP text tower is frozen
+    (`requires_grad=False`); gradients still flow through it to the learnable contexts.
     """
+
+    # Loaded from a task model's checkpoint, the base model leaves its decoder out.
+    _keys_to_ignore_on_load_unexpected = [*DenseClipPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^decoder\."]
 
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
-        self.image_encoder = build_image_encoder(config)
+        self.image_encoder = IMAGE_ENCODERS[config.image_encoder_family](config)
         self.text_encoder = DenseClipTextEncoder(config)
-        self.text_encoder.requires_grad_(False)
-        self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
+        self.prompting = PROMPTINGS[config.prompting_type](config)
         self.register_buffer(
             "class_token_ids",
             torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
             persistent=False,
         )
-        self.prompting = DenseClipPostModelPrompting(config)
-        neck_channels = list(self.image_encoder.pyramid_channels)
-        neck_channels[config.score_map_level] += config.num_labels
-        self.neck = DenseClipFPN(neck_channels, config.fpn_channels)
-        self.decode_head = DenseClipSemanticFPNHead(
-            config.fpn_channels, config.decode_head_channels, config.num_labels, config.decode_head_dropout
-        )
+        self.freeze_text_encoder()
         self.post_init()
 
-    @classmethod
-    def from_pretrained(cls, *args, **kwargs):
-        """`PreTrainedModel.from_pretrained`, then the text tower is frozen again (loading makes tensors trainable)."""
-        loaded = super().from_pretrained(*args, **kwargs)
-        model = loaded[0] if isinstance(loaded, tuple) else loaded
-        model.text_encoder.requires_grad_(False)
-        return loaded
+    def freeze_text_encoder(self) -> None:
+        """The CLIP text tower trains no parameter of its own (the authors' `lr_mult=0`)."""
+        self.text_encoder.requires_grad_(False)
 
-    @classmethod
-    def from_clip_pretrained(
-        cls,
-        pretrained_model_name_or_path: str | os.PathLike,
-        id2label: dict[int, str],
-        tokenizer=None,
-        *,
-        vision_heads: int | None = None,
-        text_heads: int | None = None,
-        hidden_act: str | None = None,
-        **kwargs,
-    ) -> "DenseClipForSemanticSegmentation":
-        """Builds DenseCLIP on CLIP weights: a transformers `CLIPModel` (Hub id or folder; ViT), or a checkpoint file
-        in OpenAI's or OpenCLIP's format (ViT or ResNet: OpenAI's `RN50.pt`, `ViT-B-16.pt`, an OpenCLIP state dict).
-
-        The CLIP towers load bit-exactly; every DenseCLIP tensor gets its initial value from `_init_weights`.
-        Class names (`id2label`) are tokenized with `tokenizer`, by default the CLIP tokenizer stored with the
-        checkpoint (for a checkpoint file: the CLIP tokenizer shipped with this package), and kept in
-        `config.class_token_ids`, so the resulting model needs no tokenizer.
-
-        Args:
-            pretrained_model_name_or_path: Hub id or local folder of a `CLIPModel` checkpoint, or the path of an
-                OpenAI/OpenCLIP checkpoint file (converted in memory by `convert_clip_checkpoint`; TorchScript
-                archives are read with `torch.jit.load`, so only load archives you trust).
-            id2label: Class names by index, e.g. `{0: "wall", 1: "building"}`.
-            tokenizer: A CLIP tokenizer, when the checkpoint has none.
-            vision_heads, text_heads, hidden_act: Checkpoint files only, which do not store them: attention heads of
-                the image tower (ViT, or the ResNet attention pool) and of the text tower, by default OpenAI's rule
-                `channels // 64` (the pool has `32 * width` channels); and the activation of both transformers,
-                `"quick_gelu"` by default (OpenAI's; OpenCLIP models without `-quickgelu` in their name use `"gelu"`).
-            kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
-                `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
-        """
-        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-        config_kwargs = {key: kwargs.pop(key) for key in list(kwargs) if key in DenseClipConfig.__dataclass_fields__}
-        if os.path.isfile(pretrained_model_name_or_path):
-            from .convert_clip_original_to_hf import CLIP_TOKENIZER_PATH, convert_clip_checkpoint
-
-            clip = convert_clip_checkpoint(
-                pretrained_model_name_or_path, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
-            )
-            text_config, vision_config, projection_dim = clip.text_config, clip.vision_config, clip.projection_dim
-            weights = {"pretrained_model_name_or_path": None, "state_dict": clip.state_dict}
-            tokenizer_source, tokenizer_kwargs = CLIP_TOKENIZER_PATH, {}
-        else:
-            options = {"vision_heads": vision_heads, "text_heads": text_heads, "hidden_act": hidden_act}
-            if any(value is not None for value in options.values()):
-                raise ValueError(
-                    f"{sorted(name for name, value in options.items() if value is not None)} only apply to OpenAI "
-                    f"or OpenCLIP checkpoint files; {pretrained_model_name_or_path!r} is read as a transformers "
-                    "CLIPModel, whose config already has them."
-                )
-            clip_config = CLIPConfig.from_pretrained(pretrained_model_name_or_path, **hub_kwargs)
-            text_config, vision_config = clip_config.text_config, clip_config.vision_config
-            projection_dim = clip_config.projection_dim
-            weights = {"pretrained_model_name_or_path": pretrained_model_name_or_path, **hub_kwargs}
-            tokenizer_source, tokenizer_kwargs = pretrained_model_name_or_path, hub_kwargs
-        if tokenizer is None:
-            try:
-                tokenizer = AutoTokenizer.from_pretrained(tokenizer_source, **tokenizer_kwargs)
-            except (OSError, ValueError) as error:
-                tokenizer = error
-        # transformers 5 builds an empty tokenizer for a folder without vocabulary files: check the vocabulary size.
-        if isinstance(tokenizer, Exception) or len(tokenizer) != text_config.vocab_size:
-            found = tokenizer if isinstance(tokenizer, Exception) else f"a vocabulary of {len(tokenizer)} tokens"
-            raise ValueError(
-                f"No CLIP tokenizer with {text_config.vocab_size} tokens was found for {tokenizer_source!r} (got "
-                f"{found}); pass one with `tokenizer=CLIPTokenizer.from_pretrained(...)`."
-            )
-        id2label = {int(label): name for label, name in id2label.items()}
-        if sorted(id2label) != list(range(len(id2label))):
-            raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
-        length = config_kwargs.get("class_name_token_length", DenseClipConfig.class_name_token_length)
-        config = DenseClipConfig(
-            text_config=text_config.to_dict(),
-            vision_config=vision_config.to_dict(),
-            projection_dim=projection_dim,
-            id2label=id2label,
-            class_token_ids=tokenize_class_names(
-                [id2label[label] for label in range(len(id2label))], tokenizer, length
-            ),
-            **config_kwargs,
-        )
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        # transformers' load report would list every DenseCLIP tensor as MISSING (they are new by design): it is
-        # silenced and replaced by a check that the CLIP towers loaded completely.
-        loading_logger = logging.get_logger("transformers.modeling_utils")
-        loading_logger.addFilter(_is_not_a_load_report)
-        try:
-            model, info = cls.from_pretrained(
-                **weights, config=config, key_mapping=CLIP_KEY_MAPPING, output_loading_info=True, **kwargs
-            )
-        finally:
-            loading_logger.removeFilter(_is_not_a_load_report)
-        problems = {
-            "missing": sorted(key for key in info["missing_keys"] if key.startswith(tuple(CLIP_KEY_MAPPING.values()))),
-            "unexpected": sorted(info["unexpected_keys"]),
-            "mismatched": sorted(str(key) for key in info["mismatched_keys"]),
-        }
-        if any(problems.values()):
-            details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
-            raise ValueError(f"{pretrained_model_name_or_path!r} is not a complete CLIP checkpoint ({details}).")
-        logger.info(
-            f"Loaded the CLIP towers from {pretrained_model_name_or_path!r}; {len(info['missing_keys'])} DenseCLIP "
-            "tensors (contexts, context decoder, pyramid, FPN, head) are newly initialised."
-        )
-        # transformers remembers `key_mapping` to save in the source layout; a DenseCLIP model saves in its own.
-        model._weight_conversions = []
-        return (model, info) if output_loading_info else model
+    @property
+    def pyramid_channels(self) -> list[int]:
+        """Channels of the 4 levels of `DenseClipModelOutput.pyramid`: the image encoder's, plus the `num_labels`
+        score-map channels on level `config.score_map_level`."""
+        channels = list(self.image_encoder.pyramid_channels)
+        channels[self.config.score_map_level] += self.config.num_labels
+        return channels
 
     def resize_position_embeddings(self, image_size: int) -> None:
         """Resizes the image encoder's positional embedding to `image_size` x `image_size` inputs, once.
@@ -989,15 +1274,60 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self.image_encoder.resize_position_embeddings(image_size)
         self.config.vision_config.image_size = image_size
 
-    def get_text_embeddings(self) -> torch.Tensor:
-        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
+    def get_text_embeddings(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+        """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,
+        through the CLIP text tower (Eq. 3). They do not depend on the image (`image` is for promptings whose
+        contexts do)."""
         if self.class_token_ids is None:
             raise ValueError(
                 "This model has no class token ids: build it with `DenseClipForSemanticSegmentation."
                 "from_clip_pretrained(..., id2label=...)` or set `config.class_token_ids` with "
                 "`denseclip_hf.tokenize_class_names`."
             )
-        return self.text_encoder(self.class_token_ids, self.context_embeddings)
+        return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+
+    @can_return_tuple
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> DenseClipModelOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
+        output_hidden_states (`bool`, *optional*):
+            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        """
+        if output_hidden_states is None:
+            output_hidden_states = self.config.output_hidden_states
+        image = self.image_encoder(pixel_values)  # Eq. 1
+        text_embeddings = self.prompting(self.get_text_embeddings(image), image)  # Eqs. 3, 5-6
+        score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)  # Eq. 2
+        return DenseClipModelOutput(
+            pyramid=join_score_map(image.pyramid, score_map, self.config.score_map_level),  # x' = [x, s]
+            score_map=score_map,
+            global_embedding=image.global_embedding,
+            dense_embedding=image.dense_embedding,
+            text_embeddings=text_embeddings,
+            hidden_states=image.pyramid if output_hidden_states else None,
+        )
+
+
+class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
+    """DenseCLIP for semantic segmentation: `DenseClipModel`, a decoder (`config.decoder_type`, the Semantic FPN by
+    default) on its language-guided pyramid, and the losses (Eq. 7)."""
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.denseclip = DenseClipModel(config)
+        self.decoder = DECODERS[config.decoder_type](config, self.denseclip.pyramid_channels)
+        self.post_init()
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        """See `DenseClipModel.resize_position_embeddings`."""
+        self.denseclip.resize_position_embeddings(image_size)
+
+    def get_text_embeddings(self) -> torch.Tensor:
+        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
+        return self.denseclip.get_text_embeddings()
 
     @can_return_tuple
     def forward(
@@ -1037,28 +1367,18 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
                 )
             logits = self._protocol_logits(pixel_values, test_mode)
             return DenseClipSemanticSegmenterOutput(logits=logits)
-        if output_hidden_states is None:
-            output_hidden_states = self.config.output_hidden_states
-        image = self.image_encoder(pixel_values)
-        text_embeddings = self.prompting(self.get_text_embeddings(), image.global_embedding, image.dense_embedding)
-        score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)
-
-        # Sec. 3.2: x' = [x, s], the score map joins the pyramid level of the same stride.
-        features = list(image.pyramid)
-        level = self.config.score_map_level
-        score_map_at_level = _resize(score_map, features[level].shape[-2:]).to(features[level].dtype)
-        features[level] = torch.cat([features[level], score_map_at_level], dim=1)
-        logits = self.decode_head(self.neck(features))
+        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        logits = self.decoder(outputs.pyramid)
 
         loss = decode_loss = identity_loss = None
         if labels is not None:
-            loss, decode_loss, identity_loss = self.compute_loss(logits, score_map, labels)
+            loss, decode_loss, identity_loss = self.compute_loss(logits, outputs.score_map, labels)
         return DenseClipSemanticSegmenterOutput(
             loss=loss,
             logits=logits,
-            hidden_states=image.pyramid if output_hidden_states else None,
-            score_map=score_map,
-            text_embeddings=text_embeddings,
+            hidden_states=outputs.hidden_states,
+            score_map=outputs.score_map,
+            text_embeddings=outputs.text_embeddings,
             decode_loss=decode_loss,
             identity_loss=identity_loss,
         )
@@ -1193,6 +1513,8 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
 
 __all__ = [
     "DenseClipForSemanticSegmentation",
+    "DenseClipModel",
+    "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
     "pixel_text_score_map",
