@@ -4,6 +4,7 @@ package load by repo id at a branch, a tag and a commit sha, in the pipeline and
 is not installed; private repositories need the token; the converter's --push_to_hub uploads a folder that loads back;
 a missing repository, revision or Hub gives an error that says so."""
 
+import re
 import time
 from dataclasses import dataclass
 
@@ -11,7 +12,7 @@ import numpy as np
 import pytest
 import torch
 from conftest import CLASS_NAMES, run_without_denseclip_hf, tiny_config
-from hub_server import TOKEN
+from hub_server import ORGANIZATION, TOKEN
 from huggingface_hub import HfApi
 from PIL import Image
 from safetensors.torch import load_file
@@ -75,7 +76,7 @@ class Published:
 def published(hub, tokenizer) -> Published:
     """One repository, pushed with `push_to_hub`, in three versions: the first one tagged `v1` (and reachable by its
     commit sha), a second one on a branch `experiment` made from it, the third one on `main`."""
-    repo_id = "denseclip-org/denseclip-tiny"
+    repo_id = f"{ORGANIZATION}/denseclip-tiny"
     processor = DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256})
     first, second, third = (decisive_model(tokenizer, seed) for seed in range(3))
     first.push_to_hub(repo_id, token=TOKEN)
@@ -227,16 +228,16 @@ def test_converter_push_options_need_a_repository(tmp_path, capsys):
     assert "--private and --revision apply to --push_to_hub REPO_ID" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize(
-    "repository, revision, message",
-    [
-        ("denseclip-org/no-such-model", None, "denseclip-org/no-such-model is not a local folder and is not a valid"),
-        (None, "no-such-branch", "no-such-branch is not a valid git identifier \\(branch name, tag name or commit"),
-    ],
-)
-def test_missing_repository_or_revision_is_named(published, repository, revision, message):
-    with pytest.raises(OSError, match=message):
-        DenseClipForSemanticSegmentation.from_pretrained(repository or published.repo_id, revision=revision)
+@pytest.mark.parametrize("missing", ["repository", "revision"])
+def test_missing_repository_or_revision_is_named(published, missing):
+    if missing == "repository":
+        repo_id, revision = f"{ORGANIZATION}/no-such-model", None
+        message = f"{repo_id} is not a local folder and is not a valid model identifier"
+    else:
+        repo_id, revision = published.repo_id, "no-such-branch"
+        message = "no-such-branch is not a valid git identifier (branch name, tag name or commit id)"
+    with pytest.raises(OSError, match=re.escape(message)):
+        DenseClipForSemanticSegmentation.from_pretrained(repo_id, revision=revision)
 
 
 def test_unreachable_hub(published, hub, hub_repo_id, monkeypatch):
