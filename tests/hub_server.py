@@ -92,7 +92,15 @@ class StoredFile:
         """What the client compares with the file it is about to upload: the sha256 of LFS files, else the blob id."""
         return self.sha256 if self.lfs else self.blob_id
 
+    def sibling(self, path: str) -> dict:
+        """The file in model info."""
+        entry = {"rfilename": path, "size": len(self.data), "blobId": self.blob_id}
+        if self.lfs:
+            entry["lfs"] = {"size": len(self.data), "sha256": self.sha256, "pointerSize": len(self.pointer)}
+        return entry
+
     def listing(self, path: str) -> dict:
+        """The file in a tree listing."""
         entry = {"type": "file", "path": path, "oid": self.blob_id, "size": len(self.data)}
         if self.lfs:
             entry["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": len(self.pointer)}
@@ -229,7 +237,7 @@ class HubServer:
         stored = self._readable(repo, self._user(headers))
         sha = stored.resolve(revision or "main")
         files = stored.commits[sha]
-        siblings = [{"rfilename": path, **_sibling_metadata(file)} for path, file in sorted(files.items())]
+        siblings = [file.sibling(path) for path, file in sorted(files.items())]
         info = {"id": repo, "author": repo.split("/")[0], "sha": sha, "private": stored.private, "siblings": siblings}
         return 200, {}, info
 
@@ -390,13 +398,6 @@ _ROUTES = [
     ("storage", "PUT", rf"/lfs/{_OID}", "lfs_upload"),
     ("storage", "GET", rf"/lfs/{_OID}", "lfs_download"),
 ]
-
-
-def _sibling_metadata(file: StoredFile) -> dict:
-    metadata = {"size": len(file.data), "blobId": file.blob_id}
-    if file.lfs:
-        metadata["lfs"] = {"size": len(file.data), "sha256": file.sha256, "pointerSize": len(file.pointer)}
-    return metadata
 
 
 class _Handler(BaseHTTPRequestHandler):
