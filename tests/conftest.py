@@ -1,4 +1,5 @@
-"""Shared fixtures: tiny random CLIP / DenseCLIP configs and the real CLIP tokenizer shipped with the package."""
+"""Shared fixtures: tiny random CLIP / DenseCLIP configs, the real CLIP tokenizer shipped with the package, and a
+Hugging Face Hub on loopback (tests/hub_server.py)."""
 
 import os
 import subprocess
@@ -7,6 +8,13 @@ import textwrap
 from dataclasses import dataclass
 from pathlib import Path
 
+from hub_server import ORGANIZATION, HubServer
+
+# huggingface_hub reads these once, when it is first imported: the loopback Hub serves the whole session, and its
+# clients (this process and subprocesses) download into a cache folder of its own.
+os.environ.update((HUB := HubServer.start()).environment())
+
+import huggingface_hub.constants
 import pytest
 import torch
 from clip_reference import randomize_batch_norms
@@ -127,8 +135,21 @@ def write_pair(image_path: Path, label_path: Path, value: int = 1) -> None:
     Image.new("L", (8, 6), value).save(label_path)
 
 
-def run_without_denseclip_hf(script: str, tmp_path: Path) -> subprocess.CompletedProcess:
-    """Runs `script` in a fresh Python where `import denseclip_hf` fails (as for a Hub user without the package)."""
+@pytest.fixture(scope="session")
+def hub() -> HubServer:
+    assert huggingface_hub.constants.ENDPOINT == HUB.url, "huggingface_hub was imported before conftest.py set it up"
+    return HUB
+
+
+@pytest.fixture
+def hub_repo_id(tmp_path) -> str:
+    """A repository id of its own for each test (the loopback Hub lives as long as the session)."""
+    return f"{ORGANIZATION}/{tmp_path.name}"
+
+
+def run_without_denseclip_hf(script: str, tmp_path: Path, online: bool = False) -> subprocess.CompletedProcess:
+    """Runs `script` in a fresh Python where `import denseclip_hf` fails (as for a Hub user without the package);
+    offline unless `online` (then it reaches the loopback Hub only)."""
     blocker = textwrap.dedent(
         """
         import sys
@@ -141,7 +162,7 @@ def run_without_denseclip_hf(script: str, tmp_path: Path) -> subprocess.Complete
         sys.meta_path.insert(0, _BlockDenseClip())
         """
     )
-    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "HF_HUB_OFFLINE": "1"}
+    env = {**os.environ, "HF_MODULES_CACHE": str(tmp_path / "hf-modules"), "HF_HUB_OFFLINE": "0" if online else "1"}
     result = subprocess.run(
         [sys.executable, "-c", blocker + textwrap.dedent(script)], capture_output=True, text=True, env=env, timeout=300
     )

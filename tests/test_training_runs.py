@@ -14,6 +14,8 @@ import pytest
 import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState, GradientState
+from hub_server import TOKEN
+from huggingface_hub import HfApi
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
@@ -51,28 +53,12 @@ def numpy_confusion(prediction: np.ndarray, label: np.ndarray, num_labels: int) 
     )
 
 
-class RecordingHfApi:
-    """Stands in for `huggingface_hub.HfApi` (no network): records the upload."""
-
-    uploads: list[dict] = []
-
-    def __init__(self, token=None):
-        pass
-
-    def create_repo(self, repo_id, exist_ok=False):
-        return type("RepoUrl", (), {"repo_id": repo_id})()
-
-    def upload_folder(self, **kwargs):
-        self.uploads.append(kwargs)
-
-
-def test_default_run_learns(tmp_path, monkeypatch):
+def test_default_run_learns(tmp_path, hub):
     """A shortened `accelerate launch examples/train_seg.py`: mIoU far above chance, a complete output folder, and
-    `--push_to_hub` uploads that folder."""
-    monkeypatch.setattr("denseclip_hf.training.loop.HfApi", RecordingHfApi)
+    `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads by repo id."""
     output_dir = tmp_path / "denseclip-synthetic"
     argv = ["--output_dir", str(output_dir), "--max_train_steps", "150", "--num_warmup_steps", "10", "--with_tracking"]
-    argv += ["--push_to_hub", "--hub_model_id", "someone/denseclip-test"]
+    argv += ["--push_to_hub", "--hub_model_id", tmp_path.name, "--hub_token", TOKEN]  # no namespace: the token's user
     results = run_in_process([*argv, "--max_train_samples", "200", "--max_eval_samples", "40"])
 
     labels = np.concatenate([np.asarray(ex["label"]).ravel() for ex in load_synthetic_dataset("validation", 40)])
@@ -95,9 +81,14 @@ def test_default_run_learns(tmp_path, monkeypatch):
     assert "Random CLIP weights" in card and f"{100 * results['eval_mean_iou']:.2f}" in card and "pipeline(" in card
     grid = Image.open(output_dir / "validation_predictions.png")
     assert grid.width > 3 * 160 and grid.height > 6 * 160
-    (upload,) = RecordingHfApi.uploads
-    assert upload["repo_id"] == "someone/denseclip-test" and upload["folder_path"] == str(output_dir)
-    assert "checkpoints/**" in upload["ignore_patterns"]
+    api = HfApi(token=TOKEN)
+    repo_id = f"{api.whoami()['name']}/{tmp_path.name}"
+    local_files = [path.relative_to(output_dir) for path in output_dir.rglob("*") if path.is_file()]
+    expected = sorted(str(path) for path in local_files if path.parts[0] not in ("checkpoints", "runs"))
+    assert sorted(api.list_repo_files(repo_id)) == expected and "README.md" in expected
+    pushed = DenseClipForSemanticSegmentation.from_pretrained(repo_id)
+    trained = load_file(output_dir / "model.safetensors")
+    assert all(torch.equal(pushed.state_dict()[name], tensor) for name, tensor in trained.items())
 
 
 def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, caplog):

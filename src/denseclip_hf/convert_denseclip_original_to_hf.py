@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from huggingface_hub import HfApi
 from transformers import CLIPTokenizer
 
 from .assets import CLIP_TOKENIZER_PATH
@@ -292,7 +293,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--vision_feature_layers", type=int, nargs=4, help="ViT layers forming the pyramid")
     parser.add_argument("--loss_reduction", choices=("mean_non_ignored", "mean_all_pixels"))
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the folder to this Hub repository")
+    parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repository private")
+    parser.add_argument("--revision", help="With --push_to_hub: the branch to commit to (made from main if new)")
     args = parser.parse_args(argv)
+    if (args.private or args.revision) and not args.push_to_hub:
+        parser.error("--private and --revision apply to --push_to_hub REPO_ID")
     model = convert_denseclip_checkpoint(
         args.checkpoint,
         _read_class_names(args.class_names) if args.class_names else None,
@@ -305,14 +310,23 @@ def main(argv: list[str] | None = None) -> None:
     processor = image_processor_for(model.config)
     model.save_pretrained(args.output_dir)
     processor.save_pretrained(args.output_dir)
-    if args.push_to_hub:
-        model.push_to_hub(args.push_to_hub)
-        processor.push_to_hub(args.push_to_hub)
     config = model.config
     print(
         f"Wrote DenseCLIP ({config.image_encoder_family}, {config.num_labels} classes, score map on level "
         f"{config.score_map_level}) to {args.output_dir}"
     )
+    if args.push_to_hub:
+        api = HfApi()  # the token of `hf auth login` or HF_TOKEN
+        repo_id = api.create_repo(args.push_to_hub, private=args.private, exist_ok=True).repo_id
+        if args.revision:
+            api.create_branch(repo_id, branch=args.revision, exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=args.output_dir,
+            revision=args.revision,
+            commit_message=f"DenseCLIP converted from {Path(args.checkpoint).name} with denseclip_hf",
+        )
+        print(f"Uploaded {args.output_dir} to {commit.commit_url}")
 
 
 if __name__ == "__main__":
