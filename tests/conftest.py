@@ -17,13 +17,16 @@ os.environ.update((HUB := HubServer.start()).environment())
 import huggingface_hub.constants
 import pytest
 import torch
+from accelerate.state import AcceleratorState, GradientState
 from clip_reference import randomize_batch_norms
 from PIL import Image
 from transformers import CLIPConfig, CLIPModel, CLIPTokenizer
 
 import denseclip_hf
 from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, tokenize_class_names
+from denseclip_hf.training.arguments import parse_training_args
 from denseclip_hf.training.checkpointing import write_manifest
+from denseclip_hf.training.loop import train
 
 FIXTURES = Path(__file__).parent / "fixtures"
 CLASS_NAMES = ["wall", "building", "sky", "traffic light"]
@@ -114,6 +117,20 @@ def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+def reset_accelerate() -> None:
+    AcceleratorState._reset_state(reset_partial_state=True)
+    GradientState._reset_state()
+
+
+def run_in_process(argv: list[str]) -> dict:
+    """`examples/train_seg.py argv` in this process, with a fresh Accelerate state."""
+    reset_accelerate()
+    try:
+        return train(parse_training_args(argv))
+    finally:
+        reset_accelerate()
 
 
 def fake_checkpoint(output_dir: Path, step: int, complete: bool = True) -> Path:

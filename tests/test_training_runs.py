@@ -1,5 +1,5 @@
-"""End-to-end training on CPU: it learns, the output folder is a usable model repository, an interrupted run resumes
-to the same weights, and 2 processes give exactly the metrics of 1."""
+"""End-to-end training on CPU: it learns, the output folder is a usable model repository, and 2 processes launched
+with the DDP config file give exactly the metrics of 1 (crashes and resuming: test_training_crashes.py)."""
 
 import json
 import logging
@@ -13,37 +13,22 @@ import numpy as np
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState, GradientState
+from conftest import reset_accelerate, run_in_process
 from hub_server import TOKEN
-from huggingface_hub import HfApi
+from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load_file
 from transformers import AutoImageProcessor
 
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
-from denseclip_hf.training.arguments import parse_training_args
 from denseclip_hf.training.data import evaluation_dataloader
 from denseclip_hf.training.evaluation import evaluate
-from denseclip_hf.training.loop import train
 from denseclip_hf.training.metrics import segmentation_metrics
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
+DDP_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 NUM_LABELS = len(SYNTHETIC_CLASS_NAMES)
-
-
-def _reset_accelerate() -> None:
-    AcceleratorState._reset_state(reset_partial_state=True)
-    GradientState._reset_state()
-
-
-def run_in_process(argv: list[str]) -> dict:
-    """`examples/train_seg.py argv` in this process, with a fresh Accelerate state."""
-    _reset_accelerate()
-    try:
-        return train(parse_training_args(argv))
-    finally:
-        _reset_accelerate()
 
 
 def numpy_confusion(prediction: np.ndarray, label: np.ndarray, num_labels: int) -> np.ndarray:
@@ -79,6 +64,8 @@ def test_default_run_learns(tmp_path, hub):
     )
     card = (output_dir / "README.md").read_text()
     assert "Random CLIP weights" in card and f"{100 * results['eval_mean_iou']:.2f}" in card and "pipeline(" in card
+    (miou, *_) = ModelCard.load(output_dir / "README.md").data.eval_results
+    assert miou.metric_type == "mean_iou" and miou.metric_value == round(100 * results["eval_mean_iou"], 2)
     grid = Image.open(output_dir / "validation_predictions.png")
     assert grid.width > 3 * 160 and grid.height > 6 * 160
     api = HfApi(token=TOKEN)
@@ -89,42 +76,6 @@ def test_default_run_learns(tmp_path, hub):
     pushed = DenseClipForSemanticSegmentation.from_pretrained(repo_id)
     trained = load_file(output_dir / "model.safetensors")
     assert all(torch.equal(pushed.state_dict()[name], tensor) for name, tensor in trained.items())
-
-
-def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, monkeypatch, caplog):
-    common = ["--max_train_steps", "6", "--num_warmup_steps", "1", "--max_train_samples", "12"]
-    common += ["--max_eval_samples", "3", "--per_device_train_batch_size", "2", "--total_train_batch_size", "4"]
-    common += ["--checkpointing_steps", "2", "--checkpoints_total_limit", "2"]  # 3 steps of 2 batches per epoch
-    full = run_in_process([*common, "--output_dir", str(tmp_path / "full")])
-
-    # Same run, killed in the middle of step 5 (its second batch), after the checkpoint of step 4.
-    interrupted = tmp_path / "interrupted"
-    forward = DenseClipForSemanticSegmentation.forward
-    calls = []
-
-    def crashing_forward(self, *args, **kwargs):
-        calls.append(1)
-        if len(calls) == 10:
-            raise RuntimeError("preempted")
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", crashing_forward)
-    with pytest.raises(RuntimeError, match="preempted"):
-        run_in_process([*common, "--output_dir", str(interrupted)])
-    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", forward)
-    checkpoints = interrupted / "checkpoints"
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_2", "step_4"]
-    (checkpoints / "step_5").mkdir()  # a save that died before its manifest
-    (checkpoints / "step_5" / "model.safetensors").write_bytes(b"partial")
-    (checkpoints / ".tmp-step_6").mkdir()
-
-    resumed = run_in_process([*common, "--output_dir", str(interrupted), "--resume_from_checkpoint", "latest"])
-    assert "Skipping checkpoint" in caplog.text and "step_5" in caplog.text
-    expected, actual = load_file(tmp_path / "full" / "model.safetensors"), load_file(interrupted / "model.safetensors")
-    assert expected.keys() == actual.keys()
-    assert all(torch.equal(expected[name], actual[name]) for name in expected)
-    assert resumed == {**full, "train_runtime_seconds": resumed["train_runtime_seconds"]}
-    assert sorted(path.name for path in checkpoints.iterdir()) == ["step_4", "step_6"]
 
 
 def test_training_starts_from_clip_and_denseclip_checkpoints(tiny_clip_dir, tmp_path, caplog):
@@ -164,13 +115,13 @@ def _free_port() -> int:
 
 @pytest.fixture(scope="module")
 def two_process_run(tmp_path_factory) -> Path:
-    """`accelerate launch --num_processes 2 --cpu examples/train_seg.py`, shortened; returns its output folder."""
+    """`accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml --num_processes 2
+    examples/train_seg.py` on CPU (the docs' DDP file), shortened; returns its output folder."""
     output_dir = tmp_path_factory.mktemp("two-processes") / "out"
-    # `accelerate launch --cpu` starts one process without MPI; torchrun-style `--multi_gpu` + ACCELERATE_USE_CPU=1
-    # starts 2 CPU processes that talk through gloo.
-    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2"]
-    launcher += ["--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
-    launcher += ["--main_process_port", str(_free_port())]
+    # `accelerate launch --cpu` starts one process without MPI; the DDP launch + ACCELERATE_USE_CPU=1 starts 2 CPU
+    # processes that talk through gloo.
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG)]
+    launcher += ["--num_processes", "2", "--main_process_port", str(_free_port())]
     # 7 validation images over 2 processes: the last batch is evened out with a repeated image that must not count.
     args = ["--output_dir", str(output_dir), "--max_train_steps", "8", "--num_warmup_steps", "2"]
     args += ["--max_train_samples", "32", "--max_eval_samples", "7", "--per_device_train_batch_size", "4"]
@@ -180,7 +131,10 @@ def two_process_run(tmp_path_factory) -> Path:
         [*launcher, str(SCRIPT), *args], capture_output=True, text=True, timeout=600, env=environment
     )
     assert completed.returncode == 0, completed.stderr[-3000:]
-    assert "Num processes: 2" in completed.stderr
+    assert (
+        "Num processes: 2" in completed.stderr
+        and "Distributed environment: DistributedType.MULTI_CPU" in completed.stderr
+    )
     return output_dir
 
 
@@ -190,13 +144,13 @@ def test_two_processes_give_the_metrics_of_one(two_process_run):
     model = DenseClipForSemanticSegmentation.from_pretrained(two_process_run)
     processor = AutoImageProcessor.from_pretrained(two_process_run)
     validation = load_synthetic_dataset("validation", 7).select_columns(["image", "label"])
-    _reset_accelerate()
+    reset_accelerate()
     try:
         accelerator = Accelerator()
         dataloader = accelerator.prepare(evaluation_dataloader(validation, processor, batch_size=1))
         confusion = evaluate(model, dataloader, accelerator, processor, NUM_LABELS, ignore_index=255)
     finally:
-        _reset_accelerate()
+        reset_accelerate()
     assert confusion.sum() == sum(np.count_nonzero(np.asarray(ex["label"]) != 255) for ex in validation)
     metrics = segmentation_metrics(confusion, model.config.id2label)
     assert {name: results[f"eval_{name}"] for name in metrics} == metrics

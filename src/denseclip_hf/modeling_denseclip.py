@@ -1482,10 +1482,14 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
 
     def _single_pass_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`logits_fn` of the test protocol: the single pass on `pixel_values` cut to a multiple of the patch size
-        (what the authors' patch convolution reads), logits `(batch, num_labels, h / 4, w / 4)`."""
+        (what the authors' patch convolution reads), logits `(batch, num_labels, h / 4, w / 4)`.
+
+        It runs the parts, not `self.forward`: a wrapper around the forward (Accelerate's mixed-precision autocast
+        decorator) is one `torch.autocast` object that is not re-entrant, and calling it again from inside itself
+        leaves autocast switched on after the outer call returns."""
         multiple = input_size_multiple(self.config.vision_config)
         height, width = (side // multiple * multiple for side in pixel_values.shape[-2:])
-        return self.forward(pixel_values[..., :height, :width], test_mode="plain", return_dict=True).logits
+        return self.decoder(self.denseclip(pixel_values[..., :height, :width]).pyramid)
 
     def _protocol_logits(self, pixel_values: torch.Tensor, mode: str) -> torch.Tensor:
         """Logits `(batch, num_labels, H, W)` of the configured protocol with `mode` (see `predict_probabilities`)."""

@@ -11,6 +11,7 @@
 | `evaluation` | validation predictions and their confusion matrix across processes |
 | `metrics` | mIoU and accuracies from a confusion matrix |
 | `checkpointing` | atomic training checkpoints and resuming |
+| `repository` | the output folder's model repository, written atomically |
 | `model_card` | the README of a trained model |
 | `prediction_grid` | the picture of validation predictions |
 | `loop` | `train(args)`: the whole Accelerate training job |

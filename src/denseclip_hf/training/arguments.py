@@ -19,11 +19,20 @@ import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 
+from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
 
 from .checkpointing import checkpoint_step, checkpoints_root
 from .data import SegmentationData, load_segmentation_data
 from .recipes import RECIPE_SETTINGS, RECIPES, Recipe, default_recipe_name, recipes_help
+
+# The trackers Accelerate knows: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, swanlab, trackio.
+TRACKER_NAMES = tuple(LOGGER_TYPE_TO_CLASS)
+
+
+def installed_trackers() -> list[str]:
+    """The trackers of [`TRACKER_NAMES`] whose package is installed."""
+    return [str(tracker) for tracker in get_available_trackers()]
 
 
 def _help(text: str) -> dict:
@@ -280,14 +289,45 @@ class CheckpointArguments:
 
 @dataclass
 class TrackingArguments:
-    """Experiment trackers (through Accelerate)."""
+    """Experiment trackers (through Accelerate); checked when made."""
 
     _argument_group_name = "tracking"
 
-    with_tracking: bool = field(default=False, metadata=_help("Log metrics to the trackers of --report_to."))
-    report_to: str = field(
-        default="all", metadata=_help("Trackers for --with_tracking: tensorboard, wandb, comet_ml, ... or all.")
+    with_tracking: bool = field(
+        default=False, metadata=_help("Log losses, learning rate and validation metrics to the --report_to trackers.")
     )
+    report_to: str = field(
+        default="all",
+        metadata=_help("Trackers for --with_tracking, comma-separated: tensorboard (logs in <output_dir>/runs), "
+        f"{', '.join(name for name in TRACKER_NAMES if name != 'tensorboard')}; 'all': those installed; 'none'."),
+    )  # fmt: skip
+
+    def __post_init__(self):
+        names = self._names()
+        unknown = [name for name in names if name not in (*TRACKER_NAMES, "all", "none")]
+        if unknown:
+            raise ValueError(
+                f"--report_to {self.report_to}: unknown tracker {unknown[0]!r}; choose from "
+                f"{', '.join(TRACKER_NAMES)}, all or none."
+            )
+        if len(names) > 1 and ("all" in names or "none" in names):
+            raise ValueError(f"--report_to {self.report_to}: 'all' and 'none' stand alone.")
+        missing = [name for name in names if name in TRACKER_NAMES and name not in installed_trackers()]
+        if self.with_tracking and missing:
+            raise ValueError(
+                f"--report_to {self.report_to}: {', '.join(missing)} is not installed: pip install "
+                f"{' '.join(missing)}, or choose another tracker."
+            )
+
+    def _names(self) -> list[str]:
+        return [name.strip() for name in self.report_to.split(",") if name.strip()]
+
+    def trackers(self) -> list[str]:
+        """The trackers the run logs to: none without `--with_tracking` or with `none`; for `all`, those installed."""
+        names = self._names()
+        if not self.with_tracking or names == ["none"]:
+            return []
+        return installed_trackers() if names == ["all"] else names
 
 
 @dataclass

@@ -48,7 +48,8 @@ def _file_digest(path: Path, flush: bool = False) -> str:
     return digest.hexdigest()
 
 
-def _fsync_directory(path: Path) -> None:
+def fsync_directory(path: Path) -> None:
+    """Flushes the entries of the folder `path` (new, renamed and deleted files) to disk."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
@@ -72,7 +73,7 @@ def write_manifest(folder: Path, step: int) -> None:
         handle.flush()
         os.fsync(handle.fileno())
     os.replace(temporary, folder / MANIFEST_NAME)
-    _fsync_directory(folder)
+    fsync_directory(folder)
 
 
 def verify_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -168,7 +169,7 @@ def save_checkpoint(
         if final.exists():
             shutil.rmtree(final)
         os.replace(temporary, final)
-        _fsync_directory(root)
+        fsync_directory(root)
         for path in prune_checkpoints(output_dir, total_limit):
             logger.info(f"Deleted old checkpoint {path} (checkpoints_total_limit={total_limit}).")
     accelerator.wait_for_everyone()
@@ -191,6 +192,7 @@ def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike, verify:
 __all__ = [
     "checkpoints_root",
     "find_latest_checkpoint",
+    "fsync_directory",
     "load_checkpoint",
     "prune_checkpoints",
     "save_checkpoint",

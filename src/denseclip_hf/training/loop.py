@@ -3,7 +3,8 @@
 `train(args)` runs the whole job of `examples/train_seg.py`: data, model, the paper's optimizer and schedule, the
 training loop with gradient accumulation, periodic and final validation (`evaluation.py`: exact mIoU from a confusion
 matrix gathered across processes), atomic checkpoints with exact resume (`checkpointing.py`), and the output folder as
-a complete Hub model repository (weights and code, processor, results, prediction grid, model card).
+a complete Hub model repository (weights and code, processor, results, prediction grid, model card), published
+atomically (`repository.py`). Trackers (`--with_tracking`) log to `<output_dir>/runs/`.
 
 Determinism: shuffling and augmentation are functions of `(seed, epoch, index)` (see `data.py`) and the dropout RNG
 is re-seeded from `(seed, process, epoch, batch)` before every batch, so an interrupted and resumed run computes the
@@ -24,7 +25,7 @@ import torch
 import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import parse_flag_from_env, set_seed
+from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
 from huggingface_hub import HfApi
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
@@ -46,6 +47,7 @@ from .model_card import write_model_card
 from .model_loading import load_model
 from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
 from .prediction_grid import save_prediction_grid
+from .repository import STAGING_DIR_NAME, publish_repository
 from .transforms import SegmentationAugmentation
 
 logger = get_logger(__name__)
@@ -70,16 +72,28 @@ def _configure_logging(accelerator: Accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def _check_process_count(accelerator: Accelerator) -> None:
-    """Fails when a launcher started several processes that Accelerate would run as independent single-process jobs
-    (torchrun-style launch on a machine without GPU and without `ACCELERATE_USE_CPU=1`)."""
+def check_launch(accelerator: Accelerator) -> None:
+    """Fails with a `ValueError` naming the fix when the launch settings would not run as asked: several processes
+    that Accelerate would run as independent single-process jobs (torchrun-style launch on a machine without GPU and
+    without `ACCELERATE_USE_CPU=1`), or FSDP / DeepSpeed that Accelerate replaced by another mode (on CPU)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
     if launched > 1 and accelerator.num_processes == 1:
-        raise RuntimeError(
+        raise ValueError(
             f"{launched} processes were launched but Accelerate found no GPU and treats each as a separate run. On "
             f"CPU, launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
             "examples/train_seg.py ..."
         )
+    for variable, mode in (
+        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
+        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
+    ):
+        if parse_flag_from_env(variable) and accelerator.distributed_type != mode:
+            raise ValueError(
+                f"The launch asked for {mode.value} but Accelerate runs {accelerator.distributed_type.value} on "
+                f"{accelerator.device.type}: {mode.value} needs GPUs. On CPU, launch DDP instead: "
+                "ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml "
+                "--num_processes N examples/train_seg.py ..."
+            )
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and parse_flag_from_env("ACCELERATE_USE_CPU"):
         logger.warning(
             "`accelerate launch --cpu --num_processes N` starts a single process unless MPI is configured: for N CPU "
@@ -92,12 +106,21 @@ def batch_seed(seed: int, process_index: int, epoch: int, batch_index: int) -> i
     return int(np.random.SeedSequence([seed, process_index, epoch, batch_index]).generate_state(1)[0])
 
 
+def base_learning_rate(optimizer: torch.optim.Optimizer) -> float:
+    """The current learning rate of the parameters at the recipe's rate (not the image encoder's multiple)."""
+    return next(group["lr"] for group in optimizer.param_groups if group["lr_multiplier"] == 1.0)
+
+
 def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
-    """The `Accelerator` of the launch (processes, devices, precision) with the gradient accumulation of the recipe."""
-    tracking = args.tracking
-    trackers = {"log_with": tracking.report_to, "project_dir": args.checkpoints.output_dir}
-    accelerator = Accelerator(**trackers) if tracking.with_tracking else Accelerator()
-    _check_process_count(accelerator)
+    """The `Accelerator` of the launch (processes, devices, precision, trackers) with the gradient accumulation of the
+    recipe. Tracker logs go to `<output_dir>/runs/` (TensorBoard: `runs/denseclip_semantic_segmentation/`)."""
+    output_dir, tracking = Path(args.checkpoints.output_dir), args.tracking
+    trackers = tracking.trackers()
+    accelerator = Accelerator(
+        log_with=trackers or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
+    )
+    check_launch(accelerator)
     accelerator.gradient_accumulation_steps = args.optimization.resolve_gradient_accumulation_steps(
         accelerator.num_processes
     )
@@ -105,7 +128,12 @@ def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
     logger.info(accelerator.state, main_process_only=False)
     if args.model.model_name_or_path is None:
         logger.warning(RANDOM_WEIGHTS_NOTICE)
-    if tracking.with_tracking:
+    if tracking.with_tracking and not trackers:
+        logger.info(
+            f"--with_tracking --report_to {tracking.report_to}: no tracker is installed (pip install tensorboard); "
+            "losses and metrics go to this log and all_results.json only."
+        )
+    if trackers:
         # Tracker hyper-parameters: scalars and strings only.
         config = {
             name: value if isinstance(value, (int, float, str, bool)) else str(value)
@@ -189,9 +217,12 @@ class TrainingRun:
             f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
             f"pixel accuracy {metrics['overall_accuracy']:.4f}"
         )
-        if self.args.tracking.with_tracking:
-            scalars = ("mean_iou", "mean_accuracy", "overall_accuracy")
-            self.accelerator.log({f"eval_{name}": metrics[name] for name in scalars}, step=step)
+        if self.accelerator.trackers:
+            scalars = {f"eval_{name}": metrics[name] for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
+            per_class = {
+                f"eval_iou/{name}": iou for name, iou in metrics["per_category_iou"].items() if iou is not None
+            }
+            self.accelerator.log({**scalars, **per_class}, step=step)
         return metrics
 
     def save_checkpoint(self, step: int) -> None:
@@ -307,6 +338,7 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
         batches = (
             accelerator.skip_first_batches(run.train_dataloader, first_batch) if first_batch else run.train_dataloader
         )
+        step_losses = []
         for batch_index, batch in enumerate(batches, start=first_batch):
             torch.manual_seed(batch_seed(optimization.seed, accelerator.process_index, epoch, batch_index))
             with accelerator.accumulate(model):
@@ -314,14 +346,17 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
                 accelerator.backward(loss)
                 optimizer.step()
                 optimizer.zero_grad()
+            step_losses.append(loss.detach())
             if not accelerator.sync_gradients:
                 continue
+            learning_rate = base_learning_rate(optimizer)  # the rate of the step just taken
             scheduler.step()
             completed_steps += 1
-            loss_value, learning_rate = loss.item(), scheduler.get_last_lr()[0]
+            loss_value = torch.stack(step_losses).mean().item()  # over the step's batches, on this process
+            step_losses = []
             progress_bar.update(1)
             progress_bar.set_postfix(loss=f"{loss_value:.3f}", lr=f"{learning_rate:.2e}")
-            if run.args.tracking.with_tracking:
+            if accelerator.trackers:
                 accelerator.log({"train_loss": loss_value, "learning_rate": learning_rate}, completed_steps)
             every = checkpoints.checkpoint_every_n_steps
             if every is not None and completed_steps % every == 0:
@@ -361,16 +396,16 @@ def train(args: SegmentationTrainingArguments) -> dict:
         eval_samples=len(data.validation),
     )
     _save_outputs(run, data.validation, results)
-    if args.tracking.with_tracking:
-        accelerator.end_training()
     if args.hub.push_to_hub and accelerator.is_main_process:
         _push_to_hub(args)
     accelerator.wait_for_everyone()
+    accelerator.end_training()  # closes the trackers' logs and the process group
     return results
 
 
 def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict) -> None:
-    """Writes the Hub repository: weights + config + code, processor config, results, prediction grid, model card."""
+    """Publishes the Hub repository (see [`publish_repository`]): weights + config + code, processor config, results,
+    prediction grid, model card."""
     accelerator, output_dir = run.accelerator, Path(run.args.checkpoints.output_dir)
     examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
     batch = EvaluationCollator(run.image_processor)(list(examples))
@@ -379,22 +414,26 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
     predictions = predict_label_maps(
         run.model, pixel_values, [tuple(label.shape) for label in batch["labels"]], run.image_processor
     )
-    state_dict = accelerator.get_state_dict(run.model)
+    state_dict = accelerator.get_state_dict(run.model)  # on every process: FSDP and DeepSpeed gather the weights
     unwrapped = accelerator.unwrap_model(run.model)
-    unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
-    if not accelerator.is_main_process:
-        return
-    run.image_processor.save_pretrained(output_dir)
-    (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-    save_prediction_grid(
-        [example["image"] for example in examples],
-        [label.numpy() for label in batch["labels"]],
-        [prediction.cpu().numpy() for prediction in predictions],
-        unwrapped.config.id2label,
-        output_dir / "validation_predictions.png",
-    )
-    write_model_card(output_dir, unwrapped.config, results, run.args)
-    logger.info(f"Saved the model repository to {output_dir}")
+
+    def write(folder: Path) -> None:
+        unwrapped.save_pretrained(folder, state_dict=state_dict)
+        run.image_processor.save_pretrained(folder)
+        (folder / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
+        save_prediction_grid(
+            [example["image"] for example in examples],
+            [label.numpy() for label in batch["labels"]],
+            [prediction.cpu().numpy() for prediction in predictions],
+            unwrapped.config.id2label,
+            folder / "validation_predictions.png",
+        )
+        write_model_card(folder, unwrapped.config, results, run.args)
+
+    if accelerator.is_main_process:
+        publish_repository(output_dir, write)
+        logger.info(f"Saved the model repository to {output_dir}")
+    accelerator.wait_for_everyone()
 
 
 def _push_to_hub(args: SegmentationTrainingArguments) -> None:
@@ -405,9 +444,9 @@ def _push_to_hub(args: SegmentationTrainingArguments) -> None:
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
-        ignore_patterns=["checkpoints/**", "runs/**"],
+        ignore_patterns=["checkpoints/**", "runs/**", f"{STAGING_DIR_NAME}/**"],
     )
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
-__all__ = ["TrainingRun", "build_dataloaders", "train"]
+__all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "check_launch", "train"]

@@ -1,14 +1,52 @@
-"""The model card (`README.md`) of a trained model repository: what it is, validation results, usage, training."""
+"""The model card (`README.md`) of a trained model repository: Hub metadata (library, pipeline, base model, datasets,
+validation results as a `model-index`), what the model is, its results next to the paper's, usage, training."""
 
 from pathlib import Path
+
+from huggingface_hub import EvalResult, ModelCardData
+from huggingface_hub.utils import HFValidationError, validate_repo_id
+from transformers import PretrainedConfig
 
 from ..configuration_denseclip import DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
 from .recipes import RECIPES
 
+PAPER_URL = "https://arxiv.org/abs/2112.01518"
+# How the card names an image encoder, by the `model_type` of its vision config: a name and the fields it shows.
+_ENCODER_SUMMARIES = {
+    "clip_vision_model": ("ViT", (("patch", "patch_size"), ("width", "hidden_size"), ("layers", "num_hidden_layers"))),
+    "denseclip_resnet_vision": ("ResNet", (("layers", "layers"), ("width", "width"))),
+}
+# The validation metrics of the card's `model-index`: (key in all_results.json without `eval_`, Hub id, pretty name).
+_CARD_METRICS = (
+    ("mean_iou", "mean_iou", "mIoU"),
+    ("mean_accuracy", "mean_accuracy", "Mean accuracy"),
+    ("overall_accuracy", "accuracy", "Pixel accuracy"),
+)
+
 
 def _percent(value: float | None) -> str:
     return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def image_encoder_description(vision_config: PretrainedConfig) -> str:
+    """The image encoder in a few words, from its vision config's `model_type`: `ViT (patch 16, width 768, layers
+    12)`, `ResNet (layers [3, 4, 6, 3], width 64)`, or the config's class name for another encoder."""
+    name, fields = _ENCODER_SUMMARIES.get(vision_config.model_type, (type(vision_config).__name__, ()))
+    details = ", ".join(f"{label} {getattr(vision_config, attribute)}" for label, attribute in fields)
+    return f"{name} ({details})" if details else name
+
+
+def hub_base_model(model_name_or_path: str | None) -> str | None:
+    """The Hub id of the checkpoint a run started from (the card's `base_model`): `None` for random weights and for
+    local files and folders."""
+    if model_name_or_path is None or Path(model_name_or_path).exists():
+        return None
+    try:
+        validate_repo_id(model_name_or_path)
+    except HFValidationError:
+        return None
+    return model_name_or_path
 
 
 def _training_data_description(data: DataArguments) -> str:
@@ -19,25 +57,56 @@ def _training_data_description(data: DataArguments) -> str:
     return "the synthetic scenes bundled with `denseclip_hf` (`denseclip_hf.load_synthetic_dataset`)"
 
 
-def _image_encoder_description(config: DenseClipConfig) -> str:
-    vision = config.vision_config
-    if config.image_encoder_family == "resnet":
-        return f"ResNet (layers {vision.layers}, width {vision.width})"
-    return f"ViT (patch {vision.patch_size}, width {vision.hidden_size})"
+def _dataset_id_and_name(data: DataArguments) -> tuple[str, str]:
+    """The dataset of the validation results: its Hub id where it has one, else the folder (or synthetic set) name."""
+    if data.dataset_name is not None:
+        return data.dataset_name, data.dataset_name
+    if data.train_dir is not None:
+        return Path(data.train_dir).name, f"local folder {Path(data.train_dir).name}"
+    return "denseclip-synthetic-scenes", "denseclip_hf synthetic scenes"
+
+
+def model_card_data(
+    config: DenseClipConfig, results: dict, args: SegmentationTrainingArguments, repo_id: str
+) -> ModelCardData:
+    """The Hub metadata of a trained model: library, pipeline tag, tags, base model, datasets and the validation
+    metrics (in %) as `huggingface_hub.EvalResult`s, written in the YAML as the `model-index` that the Hub shows."""
+    dataset_id, dataset_name = _dataset_id_and_name(args.data)
+    eval_results = [
+        EvalResult(
+            task_type="image-segmentation",
+            task_name="Semantic Segmentation",
+            dataset_type=dataset_id,
+            dataset_name=dataset_name,
+            dataset_config=args.data.dataset_config_name,
+            dataset_split="validation",
+            metric_type=metric_id,
+            metric_name=metric_name,
+            metric_value=round(100 * results[f"eval_{key}"], 2),
+        )
+        for key, metric_id, metric_name in _CARD_METRICS
+    ]
+    encoder = image_encoder_description(config.vision_config).split(" ")[0].lower()
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag="image-segmentation",
+        license="apache-2.0",
+        tags=["denseclip", "clip", "semantic-segmentation", "vision", encoder],
+        base_model=hub_base_model(args.model.model_name_or_path),
+        datasets=[args.data.dataset_name] if args.data.dataset_name else None,
+        metrics=[metric_id for _, metric_id, _ in _CARD_METRICS],
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results,
+    )
 
 
 def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainingArguments, repo_id: str) -> str:
-    """The README of a trained model: what it is, validation metrics (overall and per class), usage, training."""
-    base_model, dataset_name = args.model.model_name_or_path, args.data.dataset_name
+    """The README of a trained model: Hub metadata ([`model_card_data`]), what it is, validation metrics (overall
+    and per class) next to the paper's for its recipe, usage, training."""
+    base_model = args.model.model_name_or_path
     optimization, augmentation = args.optimization, args.augmentation
-    base = base_model or "random weights (no pre-trained CLIP)"
-    front_matter = ["---", "library_name: transformers", "pipeline_tag: image-segmentation", "license: apache-2.0"]
-    front_matter += ["tags:", "- denseclip", "- clip", "- semantic-segmentation", "metrics:", "- mean_iou"]
-    if base_model:
-        front_matter.append(f"base_model: {base_model}")
-    if dataset_name:
-        front_matter += ["datasets:", f"- {dataset_name}"]
-    front_matter.append("---")
+    base = f"`{base_model}`" if base_model else "random weights (no pre-trained CLIP)"
+    recipe = RECIPES[optimization.recipe]
     warning = ""
     if base_model is None:
         warning = (
@@ -50,7 +119,7 @@ def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainin
         for name, iou in results["eval_per_category_iou"].items()
     )
     settings = {
-        "recipe": optimization.recipe,
+        "recipe": f"`{optimization.recipe}`",
         "steps": results["train_steps"],
         "global batch": results["total_train_batch_size"],
         "crop": augmentation.crop_size,
@@ -67,20 +136,24 @@ def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainin
     settings_table = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     ratio_range = "-".join(str(ratio) for ratio in augmentation.ratio_range)
     image_scale = "x".join(str(side) for side in augmentation.image_scale)
-    paper_miou = RECIPES[optimization.recipe].paper_miou
     paper = (
-        f" The paper reports {paper_miou[0]} / {paper_miou[1]} mIoU (single / multi-scale) for this recipe."
-        if paper_miou
+        f" For this recipe the paper reports {recipe.paper_miou[0]} mIoU single-scale and {recipe.paper_miou[1]} "
+        "multi-scale on ADE20K validation (Table 1)."
+        if recipe.paper_miou
         else ""
     )
-    return f"""{chr(10).join(front_matter)}
+    metadata = model_card_data(config, results, args, repo_id).to_yaml()
+    return f"""---
+{metadata}
+---
 
-# DenseCLIP {_image_encoder_description(config)} for semantic segmentation
+# DenseCLIP {image_encoder_description(config.vision_config)} for semantic segmentation
 {warning}
-[DenseCLIP](https://arxiv.org/abs/2112.01518) (Rao et al., CVPR 2022) turns CLIP into a dense predictor: the
+[DenseCLIP]({PAPER_URL}) (Rao et al., CVPR 2022) turns CLIP into a dense predictor: the
 pixel-text score map between the image embedding and the class-name text embeddings, refined by context-aware
 prompting, is fed to a Semantic FPN decoder. This model predicts {config.num_labels} classes and was fine-tuned from
-{base} on {_training_data_description(args.data)} with `examples/train_seg.py` of `denseclip_hf`.
+{base} on {_training_data_description(args.data)} with `examples/train_seg.py` of `denseclip_hf`, recipe
+`{optimization.recipe}`: {recipe.description}.
 
 ## Validation results
 
@@ -153,4 +226,4 @@ def write_model_card(
     (Path(output_dir) / "README.md").write_text(model_card(config, results, args, args.hub_repo_id))
 
 
-__all__ = ["model_card", "write_model_card"]
+__all__ = ["hub_base_model", "image_encoder_description", "model_card", "model_card_data", "write_model_card"]
