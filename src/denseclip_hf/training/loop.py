@@ -34,13 +34,12 @@ from ..image_processing_denseclip import DenseClipImageProcessor
 from .arguments import SegmentationTrainingArguments
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import (
-    EvaluationCollator,
     SegmentationData,
     check_label_range,
     evaluation_dataloader,
     training_dataloader,
 )
-from .evaluation import evaluate, predict_label_maps
+from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
 from .model_loading import load_model
@@ -70,7 +69,7 @@ def _configure_logging(accelerator: Accelerator) -> None:
         transformers.utils.logging.set_verbosity_error()
 
 
-def _check_process_count(accelerator: Accelerator) -> None:
+def _check_process_count(accelerator: Accelerator, script: str = "examples/train_seg.py") -> None:
     """Fails when a launcher started several processes that Accelerate would run as independent single-process jobs
     (torchrun-style launch on a machine without GPU and without `ACCELERATE_USE_CPU=1`)."""
     launched = int(os.environ.get("WORLD_SIZE", "1"))
@@ -78,7 +77,7 @@ def _check_process_count(accelerator: Accelerator) -> None:
         raise RuntimeError(
             f"{launched} processes were launched but Accelerate found no GPU and treats each as a separate run. On "
             f"CPU, launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
-            "examples/train_seg.py ..."
+            f"{script} ..."
         )
     if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and parse_flag_from_env("ACCELERATE_USE_CPU"):
         logger.warning(
@@ -176,18 +175,19 @@ class TrainingRun:
     def validate(self, step: int) -> dict:
         """Validation metrics of the current model (see [`segmentation_metrics`]), logged and tracked at `step`."""
         config = self.accelerator.unwrap_model(self.model).config
+        protocol = EvaluationProtocol.for_model(config)  # the model's test protocol, as examples/evaluate_seg.py
         confusion = evaluate(
             self.model,
             self.eval_dataloader,
             self.accelerator,
-            self.image_processor,
+            protocol,
             len(self.id2label),
             config.semantic_loss_ignore_index,
         )
         metrics = segmentation_metrics(confusion, self.id2label)
         logger.info(
             f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
-            f"pixel accuracy {metrics['overall_accuracy']:.4f}"
+            f"pixel accuracy {metrics['overall_accuracy']:.4f} ({protocol.describe()})"
         )
         if self.args.tracking.with_tracking:
             scalars = ("mean_iou", "mean_accuracy", "overall_accuracy")
@@ -210,6 +210,7 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     image_processor = DenseClipImageProcessor(
         size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
         do_reduce_labels=args.data.do_reduce_labels,
+        test_mode=model.config.test_mode,
     )
     train_dataloader, eval_dataloader = build_dataloaders(
         args, data, image_processor, model.config.semantic_loss_ignore_index
@@ -373,12 +374,8 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
     """Writes the Hub repository: weights + config + code, processor config, results, prediction grid, model card."""
     accelerator, output_dir = run.accelerator, Path(run.args.checkpoints.output_dir)
     examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
-    batch = EvaluationCollator(run.image_processor)(list(examples))
-    pixel_values = [pixels.to(accelerator.device) for pixels in batch["pixel_values"]]
-    run.model.eval()
-    predictions = predict_label_maps(
-        run.model, pixel_values, [tuple(label.shape) for label in batch["labels"]], run.image_processor
-    )
+    protocol = EvaluationProtocol.for_model(accelerator.unwrap_model(run.model).config)
+    labels, predictions = predict_examples(run.model, examples, run.image_processor, protocol, accelerator.device)
     state_dict = accelerator.get_state_dict(run.model)
     unwrapped = accelerator.unwrap_model(run.model)
     unwrapped.save_pretrained(output_dir, is_main_process=accelerator.is_main_process, state_dict=state_dict)
@@ -388,8 +385,8 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
     (output_dir / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
     save_prediction_grid(
         [example["image"] for example in examples],
-        [label.numpy() for label in batch["labels"]],
-        [prediction.cpu().numpy() for prediction in predictions],
+        labels,
+        predictions,
         unwrapped.config.id2label,
         output_dir / "validation_predictions.png",
     )
