@@ -20,10 +20,11 @@ from conftest import reset_accelerate, run_in_process
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoImageProcessor
 
-from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf import DenseClipForSemanticSegmentation, DenseClipModel
 from denseclip_hf.synthetic import load_synthetic_dataset
 from denseclip_hf.training.arguments import TrackingArguments, parse_training_args
-from denseclip_hf.training.loop import _create_accelerator, check_launch
+from denseclip_hf.training.launch import check_launch
+from denseclip_hf.training.loop import _create_accelerator
 
 ROOT = Path(__file__).parents[1]
 CONFIGS = ROOT / "examples" / "accelerate_configs"
@@ -49,19 +50,19 @@ def test_bf16_mixed_precision_trains_and_evaluates_on_cpu(tmp_path, monkeypatch)
     under bf16 autocast, the saved weights stay float32, and the reported mIoU is that of an independent bf16
     evaluation of the saved model."""
     seen = []
-    forward = DenseClipForSemanticSegmentation.forward
+    forward = DenseClipModel.forward  # run by the training step and by every pass of the test protocol
 
     def recording_forward(self, *args, **kwargs):
         seen.append((self.training, torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu")))
         return forward(self, *args, **kwargs)
 
-    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", recording_forward)
+    monkeypatch.setattr(DenseClipModel, "forward", recording_forward)
     monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
     output_dir = tmp_path / "bf16"
     results = run_in_process(
         [*QUICK, "--output_dir", str(output_dir), "--max_train_steps", "3", "--num_warmup_steps", "1"]
     )
-    monkeypatch.setattr(DenseClipForSemanticSegmentation, "forward", forward)
+    monkeypatch.setattr(DenseClipModel, "forward", forward)
 
     # The test protocol runs inside Accelerate's autocast wrapper of the forward; autocast is off again afterwards.
     assert not torch.is_autocast_enabled("cpu")

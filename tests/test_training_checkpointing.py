@@ -11,6 +11,7 @@ from denseclip_hf.training.checkpointing import (
     prune_checkpoints,
     save_checkpoint,
     verify_checkpoint,
+    write_text_atomically,
 )
 
 
@@ -64,3 +65,20 @@ def test_save_checkpoint_is_atomic_and_pruned(tmp_path):
     assert find_latest_checkpoint(tmp_path).name == "step_3"
     save_checkpoint(CrashingAccelerator(crash=False), tmp_path, 5, total_limit=2)  # cleans the leftover temp folder
     assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["step_3", "step_5"]
+
+
+def test_text_files_are_replaced_atomically(tmp_path, monkeypatch):
+    """A write that fails leaves the previous file and no temporary file; a write that succeeds replaces it."""
+    path = tmp_path / "eval_results.json"
+    write_text_atomically(path, '{"eval_mean_iou": 0.5}\n')
+
+    def failing_replace(source, destination):
+        raise OSError("disk full")
+
+    with monkeypatch.context() as patch:
+        patch.setattr("denseclip_hf.training.checkpointing.os.replace", failing_replace)
+        with pytest.raises(OSError, match="disk full"):
+            write_text_atomically(path, '{"eval_mean_iou": 0.7}\n')
+    assert path.read_text() == '{"eval_mean_iou": 0.5}\n' and sorted(tmp_path.iterdir()) == [path]
+    write_text_atomically(path, "new\n")
+    assert path.read_text() == "new\n" and sorted(tmp_path.iterdir()) == [path]

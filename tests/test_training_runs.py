@@ -23,7 +23,7 @@ from transformers import AutoImageProcessor
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
 from denseclip_hf.training.data import evaluation_dataloader
-from denseclip_hf.training.evaluation import evaluate
+from denseclip_hf.training.evaluation import EvaluationProtocol, evaluate
 from denseclip_hf.training.metrics import segmentation_metrics
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
@@ -148,7 +148,8 @@ def test_two_processes_give_the_metrics_of_one(two_process_run):
     try:
         accelerator = Accelerator()
         dataloader = accelerator.prepare(evaluation_dataloader(validation, processor, batch_size=1))
-        confusion = evaluate(model, dataloader, accelerator, processor, NUM_LABELS, ignore_index=255)
+        protocol = EvaluationProtocol.for_model(model.config)
+        confusion = evaluate(model, dataloader, accelerator, protocol, NUM_LABELS, ignore_index=255)
     finally:
         reset_accelerate()
     assert confusion.sum() == sum(np.count_nonzero(np.asarray(ex["label"]) != 255) for ex in validation)

@@ -1,4 +1,5 @@
-"""Training DenseCLIP for semantic segmentation (`examples/train_seg.py`), one module per concern.
+"""Training and evaluating DenseCLIP for semantic segmentation (`examples/train_seg.py`, `examples/evaluate_seg.py`),
+one module per concern.
 
 | module | what it holds |
 |---|---|
@@ -8,12 +9,13 @@
 | `optimization` | AdamW parameter groups, the poly schedule with warmup |
 | `data` | Hub / folder / synthetic datasets, class names, training and validation batches |
 | `transforms` | the authors' training augmentation |
-| `evaluation` | validation predictions and their confusion matrix across processes |
+| `evaluation` | predictions under an explicit test protocol and their confusion matrix across processes |
+| `evaluation_job` | `evaluate_model(args)`: the whole job of `examples/evaluate_seg.py`, and its arguments |
 | `metrics` | mIoU and accuracies from a confusion matrix |
-| `checkpointing` | atomic training checkpoints and resuming |
+| `checkpointing` | atomic training checkpoints and resuming, atomic result files |
 | `repository` | the output folder's model repository, written atomically |
 | `model_card` | the README of a trained model |
-| `prediction_grid` | the picture of validation predictions |
+| `launch` | what every launched script checks and sets up first (launch settings, logging) |
 | `loop` | `train(args)`: the whole Accelerate training job |
 
 Nothing is imported here: the modules load `datasets` and `accelerate`, so each is imported on use.

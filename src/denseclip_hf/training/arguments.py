@@ -108,9 +108,10 @@ class DataArguments:
         """Whether a dataset was named (a Hub dataset or a folder) rather than the synthetic default."""
         return self.dataset_name is not None or self.train_dir is not None
 
-    def load(self, seed: int) -> SegmentationData:
+    def load(self, seed: int, default_id2label: dict[int, str] | None = None) -> SegmentationData:
         """The training and validation splits and class names (see [`load_segmentation_data`]); `seed` draws the
-        validation share of a dataset without a validation split (`--train_val_split`)."""
+        validation share of a dataset without a validation split (`--train_val_split`); `default_id2label` names the
+        classes of a dataset that does not (evaluation: the model's)."""
         return load_segmentation_data(
             dataset_name=self.dataset_name,
             dataset_config_name=self.dataset_config_name,
@@ -124,6 +125,7 @@ class DataArguments:
             max_train_samples=self.max_train_samples,
             max_eval_samples=self.max_eval_samples,
             seed=seed,
+            default_id2label=default_id2label,
         )
 
 

@@ -5,6 +5,8 @@ Layout under `<output_dir>/checkpoints/`:
 - `step_N/`: a finished checkpoint: the `accelerate` state (model, optimizer, scheduler, RNG, ...) and, written last,
   `checkpoint_manifest.json` with the size and SHA-256 of every file. The folder is renamed from `.tmp-step_N` only
   after the manifest is on disk, so a `step_N` folder without a valid manifest is partial or corrupt.
+
+[`write_text_atomically`] writes any other file of a run (results, tables) the same way.
 """
 
 import hashlib
@@ -67,13 +69,25 @@ def write_manifest(folder: Path, step: int) -> None:
         str(path.relative_to(folder)): {"size": path.stat().st_size, "sha256": _file_digest(path, flush=True)}
         for path in _state_files(folder)
     }
-    temporary = folder / f"{MANIFEST_NAME}.partial"
-    with open(temporary, "w") as handle:
-        json.dump({"step": step, "files": files}, handle, indent=1)
-        handle.flush()
-        os.fsync(handle.fileno())
-    os.replace(temporary, folder / MANIFEST_NAME)
-    fsync_directory(folder)
+    write_text_atomically(folder / MANIFEST_NAME, json.dumps({"step": step, "files": files}, indent=1))
+
+
+def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
+    """Writes `text` to `path` durably and atomically: into a temporary file of the same folder, flushed to disk, then
+    renamed over `path`; a crash leaves the previous file (or none), never a partial one. Returns the path."""
+    path = Path(path)
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
+    try:
+        with open(temporary, "w") as handle:
+            handle.write(text)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
+    fsync_directory(path.parent)
+    return path
 
 
 def verify_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -197,4 +211,5 @@ __all__ = [
     "prune_checkpoints",
     "save_checkpoint",
     "verify_checkpoint",
+    "write_text_atomically",
 ]

@@ -274,13 +274,15 @@ def load_segmentation_data(
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
     seed: int = 0,
+    default_id2label: dict[int, str] | None = None,
 ) -> SegmentationData:
     """Loads training and validation data with `image` / `label` columns and its `id2label`.
 
     Sources: a Hub dataset (`dataset_name`), local folders (`train_dir`, `validation_dir`; see
     [`find_image_label_pairs`]), or, with neither, the synthetic scenes ([`load_synthetic_dataset`]). Class names come
     from `id2label_file`, else the dataset's features, else a known layout (ADE20K, Pascal VOC, `scene_parse_150`),
-    else the Hub dataset's `id2label.json`. `max_train_samples` / `max_eval_samples` keep the first examples of each
+    else the Hub dataset's `id2label.json`, else `default_id2label` (evaluation: the model's classes).
+    `max_train_samples` / `max_eval_samples` keep the first examples of each
     split (quick runs and tests).
     """
     if dataset_name is not None:
@@ -303,6 +305,8 @@ def load_segmentation_data(
         id2label = dict(enumerate(class_names))
     elif dataset_name is not None and (from_hub := hub_id2label(dataset_name, cache_dir)) is not None:
         id2label = from_hub
+    elif default_id2label is not None:
+        id2label = default_id2label
     else:
         raise ValueError(
             "Could not find the class names of this dataset: pass --id2label with a JSON file mapping label ids to "
@@ -376,19 +380,28 @@ class AugmentedSegmentationDataset(torch.utils.data.Dataset):
 
 @dataclass
 class EvaluationCollator:
-    """Validation batches: `pixel_values` is a list of `(3, h_i, w_i)` tensors from the image processor (sizes may
-    differ), `labels` a list of the full-resolution `(H_i, W_i)` int64 label maps (reduced like the processor
-    does when `do_reduce_labels`)."""
+    """Evaluation batches: `pixel_values` holds, per image, a list of `(3, h_s, w_s)` tensors from the image processor,
+    one per scale (`scale_ratios`, e.g. `MULTI_SCALE_RATIOS`; a single entry at the processor's `size` when `None`;
+    sizes may differ between images), `labels` a list of the full-resolution `(H_i, W_i)` int64 label maps (reduced
+    like the processor does when `do_reduce_labels`). The processor's `test_mode` decides its resize (see
+    `DenseClipImageProcessor`)."""
 
     image_processor: DenseClipImageProcessor
+    scale_ratios: tuple[float, ...] | None = None
 
-    def __call__(self, examples: list[dict]) -> dict[str, list[torch.Tensor]]:
-        processed = self.image_processor(images=[example["image"] for example in examples])
+    def __call__(self, examples: list[dict]) -> dict[str, list]:
+        images = [example["image"] for example in examples]
+        if self.scale_ratios is None:
+            per_scale = [self.image_processor(images=images)["pixel_values"]]
+        else:
+            per_scale = self.image_processor(images=images, scale_ratios=list(self.scale_ratios))["pixel_values"]
         labels = [label_map_to_array(example["label"]) for example in examples]
         if self.image_processor.do_reduce_labels:
             labels = [DenseClipImageProcessor.reduce_label(label) for label in labels]
         return {
-            "pixel_values": [torch.from_numpy(np.asarray(pixels)) for pixels in processed["pixel_values"]],
+            "pixel_values": [
+                [torch.from_numpy(np.asarray(scale[index])) for scale in per_scale] for index in range(len(examples))
+            ],
             "labels": [torch.from_numpy(label) for label in labels],
         }
 
@@ -409,13 +422,17 @@ def training_dataloader(
 
 
 def evaluation_dataloader(
-    dataset: Dataset, image_processor: DenseClipImageProcessor, batch_size: int, num_workers: int = 0
+    dataset: Dataset,
+    image_processor: DenseClipImageProcessor,
+    batch_size: int,
+    num_workers: int = 0,
+    scale_ratios: tuple[float, ...] | None = None,
 ) -> DataLoader:
-    """Validation batches of `dataset` in order (see [`EvaluationCollator`]), for [`evaluate`]."""
+    """Evaluation batches of `dataset` in order (see [`EvaluationCollator`]), for [`evaluate`]."""
     return DataLoader(
         dataset.select_columns(["image", "label"]),
         batch_size=batch_size,
-        collate_fn=EvaluationCollator(image_processor),
+        collate_fn=EvaluationCollator(image_processor, scale_ratios),
         num_workers=num_workers,
     )
 

@@ -12,9 +12,7 @@ same steps as an uninterrupted one.
 """
 
 import json
-import logging
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,31 +20,30 @@ from pathlib import Path
 import datasets
 import numpy as np
 import torch
-import transformers
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from accelerate.utils import DistributedType, ProjectConfiguration, parse_flag_from_env, set_seed
+from accelerate.utils import ProjectConfiguration, set_seed
 from huggingface_hub import HfApi
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from ..image_processing_denseclip import DenseClipImageProcessor
+from ..visualization import palette_for, prediction_grid
 from .arguments import SegmentationTrainingArguments
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .data import (
-    EvaluationCollator,
     SegmentationData,
     check_label_range,
     evaluation_dataloader,
     training_dataloader,
 )
-from .evaluation import evaluate, predict_label_maps
+from .evaluation import EvaluationProtocol, evaluate, predict_examples
+from .launch import check_launch, configure_logging
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
 from .model_loading import load_model
 from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
-from .prediction_grid import save_prediction_grid
 from .repository import STAGING_DIR_NAME, publish_repository
 from .transforms import SegmentationAugmentation
 
@@ -60,45 +57,6 @@ scratch (no network needed). With network access, train on real CLIP weights wit
   accelerate launch examples/train_seg.py --model_name_or_path openai/clip-vit-base-patch16
 ==========================================================================================================
 """.strip("\n")
-
-
-def _configure_logging(accelerator: Accelerator) -> None:
-    logging.basicConfig(format="%(asctime)s - %(levelname)s - %(name)s - %(message)s", level=logging.INFO)
-    if accelerator.is_local_main_process:
-        datasets.utils.logging.set_verbosity_warning()
-        transformers.utils.logging.set_verbosity_warning()
-    else:
-        datasets.utils.logging.set_verbosity_error()
-        transformers.utils.logging.set_verbosity_error()
-
-
-def check_launch(accelerator: Accelerator) -> None:
-    """Fails with a `ValueError` naming the fix when the launch settings would not run as asked: several processes
-    that Accelerate would run as independent single-process jobs (torchrun-style launch on a machine without GPU and
-    without `ACCELERATE_USE_CPU=1`), or FSDP / DeepSpeed that Accelerate replaced by another mode (on CPU)."""
-    launched = int(os.environ.get("WORLD_SIZE", "1"))
-    if launched > 1 and accelerator.num_processes == 1:
-        raise ValueError(
-            f"{launched} processes were launched but Accelerate found no GPU and treats each as a separate run. On "
-            f"CPU, launch with: ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes {launched} "
-            "examples/train_seg.py ..."
-        )
-    for variable, mode in (
-        ("ACCELERATE_USE_FSDP", DistributedType.FSDP),
-        ("ACCELERATE_USE_DEEPSPEED", DistributedType.DEEPSPEED),
-    ):
-        if parse_flag_from_env(variable) and accelerator.distributed_type != mode:
-            raise ValueError(
-                f"The launch asked for {mode.value} but Accelerate runs {accelerator.distributed_type.value} on "
-                f"{accelerator.device.type}: {mode.value} needs GPUs. On CPU, launch DDP instead: "
-                "ACCELERATE_USE_CPU=1 accelerate launch --config_file examples/accelerate_configs/multi_gpu.yaml "
-                "--num_processes N examples/train_seg.py ..."
-            )
-    if accelerator.num_processes == 1 and "MASTER_ADDR" in os.environ and parse_flag_from_env("ACCELERATE_USE_CPU"):
-        logger.warning(
-            "`accelerate launch --cpu --num_processes N` starts a single process unless MPI is configured: for N CPU "
-            "processes use ACCELERATE_USE_CPU=1 accelerate launch --multi_gpu --num_processes N."
-        )
 
 
 def batch_seed(seed: int, process_index: int, epoch: int, batch_index: int) -> int:
@@ -124,7 +82,7 @@ def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
     accelerator.gradient_accumulation_steps = args.optimization.resolve_gradient_accumulation_steps(
         accelerator.num_processes
     )
-    _configure_logging(accelerator)
+    configure_logging(accelerator)
     logger.info(accelerator.state, main_process_only=False)
     if args.model.model_name_or_path is None:
         logger.warning(RANDOM_WEIGHTS_NOTICE)
@@ -204,18 +162,20 @@ class TrainingRun:
     def validate(self, step: int) -> dict:
         """Validation metrics of the current model (see [`segmentation_metrics`]), logged and tracked at `step`."""
         config = self.accelerator.unwrap_model(self.model).config
-        confusion = evaluate(
-            self.model,
-            self.eval_dataloader,
-            self.accelerator,
-            self.image_processor,
-            len(self.id2label),
-            config.semantic_loss_ignore_index,
-        )
+        protocol = EvaluationProtocol.for_model(config)  # the model's test protocol, as examples/evaluate_seg.py
+        with self.accelerator.autocast():  # the launch's mixed precision, as in training
+            confusion = evaluate(
+                self.model,
+                self.eval_dataloader,
+                self.accelerator,
+                protocol,
+                len(self.id2label),
+                config.semantic_loss_ignore_index,
+            )
         metrics = segmentation_metrics(confusion, self.id2label)
         logger.info(
             f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
-            f"pixel accuracy {metrics['overall_accuracy']:.4f}"
+            f"pixel accuracy {metrics['overall_accuracy']:.4f} ({protocol.describe()})"
         )
         if self.accelerator.trackers:
             scalars = {f"eval_{name}": metrics[name] for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
@@ -241,6 +201,7 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     image_processor = DenseClipImageProcessor(
         size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
         do_reduce_labels=args.data.do_reduce_labels,
+        test_mode=model.config.test_mode,
     )
     train_dataloader, eval_dataloader = build_dataloaders(
         args, data, image_processor, model.config.semantic_loss_ignore_index
@@ -408,27 +369,26 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
     prediction grid, model card."""
     accelerator, output_dir = run.accelerator, Path(run.args.checkpoints.output_dir)
     examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
-    batch = EvaluationCollator(run.image_processor)(list(examples))
-    pixel_values = [pixels.to(accelerator.device) for pixels in batch["pixel_values"]]
-    run.model.eval()
-    predictions = predict_label_maps(
-        run.model, pixel_values, [tuple(label.shape) for label in batch["labels"]], run.image_processor
-    )
+    protocol = EvaluationProtocol.for_model(accelerator.unwrap_model(run.model).config)
+    with accelerator.autocast():
+        labels, predictions = predict_examples(run.model, examples, run.image_processor, protocol, accelerator.device)
     state_dict = accelerator.get_state_dict(run.model)  # on every process: FSDP and DeepSpeed gather the weights
     unwrapped = accelerator.unwrap_model(run.model)
+    config = unwrapped.config
 
     def write(folder: Path) -> None:
         unwrapped.save_pretrained(folder, state_dict=state_dict)
         run.image_processor.save_pretrained(folder)
         (folder / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        save_prediction_grid(
+        grid = prediction_grid(
             [example["image"] for example in examples],
-            [label.numpy() for label in batch["labels"]],
-            [prediction.cpu().numpy() for prediction in predictions],
-            unwrapped.config.id2label,
-            folder / "validation_predictions.png",
+            predictions,
+            config.id2label,
+            ground_truths=labels,
+            palette=palette_for(config),
         )
-        write_model_card(folder, unwrapped.config, results, run.args)
+        grid.save(folder / "validation_predictions.png")
+        write_model_card(folder, config, results, run.args)
 
     if accelerator.is_main_process:
         publish_repository(output_dir, write)
@@ -449,4 +409,4 @@ def _push_to_hub(args: SegmentationTrainingArguments) -> None:
     logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
 
 
-__all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "check_launch", "train"]
+__all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "train"]

@@ -60,20 +60,39 @@ def _none_if_nan(value: float) -> float | None:
     return None if math.isnan(value) else float(value)
 
 
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.2f}"
+
+
+def _metric_rows(metrics: dict) -> list[tuple[str, str, str]]:
+    """`(class, IoU %, accuracy %)` per class, then `("mean", mIoU %, mean accuracy %)`."""
+    rows = [
+        (name, _percent(iou), _percent(metrics["per_category_accuracy"][name]))
+        for name, iou in metrics["per_category_iou"].items()
+    ]
+    return [*rows, ("mean", _percent(metrics["mean_iou"]), _percent(metrics["mean_accuracy"]))]
+
+
 def format_metrics_table(metrics: dict) -> str:
     """A text table of per-class IoU and accuracy (in %) followed by the means, for logs."""
-    width = max(len("class"), *(len(name) for name in metrics["per_category_iou"]))
-
-    def percent(value: float | None) -> str:
-        return "   n/a" if value is None else f"{100 * value:6.2f}"
-
-    lines = [f"{'class':<{width}} |    IoU |    Acc", f"{'-' * width}-+--------+-------"]
-    for name, iou in metrics["per_category_iou"].items():
-        lines.append(f"{name:<{width}} | {percent(iou)} | {percent(metrics['per_category_accuracy'][name])}")
-    lines.append(f"{'-' * width}-+--------+-------")
-    lines.append(f"{'mean':<{width}} | {percent(metrics['mean_iou'])} | {percent(metrics['mean_accuracy'])}")
-    lines.append(f"pixel accuracy: {percent(metrics['overall_accuracy']).strip()}%")
+    rows = _metric_rows(metrics)
+    width = max(len("class"), *(len(name) for name, _, _ in rows))
+    rule = f"{'-' * width}-+--------+-------"
+    lines = [f"{'class':<{width}} |    IoU |    Acc", rule]
+    lines += [f"{name:<{width}} | {iou:>6} | {accuracy:>6}" for name, iou, accuracy in rows[:-1]]
+    lines += [rule, f"{rows[-1][0]:<{width}} | {rows[-1][1]:>6} | {rows[-1][2]:>6}"]
+    lines.append(f"pixel accuracy: {_percent(metrics['overall_accuracy'])}%")
     return "\n".join(lines)
 
 
-__all__ = ["confusion_matrix", "format_metrics_table", "segmentation_metrics"]
+def format_metrics_markdown(metrics: dict) -> str:
+    """The same table in Markdown: one row per class, then the means and the pixel accuracy in bold."""
+    rows = _metric_rows(metrics)
+    lines = ["| class | IoU (%) | accuracy (%) |", "|---|---:|---:|"]
+    lines += [f"| {name} | {iou} | {accuracy} |" for name, iou, accuracy in rows[:-1]]
+    lines.append(f"| **mean** | **{rows[-1][1]}** | **{rows[-1][2]}** |")
+    lines.append(f"| **pixel accuracy** | | **{_percent(metrics['overall_accuracy'])}** |")
+    return "\n".join(lines) + "\n"
+
+
+__all__ = ["confusion_matrix", "format_metrics_markdown", "format_metrics_table", "segmentation_metrics"]
