@@ -6,12 +6,12 @@ from pathlib import Path
 import pytest
 from conftest import fake_checkpoint
 
+from denseclip_hf.file_utils import write_text_atomically
 from denseclip_hf.training.checkpointing import (
     find_latest_checkpoint,
     prune_checkpoints,
     save_checkpoint,
     verify_checkpoint,
-    write_text_atomically,
 )
 
 

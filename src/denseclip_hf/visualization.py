@@ -23,6 +23,7 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .file_utils import write_atomically
 from .image_processing_denseclip import IGNORE_INDEX
 
 # The heatmap colour ramp: viridis (perceptually uniform, readable in greyscale and by colour-blind viewers) sampled
@@ -451,17 +452,7 @@ def save_figure(figure: Image.Image, path: str | os.PathLike) -> Path:
     if image_format is None:
         raise ValueError(f"Cannot tell the image format of {path}: use a suffix such as .png, .jpg or .webp.")
     path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "wb") as file:
-            figure.save(file, format=image_format)
-            file.flush()
-            os.fsync(file.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    return path
+    return write_atomically(path, lambda file: figure.save(file, format=image_format))
 
 
 # ---------------------------------------------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ Layout under `<output_dir>/checkpoints/`:
   `checkpoint_manifest.json` with the size and SHA-256 of every file. The folder is renamed from `.tmp-step_N` only
   after the manifest is on disk, so a `step_N` folder without a valid manifest is partial or corrupt.
 
-[`write_text_atomically`] writes any other file of a run (results, tables) the same way.
+`denseclip_hf.file_utils.write_text_atomically` writes any other file of a run (results, tables) the same way.
 """
 
 import hashlib
@@ -18,6 +18,8 @@ import shutil
 from pathlib import Path
 
 from accelerate import Accelerator
+
+from ..file_utils import fsync_directory, write_text_atomically
 
 logger = logging.getLogger(__name__)
 
@@ -50,15 +52,6 @@ def _file_digest(path: Path, flush: bool = False) -> str:
     return digest.hexdigest()
 
 
-def fsync_directory(path: Path) -> None:
-    """Flushes the entries of the folder `path` (new, renamed and deleted files) to disk."""
-    descriptor = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def _state_files(folder: Path) -> list[Path]:
     return sorted(path for path in folder.rglob("*") if path.is_file() and path.name != MANIFEST_NAME)
 
@@ -70,24 +63,6 @@ def write_manifest(folder: Path, step: int) -> None:
         for path in _state_files(folder)
     }
     write_text_atomically(folder / MANIFEST_NAME, json.dumps({"step": step, "files": files}, indent=1))
-
-
-def write_text_atomically(path: str | os.PathLike, text: str) -> Path:
-    """Writes `text` to `path` durably and atomically: into a temporary file of the same folder, flushed to disk, then
-    renamed over `path`; a crash leaves the previous file (or none), never a partial one. Returns the path."""
-    path = Path(path)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.partial")
-    try:
-        with open(temporary, "w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        temporary.unlink(missing_ok=True)
-        raise
-    fsync_directory(path.parent)
-    return path
 
 
 def verify_checkpoint(folder: str | os.PathLike) -> str | None:
@@ -206,10 +181,8 @@ def load_checkpoint(accelerator: Accelerator, folder: str | os.PathLike, verify:
 __all__ = [
     "checkpoints_root",
     "find_latest_checkpoint",
-    "fsync_directory",
     "load_checkpoint",
     "prune_checkpoints",
     "save_checkpoint",
     "verify_checkpoint",
-    "write_text_atomically",
 ]

@@ -27,11 +27,11 @@ from transformers.utils import CONFIG_NAME, cached_file
 from transformers.utils.hub import extract_commit_hash
 
 from ..configuration_denseclip import DenseClipConfig
+from ..file_utils import write_text_atomically
 from ..image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from ..modeling_denseclip import DenseClipForSemanticSegmentation
 from ..visualization import palette_for, prediction_grid, save_figure
 from .arguments import DataArguments
-from .checkpointing import write_text_atomically
 from .data import check_label_range, evaluation_dataloader
 from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging

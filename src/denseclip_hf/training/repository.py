@@ -33,7 +33,7 @@ from transformers.utils import (
     WEIGHTS_NAME,
 )
 
-from .checkpointing import fsync_directory
+from ..file_utils import fsync_directory, fsync_file
 
 logger = logging.getLogger(__name__)
 
@@ -42,11 +42,6 @@ STAGING_DIR_NAME = ".tmp-repository"
 WEIGHTS_ENTRY_NAMES = (SAFE_WEIGHTS_NAME, SAFE_WEIGHTS_INDEX_NAME, WEIGHTS_NAME, WEIGHTS_INDEX_NAME)
 # Every file that `from_pretrained` may load weights from: the entry points and the shards they list.
 _WEIGHTS_PATTERN = re.compile(r"(model|pytorch_model)(-\d+-of-\d+)?\.(safetensors|bin)(\.index\.json)?")
-
-
-def _fsync_file(path: Path) -> None:
-    with open(path, "rb") as handle:
-        os.fsync(handle.fileno())
 
 
 def _entry_point(names: set[str]) -> str:
@@ -79,7 +74,7 @@ def publish_repository(output_dir: str | os.PathLike, write: Callable[[Path], No
     new_names = {path.name for path in staging.iterdir()}
     entry_point = _entry_point(new_names)
     for name in new_names:
-        _fsync_file(staging / name)
+        fsync_file(staging / name)
     fsync_directory(staging)
 
     old_weights = sorted(
