@@ -15,6 +15,8 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState, GradientState
 from conftest import tiny_config
+from hub_server import TOKEN
+from huggingface_hub import HfApi
 from PIL import Image
 from torch._dynamo.utils import counters
 
@@ -281,3 +283,25 @@ def test_bad_models_and_arguments_are_clear_errors(model_dir, tiny_clip_dir, tmp
     ]:
         with pytest.raises(ValueError, match=message):
             run_evaluation(["--model_name_or_path", str(path), "--output_dir", str(tmp_path / "out")])
+
+
+def test_model_by_repo_id_and_revision_from_the_hub(model_dir, single_process, hub_repo_id, tmp_path):
+    """`--model_name_or_path ORG/NAME --revision v1` through the real Hub client (the loopback Hub): the tagged
+    version is evaluated, not the newer main, and its commit is recorded."""
+    api = HfApi(token=TOKEN)
+    api.create_repo(hub_repo_id)
+    first = api.upload_folder(repo_id=hub_repo_id, folder_path=model_dir)
+    api.create_tag(hub_repo_id, tag="v1")
+    retrained = DenseClipForSemanticSegmentation.from_pretrained(model_dir)
+    with torch.no_grad():
+        retrained.decoder.head.classifier.weight.neg_()
+    retrained.push_to_hub(hub_repo_id, token=TOKEN)
+    argv = ["--model_name_or_path", hub_repo_id, "--revision", "v1", "--max_eval_samples", "5"]
+    results = run_evaluation([*argv, "--output_dir", str(tmp_path), "--num_visualized_images", "0"])
+    assert_metrics_equal(results, {name: single_process[0][f"eval_{name}"] for name in METRICS})
+    assert (results["model_name_or_path"], results["revision"]) == (hub_repo_id, "v1")
+    assert results["commit_hash"] == first.oid
+    on_main = run_evaluation(
+        [*argv[:2], *argv[4:], "--output_dir", str(tmp_path / "main"), "--num_visualized_images", "0"]
+    )
+    assert on_main["commit_hash"] != first.oid and on_main["eval_mean_iou"] != results["eval_mean_iou"]
