@@ -14,6 +14,8 @@ from .modeling_denseclip import (
     DenseClipModelOutput,
     DenseClipPreTrainedModel,
     DenseClipSemanticSegmenterOutput,
+    detection_score_map_loss,
+    detection_targets,
     pixel_text_score_map,
     tokenize_class_names,
 )
@@ -66,6 +68,8 @@ __all__ = [
     "DenseClipPreTrainedModel",
     "DenseClipResNetConfig",
     "DenseClipSemanticSegmenterOutput",
+    "detection_score_map_loss",
+    "detection_targets",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]
