@@ -32,8 +32,9 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
@@ -42,6 +43,7 @@ from .configuration_denseclip import (
     TEST_MODES,
     ClipResNetSettings,
     ClipViTSettings,
+    DenseClipBackboneConfig,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
@@ -1579,12 +1581,78 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         return decode_loss + config.identity_loss_weight * identity_loss, decode_loss, identity_loss
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# DenseCLIP as a transformers backbone: the language-guided pyramid for other models (`AutoBackbone`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseClipBackboneOutput(BackboneOutput):
+    r"""
+    feature_maps (`tuple(torch.FloatTensor)`):
+        The `config.out_features` levels of the language-guided pyramid, `(batch, channels[i], H / stride, W / stride)`
+        (the score map joined onto level `config.score_map_level`).
+    score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
+        Pixel-text cosine similarities s (Eq. 2), for the auxiliary losses: `detection_score_map_loss` (Eq. 8) or
+        the identity loss (Eq. 7).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The 4 image-encoder pyramid levels before the score map is joined.
+    """
+
+    score_map: torch.FloatTensor | None = None
+
+
+class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
+    """DenseCLIP as a transformers backbone: `DenseClipModel`'s language-guided pyramid (x' = [x, s], Sec. 3.2) for
+    any model that takes a `backbone_config` (`AutoBackbone.from_config(DenseClipBackboneConfig(...))`).
+
+    `channels` are the `out_features` levels' channels (`DenseClipModel.pyramid_channels`). The output also carries
+    the score map, so that a detector adds the Eq. 8 loss (`detection_score_map_loss`, see docs/backbone.md). Its
+    weights sit under `denseclip.`, as in `DenseClipForSemanticSegmentation`: `from_pretrained` reads a DenseCLIP
+    segmentation checkpoint's base model (its decoder is left out).
+    """
+
+    config: DenseClipBackboneConfig
+    config_class = DenseClipBackboneConfig
+    has_attentions = False
+    # A segmentation checkpoint's decoder is not part of the backbone.
+    _keys_to_ignore_on_load_unexpected = [*DenseClipPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^decoder\."]
+
+    def __init__(self, config: DenseClipBackboneConfig):
+        super().__init__(config)
+        self.denseclip = DenseClipModel(config)
+        self.num_features = self.denseclip.pyramid_channels
+        self.post_init()
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> DenseClipBackboneOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalized images, as for `DenseClipModel`.
+        output_hidden_states (`bool`, *optional*):
+            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        """
+        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        return DenseClipBackboneOutput(
+            feature_maps=tuple(outputs.pyramid[index] for index in self.out_indices),
+            score_map=outputs.score_map,
+            hidden_states=outputs.hidden_states,
+        )
+
+
 __all__ = [
+    "DenseClipBackbone",
+    "DenseClipBackboneOutput",
     "DenseClipForSemanticSegmentation",
     "DenseClipModel",
     "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
+    "detection_score_map_loss",
+    "detection_targets",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]
