@@ -4,6 +4,7 @@ transformers' UperNet and DETR, with the Eq. 8 loss from its score map."""
 import pytest
 import torch
 from conftest import ENCODER_FAMILIES, tiny_config
+from safetensors import safe_open
 from transformers import (
     AutoBackbone,
     AutoConfig,
@@ -67,6 +68,8 @@ def test_backbone_saves_loads_and_reads_a_segmentation_checkpoint(tokenizer, tmp
         expected = segmenter.denseclip(pixel_values).pyramid[2]
         torch.testing.assert_close(backbone(pixel_values).feature_maps[0], expected)
     backbone.save_pretrained(tmp_path / "backbone")
+    with safe_open(tmp_path / "backbone" / "model.safetensors", "pt") as saved:
+        assert set(saved.keys()) == set(backbone.state_dict())  # DenseCLIP's own key names
     assert AutoConfig.from_pretrained(str(tmp_path / "backbone")).out_features == ["stage3"]
     # transformers 5.24's `AutoBackbone.from_pretrained` asks the Hub whether a local folder is a repository.
     reloaded = DenseClipBackbone.from_pretrained(tmp_path / "backbone").eval()
@@ -101,7 +104,7 @@ def test_upernet_trains_saves_and_loads_on_the_backbone(tokenizer, family, tmp_p
         torch.testing.assert_close(reloaded(pixel_values).logits, model(pixel_values).logits)
 
 
-def test_detr_trains_with_the_eq8_loss_from_the_backbone_score_map(tokenizer):
+def test_detr_trains_with_the_eq8_loss_from_the_backbone_score_map(tokenizer, tmp_path):
     config = DetrConfig(
         use_timm_backbone=False,
         backbone_config=backbone_config(tokenizer, out_features=["stage4"]),
@@ -136,3 +139,7 @@ def test_detr_trains_with_the_eq8_loss_from_the_backbone_score_map(tokenizer):
     assert torch.isfinite(output.loss) and eq8 > 0
     (output.loss + eq8).backward()
     trainable_parts_have_gradients(backbone)
+    model.eval().save_pretrained(tmp_path)
+    reloaded = DetrForObjectDetection.from_pretrained(tmp_path).eval()
+    with torch.no_grad():
+        torch.testing.assert_close(reloaded(pixel_values).pred_boxes, model(pixel_values).pred_boxes)

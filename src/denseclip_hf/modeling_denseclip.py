@@ -33,6 +33,8 @@ from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
@@ -1642,6 +1644,19 @@ class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
             hidden_states=outputs.hidden_states,
         )
 
+
+# transformers renames the keys of a DETR checkpoint on load ("out_proj" -> "o_proj", "layers.N.fc1" ->
+# "layers.N.mlp.fc1"; the reverse on save) for every key under the DETR model, its backbone's included. Applied after
+# DETR's, these renamings (scoped to the backbone) undo that on DenseCLIP's keys, so that a DETR on `DenseClipBackbone`
+# saves and loads (tests/test_backbone.py). A backbone saved on its own keeps DenseCLIP's key names.
+register_checkpoint_conversion_mapping(
+    DenseClipBackbone.__name__,
+    [
+        WeightRenaming(r"\.o_proj\.", ".out_proj."),
+        WeightRenaming(r"context_decoder\.layers\.(\d+)\.mlp\.fc", r"context_decoder.layers.\1.fc"),
+    ],
+    overwrite=True,
+)
 
 __all__ = [
     "DenseClipBackbone",
