@@ -86,3 +86,8 @@ def test_loss_without_boxes_is_zero_and_has_gradients():
 def test_bad_boxes_raise(boxes, labels, message):
     with pytest.raises(ValueError, match=message):
         detection_targets(boxes, labels, 3, (4, 4))
+
+
+def test_loss_needs_one_boxes_tensor_per_image():
+    with pytest.raises(ValueError, match="one boxes and one labels tensor per image"):
+        detection_score_map_loss(torch.zeros(2, 3, 4, 4), [torch.zeros(0, 4)], [torch.zeros(0)], (16, 16))
