@@ -400,13 +400,13 @@ def _push_to_hub(args: SegmentationTrainingArguments) -> None:
     api = HfApi(token=args.hub.hub_token)
     output_dir = args.checkpoints.output_dir
     repo_id = api.create_repo(args.hub_repo_id, exist_ok=True).repo_id
-    api.upload_folder(
+    commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
         ignore_patterns=["checkpoints/**", "runs/**", f"{STAGING_DIR_NAME}/**"],
     )
-    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
+    logger.info(f"Uploaded {output_dir} to {commit.repo_url} ({commit.commit_url})")
 
 
 __all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "train"]
