@@ -47,6 +47,11 @@ def _extended_no_weight_decay(model: nn.Module) -> set[str]:
 
 # `--weight_decay_exemptions`: which parameters train without weight decay.
 WEIGHT_DECAY_EXEMPTIONS = {"authors": _authors_no_weight_decay, "extended": _extended_no_weight_decay}
+# What each grouping exempts, in words (model cards).
+WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS = {
+    "authors": "the LayerNorms of the vision-to-language decoder's layers (the authors' grouping)",
+    "extended": "normalization layers, biases, the learnable contexts and gamma",
+}
 
 
 def no_weight_decay_parameter_names(model: nn.Module, exemptions: str = "authors") -> set[str]:
@@ -149,6 +154,7 @@ def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: in
 
 
 __all__ = [
+    "WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS",
     "WEIGHT_DECAY_EXEMPTIONS",
     "no_weight_decay_parameter_names",
     "num_update_steps_per_epoch",
