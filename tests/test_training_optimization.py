@@ -12,8 +12,10 @@ from conftest import FIXTURES, tiny_config
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.convert_clip_original_to_hf import convert_keys
 from denseclip_hf.convert_denseclip_original_to_hf import denseclip_rules, infer_config
+from denseclip_hf.training.arguments import parse_training_args
 from denseclip_hf.training.model_loading import convert_batchnorm_for_launch, uses_sync_batchnorm
 from denseclip_hf.training.optimization import parameter_groups, poly_schedule_with_warmup
+from denseclip_hf.training.recipes import RECIPES
 
 
 def mmcv_poly_lr(step, base_lr, max_steps, warmup_steps, power=0.9, min_lr=1e-6, warmup_ratio=1e-6):
@@ -166,3 +168,15 @@ def test_sync_batchnorm_conversion_keeps_the_model(tokenizer, caplog):
     assert all(torch.equal(converted.state_dict()[name], tensor) for name, tensor in reference.items())
     torch.manual_seed(1)
     torch.testing.assert_close(converted(images, labels=labels).loss, expected)
+
+
+def test_optimizer_group_flags(tmp_path):
+    """The authors' grouping and SyncBatchNorm are the defaults of every recipe; both flags turn them off."""
+    for recipe in RECIPES:
+        default = parse_training_args(["--recipe", recipe, "--output_dir", str(tmp_path)]).optimization
+        assert (default.weight_decay_exemptions, default.sync_batchnorm) == ("authors", True)
+    flags = ["--output_dir", str(tmp_path), "--weight_decay_exemptions", "extended", "--no_sync_batchnorm"]
+    changed = parse_training_args(flags).optimization
+    assert (changed.weight_decay_exemptions, changed.sync_batchnorm) == ("extended", False)
+    with pytest.raises(SystemExit):
+        parse_training_args(["--output_dir", str(tmp_path), "--weight_decay_exemptions", "none"])
