@@ -1,6 +1,7 @@
 """The paper's optimizer and schedule: mmcv's poly learning rate with warmup, AdamW parameter groups."""
 
 import collections
+import dataclasses
 import json
 import logging
 
@@ -12,9 +13,9 @@ from conftest import FIXTURES, tiny_config
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.convert_clip_original_to_hf import convert_keys
 from denseclip_hf.convert_denseclip_original_to_hf import denseclip_rules, infer_config
-from denseclip_hf.training.arguments import parse_training_args
+from denseclip_hf.training.arguments import OptimizationArguments, parse_training_args
 from denseclip_hf.training.model_loading import convert_batchnorm_for_launch, uses_sync_batchnorm
-from denseclip_hf.training.optimization import parameter_groups, poly_schedule_with_warmup
+from denseclip_hf.training.optimization import WEIGHT_DECAY_EXEMPTIONS, parameter_groups, poly_schedule_with_warmup
 from denseclip_hf.training.recipes import RECIPES
 
 
@@ -180,3 +181,5 @@ def test_optimizer_group_flags(tmp_path):
     assert (changed.weight_decay_exemptions, changed.sync_batchnorm) == ("extended", False)
     with pytest.raises(SystemExit):
         parse_training_args(["--output_dir", str(tmp_path), "--weight_decay_exemptions", "none"])
+    choices = {field.name: field.metadata.get("choices") for field in dataclasses.fields(OptimizationArguments)}
+    assert choices["weight_decay_exemptions"] == list(WEIGHT_DECAY_EXEMPTIONS)
