@@ -141,6 +141,20 @@ class OptimizationArguments:
     image_encoder_lr_multiplier: float | None = field(
         default=None, metadata=_help("Learning-rate factor of the image encoder (paper: 0.1).")
     )
+    weight_decay_exemptions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters trained without weight decay: 'authors' (their configs under mmcv: the LayerNorms of "
+            "the vision-to-language decoder's layers only) or 'extended' (every norm layer, every bias, the "
+            "contexts and gamma).",
+            "choices": ["authors", "extended"],
+        },
+    )
+    sync_batchnorm: bool = field(
+        default=True,
+        metadata=_help("With more than one process on GPUs, BatchNorm becomes SyncBatchNorm, as in the authors' "
+        "configs (norm_cfg SyncBN); --no_sync_batchnorm keeps per-process statistics."),
+    )  # fmt: skip
     lr_power: float | None = field(default=None, metadata=_help("Power of the poly schedule (paper: 0.9)."))
     min_learning_rate: float | None = field(default=None, metadata=_help("Final learning rate (paper: 1e-6)."))
     num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps (paper: 1500)."))

@@ -42,7 +42,7 @@ from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
-from .model_loading import load_model
+from .model_loading import convert_batchnorm_for_launch, load_model
 from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
 from .repository import STAGING_DIR_NAME, publish_repository
 from .transforms import SegmentationAugmentation
@@ -196,8 +196,9 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     model = load_model(
         args.model.model_name_or_path, data.id2label, optimization.loss_reduction, args.augmentation.crop_size
     )
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
+    model = convert_batchnorm_for_launch(
+        model, optimization.sync_batchnorm, accelerator.num_processes, accelerator.device.type
+    )
     image_processor = DenseClipImageProcessor(
         size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
         do_reduce_labels=args.data.do_reduce_labels,
@@ -208,7 +209,11 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(
-            model, optimization.learning_rate, optimization.weight_decay, optimization.image_encoder_lr_multiplier
+            model,
+            optimization.learning_rate,
+            optimization.weight_decay,
+            optimization.image_encoder_lr_multiplier,
+            optimization.weight_decay_exemptions,
         ),
         lr=optimization.learning_rate,
         weight_decay=optimization.weight_decay,

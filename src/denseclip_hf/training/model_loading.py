@@ -1,12 +1,16 @@
 """The model a training run starts from: a small random DenseCLIP (the offline default), CLIP, or DenseCLIP."""
 
+import logging
 import os
 
+import torch
 from transformers import AutoConfig, CLIPTokenizer
 
 from .. import CLIP_TOKENIZER_PATH
 from ..configuration_denseclip import DenseClipConfig
 from ..modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
+
+logger = logging.getLogger(__name__)
 
 
 def offline_model_config(
@@ -97,4 +101,37 @@ def load_model(
     return model
 
 
-__all__ = ["load_model", "offline_model_config"]
+def sync_batchnorm_devices() -> tuple[str, ...]:
+    """The device types on which torch's `SyncBatchNorm` synchronizes (it raises on others, CPU included)."""
+    return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
+
+
+def uses_sync_batchnorm(enabled: bool, num_processes: int, device_type: str) -> bool:
+    """Whether a launch trains with `SyncBatchNorm` (the authors' `norm_cfg=dict(type="SyncBN")`): when `enabled`
+    (`--sync_batchnorm`, the default), more than one process trains and the device type supports it."""
+    return enabled and num_processes > 1 and device_type in sync_batchnorm_devices()
+
+
+def convert_batchnorm_for_launch(
+    model: torch.nn.Module, enabled: bool, num_processes: int, device_type: str
+) -> torch.nn.Module:
+    """`model` with every BatchNorm turned into a `SyncBatchNorm` (same weights and statistics) where
+    [`uses_sync_batchnorm`], else `model` unchanged; a multi-process run on a device without `SyncBatchNorm` keeps
+    per-process statistics, with a warning."""
+    if uses_sync_batchnorm(enabled, num_processes, device_type):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if enabled and num_processes > 1:
+        logger.warning(
+            f"BatchNorm statistics stay per process: torch's SyncBatchNorm does not run on {device_type!r} "
+            f"(only on {', '.join(sync_batchnorm_devices())})."
+        )
+    return model
+
+
+__all__ = [
+    "convert_batchnorm_for_launch",
+    "load_model",
+    "offline_model_config",
+    "sync_batchnorm_devices",
+    "uses_sync_batchnorm",
+]

@@ -2,8 +2,9 @@
 
 The authors' recipe (mmseg configs of the DenseCLIP repository): AdamW with lr 1e-4 and weight decay 1e-4; the image
 encoder (CLIP backbone and its pyramid) at 0.1x the learning rate; the CLIP text encoder frozen; no weight decay on
-normalization layers, biases, the learnable contexts and gamma; poly decay (power 0.9) to 1e-6 after a linear warmup of
-1500 iterations starting at 1e-6 of the learning rate; 80k iterations at a global batch of 32.
+the LayerNorms of the vision-to-language decoder's layers only (mmcv's `norm` key); poly decay (power 0.9) to 1e-6
+after a linear warmup of 1500 iterations starting at 1e-6 of the learning rate; 80k iterations at a global batch of
+32.
 
 A recipe is data: a new row is one more [`Recipe`] in [`RECIPES`], usually a `dataclasses.replace` of another. Every
 field but `description` and `paper_miou` is also a command-line flag (see `arguments.py`) that overrides it.
@@ -38,6 +39,7 @@ class Recipe:
     dataloader_num_workers: int
     loss_reduction: str
     paper_miou: tuple[float, float] | None = None  # ADE20K validation mIoU, single-scale / multi-scale
+    weight_decay_exemptions: str = "authors"  # see `optimization.WEIGHT_DECAY_EXEMPTIONS`
 
 
 _ADE20K_VIT_B16 = Recipe(
