@@ -30,7 +30,15 @@ from functools import partial
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    AutoBackbone,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPTextModel,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -40,12 +48,14 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_denseclip import (
     PYRAMID_STRIDES,
     TEST_MODES,
+    BackboneSettings,
     ClipResNetSettings,
     ClipViTSettings,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
     input_size_multiple,
+    pyramid_backbone_config,
 )
 
 logger = logging.get_logger(__name__)
@@ -420,10 +430,9 @@ class DenseClipAttentionPool(nn.Module):
     with biased q/k/v projections and an output projection into the joint embedding space.
     """
 
-    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+    def __init__(self, embed_dim: int, num_heads: int, grid: int, projection_dim: int, interpolation: str):
         super().__init__()
-        embed_dim, grid = config.embed_dim, config.image_size // 32
-        self.num_heads = config.attention_pool_heads
+        self.num_heads = num_heads
         self.interpolation = interpolation
         self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -460,7 +469,9 @@ class DenseClipResNetVisionModel(nn.Module):
                 in_channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.attention_pool = DenseClipAttentionPool(config, projection_dim, interpolation)
+        self.attention_pool = DenseClipAttentionPool(
+            config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         hidden_states = self.stem(pixel_values)
@@ -498,18 +509,66 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        if image_size % PYRAMID_STRIDES[-1]:
-            raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
-        pool = self.vision_model.attention_pool
-        side = image_size // PYRAMID_STRIDES[-1]
-        table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
-        pool.position_embedding = nn.Parameter(table.clone())
+        _resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
+
+
+def _resize_attention_pool_grid(pool: DenseClipAttentionPool, image_size: int) -> None:
+    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32)."""
+    if image_size % PYRAMID_STRIDES[-1]:
+        raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
+    side = image_size // PYRAMID_STRIDES[-1]
+    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+    pool.position_embedding = nn.Parameter(table.clone())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image encoder, any transformers backbone (Sec. 4.3): pixels -> last 4 stages -> pyramid; new attention pool -> z_bar, z
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
+    """Any transformers `AutoBackbone` (ResNet, Swin, ConvNeXt, ...; timm models through `TimmBackbone`) as the image
+    encoder (Sec. 4.3): its last 4 stages (strides 4-32) are the pyramid, and a newly initialised CLIP-style attention
+    pool over the last stage gives z_bar `(batch, D)` and z `(batch, D, H / 32, W / 32)` in the text embedding space
+    (Eq. 1), the authors' recipe for backbones not trained with text.
+
+    Input `pixel_values` `(batch, 3, height, width)`, each side a multiple of 32.
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.backbone = AutoBackbone.from_config(pyramid_backbone_config(config.vision_config))
+        self.attention_pool = DenseClipAttentionPool(
+            self.pyramid_channels[-1],
+            config.backbone_attention_pool_heads,
+            config.backbone_attention_pool_image_size // PYRAMID_STRIDES[-1],
+            config.projection_dim,
+            config.position_embedding_interpolation,
+        )
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        self.check_pixel_values(pixel_values)
+        if any(side < PYRAMID_STRIDES[-1] or side % PYRAMID_STRIDES[-1] for side in pixel_values.shape[-2:]):
+            raise ValueError(
+                f"pixel_values height and width must be multiples of {PYRAMID_STRIDES[-1]} (the backbone's last stage "
+                f"has stride {PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
+            )
+        dtype = next(self.backbone.parameters()).dtype
+        pyramid = tuple(self.backbone(pixel_values.to(dtype)).feature_maps)
+        global_embedding, dense_embedding = self.attention_pool(pyramid[-1])
+        return DenseClipImageEncoderOutput(
+            pyramid=pyramid, global_embedding=global_embedding, dense_embedding=dense_embedding
+        )
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        _resize_attention_pool_grid(self.attention_pool, image_size)
 
 
 # The image encoder of each family (`DenseClipConfig.image_encoder_family`, `ImageEncoderSettings.name`).
 IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
     ClipViTSettings.name: DenseClipViTImageEncoder,
     ClipResNetSettings.name: DenseClipResNetImageEncoder,
+    BackboneSettings.name: DenseClipBackboneImageEncoder,
 }
 
 
@@ -785,8 +844,58 @@ class DenseClipSemanticFPNDecoder(DenseClipDecoder):
         return self.head(self.neck(pyramid))
 
 
+class DenseClipPyramidPooling(nn.Module):
+    """UperNet's pyramid pooling module (PPM): the last level, average-pooled to each of `pool_scales` sizes, through a
+    1x1 conv-BN-ReLU and upsampled back, concatenated with the level itself, fused by a 3x3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: list[int]):
+        super().__init__()
+        self.pool_scales = list(pool_scales)
+        self.pools = nn.ModuleList(DenseClipConvNormAct(in_channels, channels, 1) for _ in self.pool_scales)
+        self.bottleneck = DenseClipConvNormAct(in_channels + len(self.pool_scales) * channels, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(batch, in_channels, h, w)` -> `(batch, channels, h, w)`."""
+        pooled = [
+            _resize(conv(F.adaptive_avg_pool2d(features, scale)), features.shape[-2:])
+            for scale, conv in zip(self.pool_scales, self.pools, strict=True)
+        ]
+        return self.bottleneck(torch.cat([features, *pooled], dim=1))
+
+
+class DenseClipUperNetDecoder(DenseClipDecoder):
+    """UperNet (Xiao et al.), the decoder of the paper's Swin rows (Table 5): the PPM on the last level and 1x1
+    laterals on the others, summed top-down (bilinear), 3x3 convs on the 3 finer levels, every level resized to
+    stride 4, concatenated and fused by a 3x3 conv; dropout and a 1x1 classifier give `(batch, num_labels, H / 4,
+    W / 4)`. All convs are conv-BN-ReLU with `decode_head_channels` channels (mmseg: 512). mmseg's UperNet configs
+    add an auxiliary FCN head (weight 0.4) on level 3 in training; the paper does not mention it and it is left out.
+    """
+
+    def __init__(self, config: DenseClipConfig, in_channels: list[int]):
+        super().__init__()
+        channels = config.decode_head_channels
+        self.pyramid_pooling = DenseClipPyramidPooling(in_channels[-1], channels, config.upernet_pool_scales)
+        self.lateral_convs = nn.ModuleList(DenseClipConvNormAct(width, channels, 1) for width in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(DenseClipConvNormAct(channels, channels) for _ in in_channels[:-1])
+        self.fusion = DenseClipConvNormAct(len(in_channels) * channels, channels)
+        self.dropout = nn.Dropout2d(config.decode_head_dropout)
+        self.classifier = nn.Conv2d(channels, config.num_labels, 1)
+
+    def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid, strict=False)]
+        laterals.append(self.pyramid_pooling(pyramid[-1]))
+        for level in range(len(laterals) - 1, 0, -1):
+            laterals[level - 1] = laterals[level - 1] + _resize(laterals[level], laterals[level - 1].shape[-2:])
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=False)] + [laterals[-1]]
+        fused = self.fusion(torch.cat([_resize(output, outputs[0].shape[-2:]) for output in outputs], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
 # The decoder of each `DenseClipConfig.decoder_type` (`DECODER_TYPES`).
-DECODERS: dict[str, type[DenseClipDecoder]] = {"semantic_fpn": DenseClipSemanticFPNDecoder}
+DECODERS: dict[str, type[DenseClipDecoder]] = {
+    "semantic_fpn": DenseClipSemanticFPNDecoder,
+    "upernet": DenseClipUperNetDecoder,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1222,7 +1331,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 init.zeros_(conv.bias)
         elif isinstance(module, DenseClipConvNormAct):
             init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, DenseClipSemanticFPNHead):
+        elif isinstance(module, (DenseClipSemanticFPNHead, DenseClipUperNetDecoder)):
             init.normal_(module.classifier.weight, std=0.01)
             init.zeros_(module.classifier.bias)
 
