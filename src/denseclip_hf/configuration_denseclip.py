@@ -507,9 +507,9 @@ class DenseClipConfig(PreTrainedConfig):
             that level's size.
         decoder_type (`str`, *optional*, defaults to `"semantic_fpn"`):
             What turns the language-guided pyramid into logits. `"semantic_fpn"` (the paper's segmentation decoder,
-            Sec. 4.1): an FPN neck and a Semantic FPN head (Kirillov et al.). `"upernet"` (Table 5's Swin rows): UperNet
-            (Xiao et al.), a pyramid pooling module on the last level and an FPN fusion of all 4 levels; as in the
-            paper's Table 5, without mmseg's auxiliary FCN head.
+            Sec. 4.1): an FPN neck and a Semantic FPN head (Kirillov et al.). `"upernet"` (Table 5's Swin rows):
+            UperNet (Xiao et al.), a pyramid pooling module on the last level and an FPN fusion of all 4 levels; as
+            in the paper's Table 5, without mmseg's auxiliary FCN head.
         fpn_channels (`int`, *optional*, defaults to 256):
             Output channels of every FPN neck level (Semantic FPN only). Paper: 256.
         decode_head_channels (`int`, *optional*, defaults to 256):

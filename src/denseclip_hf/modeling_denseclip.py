@@ -522,7 +522,7 @@ def _resize_attention_pool_grid(pool: DenseClipAttentionPool, image_size: int) -
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Image encoder, any transformers backbone (Sec. 4.3): pixels -> last 4 stages -> pyramid; new attention pool -> z_bar, z
+# Image encoder, any transformers backbone (Sec. 4.3): pixels -> its last 4 stages (pyramid) -> new attention pool
 # ---------------------------------------------------------------------------------------------------------------------
 
 
