@@ -32,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import (
     AutoBackbone,
+    AutoConfig,
     AutoTokenizer,
     CLIPConfig,
     CLIPTextModel,
@@ -1279,6 +1280,69 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         logger.info(
             f"Loaded the CLIP towers from {source.name!r}; {len(info['missing_keys'])} DenseCLIP tensors (contexts, "
             "context decoder, pyramid, decoder) are newly initialised."
+        )
+        return (model, info) if output_loading_info else model
+
+    @classmethod
+    def from_backbone_pretrained(
+        cls,
+        backbone_name_or_path: str | os.PathLike,
+        clip_name_or_path: str | os.PathLike,
+        id2label: dict[int, str],
+        tokenizer=None,
+        *,
+        text_heads: int | None = None,
+        hidden_act: str | None = None,
+        **kwargs,
+    ):
+        """Builds DenseCLIP on any backbone (Sec. 4.3, Table 5): the image encoder is a transformers backbone
+        checkpoint (e.g. an ImageNet ResNet or Swin; any model `AutoBackbone` loads) with a newly initialised attention
+        pool over its last stage; the frozen text tower and the tokenizer come from a CLIP checkpoint (as in
+        `from_clip_pretrained`; its image tower is not used). Every other DenseCLIP tensor is newly initialised.
+
+        Args:
+            backbone_name_or_path: Hub id or folder of the backbone checkpoint (its config and weights).
+            clip_name_or_path, id2label, tokenizer, text_heads, hidden_act: As in `from_clip_pretrained`.
+            kwargs: `DenseClipConfig` settings (e.g. `decoder_type="upernet"`), Hub arguments (used for both
+                checkpoints) and `from_pretrained` arguments.
+        """
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        backbone_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
+        source = resolve_clip_source(clip_name_or_path, text_heads=text_heads, hidden_act=hidden_act, **hub_kwargs)
+        id2label, class_token_ids = tokenize_labels(
+            id2label,
+            load_clip_tokenizer(source, tokenizer),
+            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
+        )
+        config = DenseClipConfig(
+            text_config=source.text_config.to_dict(),
+            vision_config=backbone_config.to_dict(),
+            projection_dim=source.projection_dim,
+            id2label=id2label,
+            class_token_ids=class_token_ids,
+            **settings,
+        )
+        text_key_mapping = cls._base_model_key_mapping(
+            {pattern: target for pattern, target in CLIP_KEY_MAPPING.items() if target.startswith("text_encoder.")}
+        )
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                **source.weights, config=config, key_mapping=text_key_mapping, output_loading_info=True, **kwargs
+            )
+        text_prefixes = tuple(text_key_mapping.values())
+        missing = sorted(key for key in info["missing_keys"] if key.startswith(text_prefixes))
+        if missing or info["mismatched_keys"]:
+            raise ValueError(
+                f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
+                f"{info['mismatched_keys']})."
+            )
+        backbone = AutoBackbone.from_pretrained(backbone_name_or_path, config=backbone_config, **hub_kwargs)
+        model.base_model.image_encoder.backbone.load_state_dict(backbone.state_dict())
+        logger.info(
+            f"Loaded the backbone from {os.fspath(backbone_name_or_path)!r} and the CLIP text tower from "
+            f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
         )
         return (model, info) if output_loading_info else model
 
