@@ -31,6 +31,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from transformers import (
+    MODEL_FOR_BACKBONE_MAPPING,
     AutoBackbone,
     AutoConfig,
     AutoTokenizer,
@@ -1306,6 +1307,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             kwargs: `DenseClipConfig` settings (e.g. `decoder_type="upernet"`), Hub arguments (used for both
                 checkpoints) and `from_pretrained` arguments.
         """
+        backbone_name_or_path = os.fspath(backbone_name_or_path)
         hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
         settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
         output_loading_info = kwargs.pop("output_loading_info", False)
@@ -1338,10 +1340,13 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
                 f"{info['mismatched_keys']})."
             )
-        backbone = AutoBackbone.from_pretrained(backbone_name_or_path, config=backbone_config, **hub_kwargs)
+        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
+        # first, even for a local folder (transformers 5), which fails offline.
+        backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(backbone_config)]
+        backbone = backbone_class.from_pretrained(backbone_name_or_path, config=backbone_config, **hub_kwargs)
         model.base_model.image_encoder.backbone.load_state_dict(backbone.state_dict())
         logger.info(
-            f"Loaded the backbone from {os.fspath(backbone_name_or_path)!r} and the CLIP text tower from "
+            f"Loaded the backbone from {backbone_name_or_path!r} and the CLIP text tower from "
             f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
         )
         return (model, info) if output_loading_info else model
