@@ -565,6 +565,20 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
     def resize_position_embeddings(self, image_size: int) -> None:
         _resize_attention_pool_grid(self.attention_pool, image_size)
 
+    def load_backbone_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
+        """Copies the weights of a backbone checkpoint (Hub id or folder; an image classifier's too) into
+        `backbone`; a `ValueError` when its architecture differs from this encoder's."""
+        config = self.backbone.config
+        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
+        # first, even for a local folder (transformers 5), which fails offline.
+        backbone = MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(
+            os.fspath(name_or_path), config=config, **hub_kwargs
+        )
+        try:
+            self.backbone.load_state_dict(backbone.state_dict())
+        except RuntimeError as error:
+            raise ValueError(f"The backbone checkpoint {os.fspath(name_or_path)!r} does not fit: {error}") from error
+
 
 # The image encoder of each family (`DenseClipConfig.image_encoder_family`, `ImageEncoderSettings.name`).
 IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
@@ -1340,11 +1354,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
                 f"{info['mismatched_keys']})."
             )
-        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
-        # first, even for a local folder (transformers 5), which fails offline.
-        backbone_class = MODEL_FOR_BACKBONE_MAPPING[type(backbone_config)]
-        backbone = backbone_class.from_pretrained(backbone_name_or_path, config=backbone_config, **hub_kwargs)
-        model.base_model.image_encoder.backbone.load_state_dict(backbone.state_dict())
+        model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path, **hub_kwargs)
         logger.info(
             f"Loaded the backbone from {backbone_name_or_path!r} and the CLIP text tower from "
             f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
