@@ -239,6 +239,10 @@ class ImageEncoderSettings:
         it, as the authors' encoder ignores the rest of a side."""
         return 1
 
+    def set_position_embedding_size(self, config: "DenseClipConfig", image_size: int) -> None:
+        """Records in `config` the input size the positional embedding was resized to."""
+        config.vision_config.image_size = image_size
+
     def validate(self, config: "DenseClipConfig") -> None:
         """Checks the `config` settings that depend on this encoder; a bad one raises a `ValueError` naming it."""
 
@@ -343,6 +347,9 @@ class BackboneSettings(ImageEncoderSettings):
 
     def score_map_stride(self) -> int:
         return PYRAMID_STRIDES[-1]
+
+    def set_position_embedding_size(self, config: "DenseClipConfig", image_size: int) -> None:
+        config.backbone_attention_pool_image_size = image_size
 
     def input_size_multiple(self) -> int:
         # Stage outputs have exactly strides 4-32 (no rounding, no window padding) on such inputs.

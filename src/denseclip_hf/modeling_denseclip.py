@@ -1457,10 +1457,11 @@ class DenseClipModel(DenseClipPreTrainedModel):
         The authors do this when they start from CLIP: its 224-pixel table (14x14 patches for ViT-B/16, 7x7 for the
         ResNets) becomes their crop size (640 -> 40x40, 512 -> 16x16), and that table is then trained. Without it the
         CLIP table is interpolated on every forward instead (the same values at the start, a different parameter to
-        train). Inputs of any size still work afterwards. Updates `config.vision_config.image_size`.
+        train). Inputs of any size still work afterwards. Updates the config's size of the table
+        (`config.vision_config.image_size`; `config.backbone_attention_pool_image_size` for any backbone).
         """
         self.image_encoder.resize_position_embeddings(image_size)
-        self.config.vision_config.image_size = image_size
+        self.config.image_encoder_settings.set_position_embedding_size(self.config, image_size)
 
     def get_text_embeddings(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,
