@@ -14,10 +14,12 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     ├── denseclip: DenseClipModel                      the base model: pixels -> language-guided pyramid
     │   ├── image_encoder: DenseClipViTImageEncoder    vision_model (CLIPVisionModel), visual_projection, pyramid
     │   │              or DenseClipResNetImageEncoder  vision_model (stem, stages, attention_pool)
+    │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
+             or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
 """
 
 import math
