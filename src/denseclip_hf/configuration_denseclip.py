@@ -453,7 +453,10 @@ class DenseClipConfig(PreTrainedConfig):
             size must be a power of two of at least 4 so that the feature maps form a stride 4/8/16/32 pyramid) or a
             [`DenseClipResNetConfig`] for CLIP's ResNets (RN50, RN101, ...). A dict is read by its `model_type`
             (`"denseclip_resnet_vision"` for a ResNet, `"clip_vision_model"`, the default, for a ViT). The kind of
-            tower is `image_encoder_family` (`"vit"` or `"resnet"`) and sets the defaults below.
+            tower is `image_encoder_family` (`"vit"` or `"resnet"`) and sets the defaults below. Any transformers
+            backbone config (`ResNetConfig`, `SwinConfig`, `ConvNextConfig`, ...: a `BackboneConfigMixin`) is the
+            `"backbone"` family (paper Sec. 4.3): its last 4 stages form the pyramid and a new attention pool gives
+            z_bar and z (see `backbone_attention_pool_heads`).
         projection_dim (`int`, *optional*, defaults to 512):
             Dimension D of the joint image-text embedding space (CLIP's `projection_dim`).
         vision_feature_layers (`list[int]`, *optional*):
