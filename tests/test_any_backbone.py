@@ -57,7 +57,9 @@ def test_output_shapes_and_pyramid(tokenizer, backbone, decoder_type):
     ]
     # The pyramid is the stand-alone transformers backbone's last 4 stages, with the same weights.
     reference = AutoBackbone.from_config(pyramid_backbone_config(BACKBONES[backbone][0])).eval()
-    reference.load_state_dict(model.base_model.image_encoder.backbone.state_dict())
+    loading = reference.load_state_dict(model.base_model.image_encoder.backbone.state_dict(), strict=False)
+    # Only what the backbone never uses is left out (SwinBackbone: SwinModel's final `layernorm`).
+    assert loading.missing_keys == (["swin.layernorm.weight", "swin.layernorm.bias"] if backbone == "swin" else [])
     with torch.no_grad():
         expected = reference(pixel_values).feature_maps
     for got, want in zip(out.hidden_states, expected, strict=True):
@@ -100,13 +102,8 @@ def test_gradients_reach_exactly_the_trainable_parts(tokenizer, backbone):
     labels = torch.randint(0, len(CLASS_NAMES), (2, 64, 64))
     model(torch.randn(2, 3, 64, 64), labels=labels).loss.backward()
     with_gradient = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
-    # A transformers backbone may hold parameters its feature maps do not use (SwinBackbone: SwinModel's final
-    # `layernorm`): those of the stand-alone backbone, found the same way.
-    reference = AutoBackbone.from_config(pyramid_backbone_config(BACKBONES[backbone][0])).train()
-    sum(map(torch.sum, reference(torch.randn(2, 3, 64, 64)).feature_maps)).backward()
-    unused = {f"denseclip.image_encoder.backbone.{name}" for name, p in reference.named_parameters() if p.grad is None}
     trainable = {name for name, _ in model.named_parameters() if not name.startswith("denseclip.text_encoder.")}
-    assert with_gradient == trainable - unused and len(unused) <= 2
+    assert with_gradient == trainable  # none unused: DDP needs no find_unused_parameters
     assert not any(p.requires_grad for p in model.base_model.text_encoder.parameters())
 
 

@@ -24,6 +24,7 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
 
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -542,6 +543,7 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
         self.backbone = AutoBackbone.from_config(pyramid_backbone_config(config.vision_config))
+        self._drop_unused_backbone_modules()
         self.attention_pool = DenseClipAttentionPool(
             self.pyramid_channels[-1],
             config.backbone_attention_pool_heads,
@@ -549,6 +551,16 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
             config.projection_dim,
             config.position_embedding_interpolation,
         )
+
+    def _drop_unused_backbone_modules(self) -> None:
+        """Replaces by `nn.Identity` the modules a transformers backbone keeps but its feature maps never use, those
+        whose weights checkpoints may lack (`_keys_to_ignore_on_load_missing`; SwinBackbone: SwinModel's final
+        `layernorm`), so that every trainable parameter gets a gradient, as multi-process training (DDP) requires."""
+        patterns = [re.compile(pattern) for pattern in self.backbone._keys_to_ignore_on_load_missing or ()]
+        for name, module in list(self.backbone.named_modules()):
+            own = [f"{name}.{parameter}" for parameter, _ in module.named_parameters(recurse=False)]
+            if name and own and all(any(pattern.search(key) for pattern in patterns) for key in own):
+                self.backbone.set_submodule(name, nn.Identity())
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         self.check_pixel_values(pixel_values)
@@ -576,8 +588,9 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
         backbone = MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(
             os.fspath(name_or_path), config=config, **hub_kwargs
         )
+        own = self.backbone.state_dict().keys()
         try:
-            self.backbone.load_state_dict(backbone.state_dict())
+            self.backbone.load_state_dict({key: value for key, value in backbone.state_dict().items() if key in own})
         except RuntimeError as error:
             raise ValueError(f"The backbone checkpoint {os.fspath(name_or_path)!r} does not fit: {error}") from error
 
