@@ -56,8 +56,24 @@ class ModelArguments:
         default=None,
         metadata=_help(
             "A CLIP checkpoint (e.g. openai/clip-vit-base-patch16) or a DenseCLIP checkpoint. Default: a small "
-            "DenseCLIP with RANDOM weights (works offline)."
+            "DenseCLIP with RANDOM weights (works offline). With --backbone_name_or_path: the CLIP checkpoint whose "
+            "text tower is used (default: the small random one)."
         ),
+    )
+    backbone_name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Any backbone (paper Sec. 4.3, Table 5): a transformers backbone checkpoint (Hub id or folder, e.g. "
+            "microsoft/resnet-50 or microsoft/swin-tiny-patch4-window7-224) as the image encoder, with a new "
+            "attention pool; or the config.json of one (RANDOM weights). Default: the recipe's, else CLIP's image "
+            "encoder."
+        ),
+    )
+    decoder_type: str | None = field(
+        default=None, metadata=_help("The decoder: semantic_fpn or upernet. Default: the recipe's.")
+    )
+    decode_head_channels: int | None = field(
+        default=None, metadata=_help("Channels of the decode head. Default: the recipe's (UperNet: 512), else 256.")
     )
 
 

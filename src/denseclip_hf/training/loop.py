@@ -194,7 +194,13 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
     optimization, image_scale = args.optimization, args.augmentation.image_scale
     model = load_model(
-        args.model.model_name_or_path, data.id2label, optimization.loss_reduction, args.augmentation.crop_size
+        args.model.model_name_or_path,
+        data.id2label,
+        optimization.loss_reduction,
+        args.augmentation.crop_size,
+        backbone_name_or_path=args.model.backbone_name_or_path,
+        decoder_type=args.model.decoder_type,
+        decode_head_channels=args.model.decode_head_channels,
     )
     model = convert_batchnorm_for_launch(
         model, optimization.sync_batchnorm, accelerator.num_processes, accelerator.device.type
