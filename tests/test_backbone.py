@@ -3,13 +3,14 @@ transformers' UperNet and DETR, with the Eq. 8 loss from its score map."""
 
 import pytest
 import torch
-from conftest import ENCODER_FAMILIES, tiny_config
+from conftest import CLASS_NAMES, ENCODER_FAMILIES, tiny_config
 from safetensors import safe_open
 from transformers import (
     AutoBackbone,
     AutoConfig,
     DetrConfig,
     DetrForObjectDetection,
+    SwinConfig,
     UperNetConfig,
     UperNetForSemanticSegmentation,
 )
@@ -143,3 +144,18 @@ def test_detr_trains_with_the_eq8_loss_from_the_backbone_score_map(tokenizer, tm
     reloaded = DetrForObjectDetection.from_pretrained(tmp_path).eval()
     with torch.no_grad():
         torch.testing.assert_close(reloaded(pixel_values).pred_boxes, model(pixel_values).pred_boxes)
+
+
+def test_upernet_runs_on_an_any_backbone_image_encoder(tokenizer):
+    """Sec. 4.3 / Table 5 through transformers' UperNet: a Swin image encoder (with its new attention pool)."""
+    swin = SwinConfig(image_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2)
+    settings = tiny_config(tokenizer, vision_config=swin.to_dict(), backbone_attention_pool_heads=4).to_dict()
+    config = UperNetConfig(
+        backbone_config=DenseClipBackboneConfig.from_dict(settings), hidden_size=16, auxiliary_channels=8, num_labels=3
+    )
+    torch.manual_seed(0)
+    model = UperNetForSemanticSegmentation(config)
+    assert model.backbone.channels == [8, 16, 32, 64 + len(CLASS_NAMES)]
+    output = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 3, (2, 64, 64)))
+    output.loss.backward()
+    trainable_parts_have_gradients(model.backbone)
