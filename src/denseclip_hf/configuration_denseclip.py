@@ -743,7 +743,39 @@ def _check(condition: bool, name: str, value, requirement: str, owner: str = "De
         raise ValueError(f"{owner}: `{name}`={value} {requirement}.")
 
 
+# Names of the 4 pyramid levels `DenseClipBackbone` returns (strides `PYRAMID_STRIDES`).
+BACKBONE_STAGE_NAMES = [f"stage{level}" for level in range(1, len(PYRAMID_STRIDES) + 1)]
+
+
+@strict
+class DenseClipBackboneConfig(BackboneConfigMixin, DenseClipConfig):
+    r"""
+    Configuration of a [`DenseClipBackbone`]: every [`DenseClipConfig`] setting (image encoder, text encoder,
+    prompting, score map; the decoder settings are unused), plus the transformers backbone settings. Pass it as the
+    `backbone_config` of a transformers model (`UperNetForSemanticSegmentation`, `DetrForObjectDetection` with
+    `use_timm_backbone=False`, ...).
+
+        out_features (`list[str]`, *optional*):
+            Which levels of the language-guided pyramid to return, among `"stage1"` ... `"stage4"` (strides 4, 8, 16,
+            32; the score map is joined onto `score_map_level`). Defaults to all four.
+        out_indices (`list[int]`, *optional*):
+            The same as indices into `stage_names`; give one of the two.
+    """
+
+    model_type = "denseclip_backbone"
+
+    def __post_init__(self, **kwargs):
+        self.stage_names = list(BACKBONE_STAGE_NAMES)
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        if out_features is None and out_indices is None:
+            out_features = list(BACKBONE_STAGE_NAMES)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        super().__post_init__(**kwargs)
+
+
 __all__ = [
+    "BACKBONE_STAGE_NAMES",
+    "DenseClipBackboneConfig",
     "DECODER_TYPES",
     "IMAGE_ENCODER_SETTINGS",
     "PROMPTING_TYPES",

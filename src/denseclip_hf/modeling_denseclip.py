@@ -45,8 +45,11 @@ from transformers import (
     PreTrainedModel,
 )
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
@@ -56,6 +59,7 @@ from .configuration_denseclip import (
     BackboneSettings,
     ClipResNetSettings,
     ClipViTSettings,
+    DenseClipBackboneConfig,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
@@ -946,6 +950,70 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
 
 
+def detection_targets(
+    boxes: torch.Tensor, labels: torch.Tensor, num_labels: int, size: tuple[int, int], stride: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binary targets y~ of Eq. 8 for one image, on its stride-`stride` grid of `size` = `(H4, W4)` cells.
+
+    `boxes` `(num_boxes, 4)` are `(x1, y1, x2, y2)` in input pixels, `labels` `(num_boxes,)` class ids `0..K-1`.
+    Returns `targets` `(H4 * W4, K)` (float; row-major cells) and `mask` `(H4 * W4,)` (bool). Convention (pixel-centre
+    rule): cell `(i, j)` covers input pixels `[stride * j, stride * (j + 1))` x `[stride * i, stride * (i + 1))` and is
+    inside a box when its centre `(stride * (j + 0.5), stride * (i + 0.5))` satisfies `x1 <= x < x2`, `y1 <= y < y2`.
+    `targets[cell, k]` is 1 when the cell is inside a box of class k; `mask` is True inside any box (the authors
+    ignore the pixels outside all boxes).
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"boxes must be (num_boxes, 4) as (x1, y1, x2, y2) and labels (num_boxes,), got {tuple(boxes.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_labels):
+        raise ValueError(f"labels must be class ids in 0..{num_labels - 1}, got {labels.tolist()}.")
+    centres_y = (torch.arange(size[0], device=boxes.device, dtype=torch.float32) + 0.5) * stride
+    centres_x = (torch.arange(size[1], device=boxes.device, dtype=torch.float32) + 0.5) * stride
+    boxes = boxes.float()
+    inside_y = (centres_y[None] >= boxes[:, 1:2]) & (centres_y[None] < boxes[:, 3:4])  # (num_boxes, H4)
+    inside_x = (centres_x[None] >= boxes[:, 0:1]) & (centres_x[None] < boxes[:, 2:3])  # (num_boxes, W4)
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # (num_boxes, H4 * W4)
+    classes = F.one_hot(labels.long(), num_labels).float()  # (num_boxes, K)
+    targets = (inside.T @ classes).clamp(max=1)
+    return targets, inside.sum(0) > 0
+
+
+def detection_score_map_loss(
+    score_map: torch.Tensor,
+    boxes: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    image_size: tuple[int, int],
+    temperature: float = 0.07,
+    stride: int = 4,
+) -> torch.Tensor:
+    """The auxiliary detection objective of Eq. 8: BCE(sigmoid(s / tau), y~), a scalar.
+
+    `score_map` `(batch, K, h, w)` is `DenseClipModelOutput.score_map` (or `DenseClipBackbone`'s); `boxes[b]`
+    `(num_boxes_b, 4)` `(x1, y1, x2, y2)` in pixels of the `(batch, 3, *image_size)` input, `labels[b]`
+    `(num_boxes_b,)`. As in the authors' detection code, the score map is divided by `temperature` first, then
+    bilinearly resized to the stride-`stride` grid `(H4, W4) = image_size // stride`; the targets are
+    `detection_targets`; the binary cross-entropy is summed over the cells inside a box (all K channels) and divided
+    by the number of those (cell, class) pairs. An image without boxes contributes nothing (0 when none has any).
+    """
+    if score_map.ndim != 4 or len(boxes) != score_map.shape[0] or len(labels) != score_map.shape[0]:
+        raise ValueError(
+            f"score_map must be (batch, K, h, w) with one boxes and one labels tensor per image, got "
+            f"{tuple(score_map.shape)}, {len(boxes)} boxes and {len(labels)} labels."
+        )
+    batch, num_labels = score_map.shape[:2]
+    size = (image_size[0] // stride, image_size[1] // stride)
+    logits = _resize(score_map.float() / temperature, size).flatten(2).transpose(1, 2)  # Eq. 8: s / tau, (b, H4W4, K)
+    targets, masks = zip(
+        *(detection_targets(box, label, num_labels, size, stride) for box, label in zip(boxes, labels, strict=True)),
+        strict=True,
+    )
+    targets, masks = torch.stack(targets).to(logits.device), torch.stack(masks).to(logits.device)
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # Eq. 8
+    return (losses * masks[..., None]).sum() / (masks.sum() * num_labels).clamp(min=1)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Test protocol (the authors' slide_inference / inference / aug_test)
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1719,12 +1787,91 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         return decode_loss + config.identity_loss_weight * identity_loss, decode_loss, identity_loss
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# DenseCLIP as a transformers backbone: the language-guided pyramid for other models (`AutoBackbone`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseClipBackboneOutput(BackboneOutput):
+    r"""
+    feature_maps (`tuple(torch.FloatTensor)`):
+        The `config.out_features` levels of the language-guided pyramid, `(batch, channels[i], H / stride, W / stride)`
+        (the score map joined onto level `config.score_map_level`).
+    score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
+        Pixel-text cosine similarities s (Eq. 2), for the auxiliary losses: `detection_score_map_loss` (Eq. 8) or
+        the identity loss (Eq. 7).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The 4 image-encoder pyramid levels before the score map is joined.
+    """
+
+    score_map: torch.FloatTensor | None = None
+
+
+class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
+    """DenseCLIP as a transformers backbone: `DenseClipModel`'s language-guided pyramid (x' = [x, s], Sec. 3.2) for
+    any model that takes a `backbone_config` (`AutoBackbone.from_config(DenseClipBackboneConfig(...))`).
+
+    `channels` are the `out_features` levels' channels (`DenseClipModel.pyramid_channels`). The output also carries
+    the score map, so that a detector adds the Eq. 8 loss (`detection_score_map_loss`, see docs/backbone.md). Its
+    weights sit under `denseclip.`, as in `DenseClipForSemanticSegmentation`: `from_pretrained` reads a DenseCLIP
+    segmentation checkpoint's base model (its decoder is left out).
+    """
+
+    config: DenseClipBackboneConfig
+    config_class = DenseClipBackboneConfig
+    has_attentions = False
+    # A segmentation checkpoint's decoder is not part of the backbone.
+    _keys_to_ignore_on_load_unexpected = [*DenseClipPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^decoder\."]
+
+    def __init__(self, config: DenseClipBackboneConfig):
+        super().__init__(config)
+        self.denseclip = DenseClipModel(config)
+        self.num_features = self.denseclip.pyramid_channels
+        self.post_init()
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> DenseClipBackboneOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalized images, as for `DenseClipModel`.
+        output_hidden_states (`bool`, *optional*):
+            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        """
+        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        return DenseClipBackboneOutput(
+            feature_maps=tuple(outputs.pyramid[index] for index in self.out_indices),
+            score_map=outputs.score_map,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+# transformers renames the keys of a DETR checkpoint on load ("out_proj" -> "o_proj", "layers.N.fc1" ->
+# "layers.N.mlp.fc1"; the reverse on save) for every key under the DETR model, its backbone's included. Applied after
+# DETR's, these renamings (scoped to the backbone) undo that on DenseCLIP's keys, so that a DETR on `DenseClipBackbone`
+# saves and loads (tests/test_backbone.py). A backbone saved on its own keeps DenseCLIP's key names.
+register_checkpoint_conversion_mapping(
+    DenseClipBackbone.__name__,
+    [
+        WeightRenaming(r"\.o_proj\.", ".out_proj."),
+        WeightRenaming(r"context_decoder\.layers\.(\d+)\.mlp\.fc", r"context_decoder.layers.\1.fc"),
+    ],
+    overwrite=True,
+)
+
 __all__ = [
+    "DenseClipBackbone",
+    "DenseClipBackboneOutput",
     "DenseClipForSemanticSegmentation",
     "DenseClipModel",
     "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
+    "detection_score_map_loss",
+    "detection_targets",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]
