@@ -1,4 +1,4 @@
-"""Eq. 8: the detection targets and loss against a NumPy brute force (pixel-centre-in-box rule, per pixel and box)."""
+"""Eq. 8: the detection targets and loss against a NumPy brute force (the authors' box rule, per cell and box)."""
 
 import numpy as np
 import pytest
@@ -9,14 +9,17 @@ from denseclip_hf import detection_score_map_loss, detection_targets
 
 
 def brute_force_targets(boxes: np.ndarray, labels: np.ndarray, num_labels: int, size, stride: int):
-    """Loops over every cell and every box: a cell is inside when its centre is in [x1, x2) x [y1, y2)."""
+    """Loops over every box and cell, with the authors' rule: coordinates // stride (truncated), clamped to the last
+    cell, end exclusive."""
     targets = np.zeros((size[0] * size[1], num_labels))
     mask = np.zeros(size[0] * size[1], dtype=bool)
-    for i in range(size[0]):
-        for j in range(size[1]):
-            y, x = stride * (i + 0.5), stride * (j + 0.5)
-            for (x1, y1, x2, y2), label in zip(boxes, labels, strict=True):
-                if x1 <= x < x2 and y1 <= y < y2:
+    for box, label in zip(boxes, labels, strict=True):
+        x1, y1, x2, y2 = (int(value / stride) for value in box)
+        x1, x2 = (min(max(x, 0), size[1] - 1) for x in (x1, x2))
+        y1, y2 = (min(max(y, 0), size[0] - 1) for y in (y1, y2))
+        for i in range(size[0]):
+            for j in range(size[1]):
+                if y1 <= i < y2 and x1 <= j < x2:
                     targets[i * size[1] + j, label] = 1
                     mask[i * size[1] + j] = True
     return targets, mask
@@ -42,11 +45,12 @@ def test_targets_match_brute_force(seed, count):
     np.testing.assert_array_equal(mask.numpy(), expected_mask)
 
 
-def test_box_edges_follow_the_pixel_centre_rule():
-    # Cells of stride 4 have centres 2, 6, 10, ...: x1 = 2 takes the first cell, x2 = 6 stops before the second.
-    targets, mask = detection_targets(torch.tensor([[2.0, 0.0, 6.0, 4.0]]), torch.tensor([1]), 2, (2, 3), 4)
-    assert mask.tolist() == [True, False, False, False, False, False]
-    assert targets[0].tolist() == [0.0, 1.0]
+def test_box_edges_follow_the_authors_rule():
+    # Stride 4: x1 = 3.9 truncates to cell 0, x2 = 8 ends before cell 2; y2 = 12 on a 2-row grid clamps to row 1, so
+    # only row 0 is inside (the authors' clamp to the last cell leaves the last row out).
+    targets, mask = detection_targets(torch.tensor([[3.9, 0.0, 8.0, 12.0]]), torch.tensor([1]), 2, (2, 3), 4)
+    assert mask.tolist() == [True, True, False, False, False, False]
+    assert targets[:2].tolist() == [[0.0, 1.0], [0.0, 1.0]] and targets[2:].sum() == 0
 
 
 @pytest.mark.parametrize("seed", range(3))

@@ -956,11 +956,12 @@ def detection_targets(
     """The binary targets y~ of Eq. 8 for one image, on its stride-`stride` grid of `size` = `(H4, W4)` cells.
 
     `boxes` `(num_boxes, 4)` are `(x1, y1, x2, y2)` in input pixels, `labels` `(num_boxes,)` class ids `0..K-1`.
-    Returns `targets` `(H4 * W4, K)` (float; row-major cells) and `mask` `(H4 * W4,)` (bool). Convention (pixel-centre
-    rule): cell `(i, j)` covers input pixels `[stride * j, stride * (j + 1))` x `[stride * i, stride * (i + 1))` and is
-    inside a box when its centre `(stride * (j + 0.5), stride * (i + 0.5))` satisfies `x1 <= x < x2`, `y1 <= y < y2`.
-    `targets[cell, k]` is 1 when the cell is inside a box of class k; `mask` is True inside any box (the authors
-    ignore the pixels outside all boxes).
+    Returns `targets` `(H4 * W4, K)` (float; row-major cells) and `mask` `(H4 * W4,)` (bool). The authors' rule (their
+    `build_seg_target`): each coordinate is divided by `stride`, truncated to an integer and clamped to the grid
+    (`0..W4-1` for x, `0..H4-1` for y), and the box covers the cells `x1' <= j < x2'`, `y1' <= i < y2'` (so a box
+    reaching the right or bottom border leaves the last column or row out, as theirs does). `targets[cell, k]` is 1
+    when the cell is inside a box of class k; `mask` is True inside any box (the pixels outside all boxes are
+    ignored).
     """
     if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
         raise ValueError(
@@ -969,11 +970,12 @@ def detection_targets(
         )
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_labels):
         raise ValueError(f"labels must be class ids in 0..{num_labels - 1}, got {labels.tolist()}.")
-    centres_y = (torch.arange(size[0], device=boxes.device, dtype=torch.float32) + 0.5) * stride
-    centres_x = (torch.arange(size[1], device=boxes.device, dtype=torch.float32) + 0.5) * stride
-    boxes = boxes.float()
-    inside_y = (centres_y[None] >= boxes[:, 1:2]) & (centres_y[None] < boxes[:, 3:4])  # (num_boxes, H4)
-    inside_x = (centres_x[None] >= boxes[:, 0:1]) & (centres_x[None] < boxes[:, 2:3])  # (num_boxes, W4)
+    cells = (boxes.double() / stride).long()  # truncated toward zero, as the authors' `.long()`
+    cells_x, cells_y = cells[:, 0::2].clamp(0, size[1] - 1), cells[:, 1::2].clamp(0, size[0] - 1)
+    rows = torch.arange(size[0], device=boxes.device)[None]
+    columns = torch.arange(size[1], device=boxes.device)[None]
+    inside_y = (rows >= cells_y[:, :1]) & (rows < cells_y[:, 1:])  # (num_boxes, H4)
+    inside_x = (columns >= cells_x[:, :1]) & (columns < cells_x[:, 1:])  # (num_boxes, W4)
     inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # (num_boxes, H4 * W4)
     classes = F.one_hot(labels.long(), num_labels).float()  # (num_boxes, K)
     targets = (inside.T @ classes).clamp(max=1)
