@@ -490,6 +490,9 @@ class DenseClipConfig(PreTrainedConfig):
         class_name_token_length (`int`, *optional*, defaults to 5):
             Token length of a class name including start and end tokens (the authors' `context_length=5`).
             `num_context_tokens + class_name_token_length` must fit the text tower's positions.
+        text_encoder_removed (`bool`, *optional*, defaults to `False`):
+            Set by [`DenseClipModel.remove_text_encoder`]: the model has no CLIP text tower and stores its class text
+            embeddings t instead (`class_text_embeddings`), for deployment. Such a model cannot train.
         prompting_type (`str`, *optional*, defaults to `"post_model"`):
             How the class text embeddings become context-aware. `"post_model"` (the paper's DenseCLIP, its default and
             best variant, Table 2): learnable contexts p before each class name (Eq. 3), then the text embeddings
@@ -584,6 +587,7 @@ class DenseClipConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 512
     class_token_ids: list[list[int]] | None = None
+    text_encoder_removed: bool = False
     prompting_type: str = "post_model"
     num_context_tokens: int = 8
     class_name_token_length: int = 5

@@ -29,6 +29,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
@@ -674,6 +675,11 @@ class DenseClipPrompting(nn.Module):
     embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each `config.prompting_type` to
     its module.
     """
+
+    # True when `text_contexts` reads the image: t is then per image and is never cached.
+    contexts_depend_on_image: ClassVar[bool] = False
+    # False for a prompting without text (no text encoder, no score map).
+    uses_text: ClassVar[bool] = True
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -1514,19 +1520,27 @@ class DenseClipModel(DenseClipPreTrainedModel):
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
         self.image_encoder = IMAGE_ENCODERS[config.image_encoder_family](config)
-        self.text_encoder = DenseClipTextEncoder(config)
+        self.text_encoder = None if config.text_encoder_removed else DenseClipTextEncoder(config)
         self.prompting = PROMPTINGS[config.prompting_type](config)
         self.register_buffer(
             "class_token_ids",
             torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
             persistent=False,
         )
+        # t of a model whose text tower was removed (`remove_text_encoder`), saved with the weights.
+        self.register_buffer(
+            "class_text_embeddings",
+            torch.zeros(config.num_labels, config.projection_dim) if config.text_encoder_removed else None,
+        )
+        # t computed in eval mode, with the state of every tensor it was computed from (`_text_embeddings_key`).
+        self._text_embeddings_cache: tuple[tuple, torch.Tensor] | None = None
         self.freeze_text_encoder()
         self.post_init()
 
     def freeze_text_encoder(self) -> None:
         """The CLIP text tower trains no parameter of its own (the authors' `lr_mult=0`)."""
-        self.text_encoder.requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False)
 
     @property
     def pyramid_channels(self) -> list[int]:
@@ -1548,32 +1562,128 @@ class DenseClipModel(DenseClipPreTrainedModel):
         self.image_encoder.resize_position_embeddings(image_size)
         self.config.image_encoder_settings.set_position_embedding_size(self.config, image_size)
 
-    def get_text_embeddings(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+    def get_text_embeddings(
+        self, image: DenseClipImageEncoderOutput | None = None, class_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,
         through the CLIP text tower (Eq. 3). They do not depend on the image (`image` is for promptings whose
-        contexts do)."""
+        contexts do).
+
+        `class_token_ids` `(classes, class_name_token_length)` (`tokenize_class_names` of other class names) gives
+        the embeddings of those names instead, e.g. for `forward(text_embeddings=...)` with as many names as
+        `num_labels`. In eval mode the model's own t is computed once and reused until anything it is computed from
+        changes (weights, contexts, class token ids, device or dtype); see `_text_embeddings_key`.
+        """
+        if self.text_encoder is None:
+            if class_token_ids is not None:
+                raise ValueError(
+                    "This model's text tower was removed (`remove_text_encoder`): it cannot embed other class names. "
+                    "Embed them with the model before removal and pass `text_embeddings=` to the forward."
+                )
+            if self.training:
+                raise ValueError(
+                    "This model's text tower was removed (`remove_text_encoder`) for deployment: its class text "
+                    "embeddings are fixed and the learnable contexts cannot train. Train the model with its text "
+                    "tower (the folder saved before `remove_text_encoder`), then remove it again."
+                )
+            return self.class_text_embeddings
+        if class_token_ids is not None:
+            device = self.text_encoder.text_projection.weight.device
+            return self.text_encoder(class_token_ids.to(device), self.prompting.text_contexts(image))
         if self.class_token_ids is None:
             raise ValueError(
                 "This model has no class token ids: build it with `DenseClipForSemanticSegmentation."
                 "from_clip_pretrained(..., id2label=...)` or set `config.class_token_ids` with "
                 "`denseclip_hf.tokenize_class_names`."
             )
-        return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+        if not self._can_cache_text_embeddings():
+            self._text_embeddings_cache = None
+            return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+        key = self._text_embeddings_key()
+        if self._text_embeddings_cache is None or self._text_embeddings_cache[0] != key:
+            # Computed outside any `torch.inference_mode` of the caller, so that the cached tensor is a normal one.
+            with torch.inference_mode(False), torch.no_grad():
+                text_embeddings = self.text_encoder(self.class_token_ids, self.prompting.text_contexts())
+            self._text_embeddings_cache = (key, text_embeddings)
+        return self._text_embeddings_cache[1]
+
+    def _text_inputs(self) -> list[torch.Tensor]:
+        """Every tensor t is computed from: the class token ids, the text tower's and the prompting's parameters."""
+        return [self.class_token_ids, *self.text_encoder.parameters(), *self.prompting.parameters()]
+
+    def _can_cache_text_embeddings(self) -> bool:
+        """t is cached in eval mode, for contexts that do not read the image, unless autograd needs its graph."""
+        if self.training or self.prompting.contexts_depend_on_image:
+            return False
+        return not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in self._text_inputs()))
+
+    def _text_embeddings_key(self) -> tuple:
+        """The state of every input of t: storage, in-place version (bumped by optimizer steps and `load_state_dict`),
+        dtype and device of each tensor. Any change makes the cached t stale."""
+        return tuple(
+            (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape))
+            for tensor in self._text_inputs()
+        )
+
+    def _check_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
+        expected = (self.config.num_labels, self.config.projection_dim)
+        if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
+            raise TypeError(
+                f"text_embeddings must be a floating-point tensor {expected}, got {type(text_embeddings)}."
+            )
+        if tuple(text_embeddings.shape) != expected:
+            raise ValueError(
+                f"text_embeddings must have shape (num_labels, projection_dim) = {expected}, got "
+                f"{tuple(text_embeddings.shape)}: one embedding per class of the decoder, e.g. "
+                "`model.get_text_embeddings(class_token_ids=...)` of as many class names."
+            )
+
+    def remove_text_encoder(self) -> None:
+        """Stores the class text embeddings t in the model (`class_text_embeddings`, saved with the weights) and
+        deletes the CLIP text tower, for deployment: a smaller model (ViT-B/16: 63 M parameters fewer) with the same
+        outputs, which `save_pretrained` / `from_pretrained` keep (`config.text_encoder_removed`). Such a model cannot
+        train (a `ValueError` in training mode) nor embed other class names."""
+        if self.text_encoder is None:
+            raise ValueError("This model's text tower is already removed.")
+        if self.prompting.contexts_depend_on_image:
+            raise ValueError(
+                f"prompting_type={self.config.prompting_type!r} feeds the image into the text tower: its class text "
+                "embeddings differ per image, so the tower cannot be removed."
+            )
+        was_training = self.training
+        self.eval()
+        text_embeddings = self.get_text_embeddings().detach().clone()
+        self.train(was_training)
+        self.text_encoder = None
+        self._text_embeddings_cache = None
+        self.class_text_embeddings = text_embeddings
+        self.config.text_encoder_removed = True
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        **kwargs,
     ) -> DenseClipModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
         output_hidden_states (`bool`, *optional*):
             Also return the 4 image-encoder pyramid levels before the score map is joined.
+        text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
+            Class text embeddings t to use instead of the model's own (as CLIPSeg's `conditional_embeddings`), before
+            prompting: e.g. `get_text_embeddings(class_token_ids=...)` of other class names, as many as `num_labels`.
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         image = self.image_encoder(pixel_values)  # Eq. 1
-        text_embeddings = self.prompting(self.get_text_embeddings(image), image)  # Eqs. 3, 5-6
+        if text_embeddings is None:
+            text_embeddings = self.get_text_embeddings(image)  # Eq. 3
+        else:
+            self._check_text_embeddings(text_embeddings)
+        text_embeddings = self.prompting(text_embeddings, image)  # Eqs. 5-6
         score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)  # Eq. 2
         return DenseClipModelOutput(
             pyramid=join_score_map(image.pyramid, score_map, self.config.score_map_level),  # x' = [x, s]
@@ -1599,9 +1709,14 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         """See `DenseClipModel.resize_position_embeddings`."""
         self.denseclip.resize_position_embeddings(image_size)
 
-    def get_text_embeddings(self) -> torch.Tensor:
-        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
-        return self.denseclip.get_text_embeddings()
+    def get_text_embeddings(self, class_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3), or those of other
+        class names' `class_token_ids`; see `DenseClipModel.get_text_embeddings`."""
+        return self.denseclip.get_text_embeddings(class_token_ids=class_token_ids)
+
+    def remove_text_encoder(self) -> None:
+        """See `DenseClipModel.remove_text_encoder`: stores t, deletes the CLIP text tower (for deployment)."""
+        self.denseclip.remove_text_encoder()
 
     @can_return_tuple
     def forward(
@@ -1610,6 +1725,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         test_mode: str | None = None,
+        text_embeddings: torch.Tensor | None = None,
         **kwargs,
     ) -> DenseClipSemanticSegmenterOutput:
         r"""
@@ -1628,6 +1744,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             (see `predict_probabilities`). Default: `"plain"` in training mode or with `labels`, otherwise
             `config.test_mode`, so that an eval-mode call (and the `image-segmentation` pipeline) follows the
             model's test protocol.
+        text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
+            Class text embeddings t to use instead of the model's own, in every pass and window (see
+            `DenseClipModel.forward`).
         """
         if test_mode is None:
             test_mode = "plain" if self.training or labels is not None else self.config.test_mode
@@ -1639,9 +1758,11 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
                     f"test_mode={test_mode!r} returns no loss: pass labels with test_mode='plain' (or None), and "
                     "evaluate a test protocol on its predictions (`predict_probabilities`)."
                 )
-            logits = self._protocol_logits(pixel_values, test_mode)
+            logits = self._protocol_logits(pixel_values, test_mode, text_embeddings)
             return DenseClipSemanticSegmenterOutput(logits=logits)
-        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        outputs = self.denseclip(
+            pixel_values, output_hidden_states=output_hidden_states, text_embeddings=text_embeddings
+        )
         logits = self.decoder(outputs.pyramid)
 
         loss = decode_loss = identity_loss = None
@@ -1754,7 +1875,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
                 f"side must be at least {minimum} pixels (the pyramid's coarsest stride)."
             )
 
-    def _single_pass_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _single_pass_logits(
+        self, pixel_values: torch.Tensor, text_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`logits_fn` of the test protocol: the single pass on `pixel_values` cut to a multiple of the patch size
         (what the authors' patch convolution reads), logits `(batch, num_labels, h / 4, w / 4)`.
 
@@ -1763,13 +1886,17 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         leaves autocast switched on after the outer call returns."""
         multiple = input_size_multiple(self.config.vision_config)
         height, width = (side // multiple * multiple for side in pixel_values.shape[-2:])
-        return self.decoder(self.denseclip(pixel_values[..., :height, :width]).pyramid)
+        pixel_values = pixel_values[..., :height, :width]
+        return self.decoder(self.denseclip(pixel_values, text_embeddings=text_embeddings).pyramid)
 
-    def _protocol_logits(self, pixel_values: torch.Tensor, mode: str) -> torch.Tensor:
+    def _protocol_logits(
+        self, pixel_values: torch.Tensor, mode: str, text_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits `(batch, num_labels, H, W)` of the configured protocol with `mode` (see `predict_probabilities`)."""
         mode, crop_size, stride = self._test_protocol(mode)
         self._check_protocol_input(pixel_values)
-        return protocol_logits(self._single_pass_logits, pixel_values, mode, crop_size, stride)
+        logits_fn = partial(self._single_pass_logits, text_embeddings=text_embeddings)
+        return protocol_logits(logits_fn, pixel_values, mode, crop_size, stride)
 
     def compute_loss(
         self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
