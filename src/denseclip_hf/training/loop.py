@@ -194,7 +194,11 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
     optimization, image_scale = args.optimization, args.augmentation.image_scale
     model = load_model(
-        args.model.model_name_or_path, data.id2label, optimization.loss_reduction, args.augmentation.crop_size
+        args.model.model_name_or_path,
+        data.id2label,
+        optimization.loss_reduction,
+        args.augmentation.crop_size,
+        args.model.prompting_type,
     )
     if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN

@@ -48,10 +48,10 @@ def offline_model_config(
 
 
 def _from_clip(
-    name_or_path: str, id2label: dict[int, str], loss_reduction: str, crop_size: int | None
+    name_or_path: str, id2label: dict[int, str], loss_reduction: str, crop_size: int | None, prompting_type: str
 ) -> DenseClipForSemanticSegmentation:
     model = DenseClipForSemanticSegmentation.from_clip_pretrained(
-        name_or_path, id2label=id2label, loss_reduction=loss_reduction
+        name_or_path, id2label=id2label, loss_reduction=loss_reduction, prompting_type=prompting_type
     )
     if crop_size is not None:
         model.resize_position_embeddings(crop_size)
@@ -63,16 +63,20 @@ def load_model(
     id2label: dict[int, str],
     loss_reduction: str = "mean_non_ignored",
     crop_size: int | None = None,
+    prompting_type: str = "post_model",
 ) -> DenseClipForSemanticSegmentation:
     """The model to train: a random [`offline_model_config`] model (no path), DenseCLIP on a CLIP checkpoint
     (`model_type` "clip", or an OpenAI/OpenCLIP checkpoint file such as `RN50.pt`; class names from `id2label`) or a
-    DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`.
+    DenseCLIP checkpoint (its labels must be `id2label`, its prompting `prompting_type`), with the cross-entropy
+    averaged per `loss_reduction`. A model built at random or from CLIP gets `prompting_type`.
 
     Starting from CLIP, the positional embedding is resized once to `crop_size`, as the authors do."""
     if model_name_or_path is None:
-        return DenseClipForSemanticSegmentation(offline_model_config(id2label, loss_reduction=loss_reduction))
+        return DenseClipForSemanticSegmentation(
+            offline_model_config(id2label, loss_reduction=loss_reduction, prompting_type=prompting_type)
+        )
     if os.path.isfile(model_name_or_path):
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size, prompting_type)
     try:
         model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
     except OSError as error:
@@ -81,7 +85,7 @@ def load_model(
             "to train a small random-weight model, or pass a local folder."
         ) from error
     if model_type == "clip":
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size, prompting_type)
     if model_type != DenseClipConfig.model_type:
         raise ValueError(f"{model_name_or_path} is a {model_type!r} model: pass a CLIP or a DenseCLIP checkpoint.")
     model = DenseClipForSemanticSegmentation.from_pretrained(model_name_or_path)
@@ -92,6 +96,12 @@ def load_model(
             f"{model_name_or_path} predicts {len(checkpoint_labels)} classes {checkpoint_labels[:5]}... but the "
             f"dataset has {len(dataset_labels)} classes {dataset_labels[:5]}...: fine-tune from its CLIP checkpoint "
             "instead, or pass --id2label with the checkpoint's classes."
+        )
+    if model.config.prompting_type != prompting_type:
+        raise ValueError(
+            f"{model_name_or_path} has prompting_type={model.config.prompting_type!r} but the run asks for "
+            f"{prompting_type!r}: pass --prompting_type {model.config.prompting_type} (or a recipe with that "
+            "prompting), or start from its CLIP checkpoint."
         )
     model.config.loss_reduction = loss_reduction
     return model
