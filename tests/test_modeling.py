@@ -253,7 +253,7 @@ def test_every_configurable_choice_has_a_module():
             "pre_model",
             r"`prompting_type`=pre_model must be one of \('post_model', 'language_only'\)",
         ),
-        ("decoder_type", "upernet", r"`decoder_type`=upernet must be one of \('semantic_fpn',\)"),
+        ("decoder_type", "mask2former", r"`decoder_type`=mask2former must be one of \('semantic_fpn', 'upernet'\)"),
     ],
 )
 def test_unknown_parts_name_the_choices(setting, value, message):

@@ -14,14 +14,17 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     ├── denseclip: DenseClipModel                      the base model: pixels -> language-guided pyramid
     │   ├── image_encoder: DenseClipViTImageEncoder    vision_model (CLIPVisionModel), visual_projection, pyramid
     │   │              or DenseClipResNetImageEncoder  vision_model (stem, stages, attention_pool)
+    │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
+             or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
 """
 
 import math
 import os
+import re
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
@@ -31,7 +34,17 @@ from typing import ClassVar
 import torch
 import torch.nn.functional as F
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    MODEL_FOR_BACKBONE_MAPPING,
+    AutoBackbone,
+    AutoConfig,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPTextModel,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
 from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import SemanticSegmenterOutput
@@ -41,12 +54,14 @@ from transformers.utils.generic import can_return_tuple
 from .configuration_denseclip import (
     PYRAMID_STRIDES,
     TEST_MODES,
+    BackboneSettings,
     ClipResNetSettings,
     ClipViTSettings,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
     input_size_multiple,
+    pyramid_backbone_config,
 )
 
 logger = logging.get_logger(__name__)
@@ -421,10 +436,9 @@ class DenseClipAttentionPool(nn.Module):
     with biased q/k/v projections and an output projection into the joint embedding space.
     """
 
-    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+    def __init__(self, embed_dim: int, num_heads: int, grid: int, projection_dim: int, interpolation: str):
         super().__init__()
-        embed_dim, grid = config.embed_dim, config.image_size // 32
-        self.num_heads = config.attention_pool_heads
+        self.num_heads = num_heads
         self.interpolation = interpolation
         self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -461,7 +475,9 @@ class DenseClipResNetVisionModel(nn.Module):
                 in_channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.attention_pool = DenseClipAttentionPool(config, projection_dim, interpolation)
+        self.attention_pool = DenseClipAttentionPool(
+            config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         hidden_states = self.stem(pixel_values)
@@ -499,18 +515,92 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        if image_size % PYRAMID_STRIDES[-1]:
-            raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
-        pool = self.vision_model.attention_pool
-        side = image_size // PYRAMID_STRIDES[-1]
-        table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
-        pool.position_embedding = nn.Parameter(table.clone())
+        _resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
+
+
+def _resize_attention_pool_grid(pool: DenseClipAttentionPool, image_size: int) -> None:
+    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32)."""
+    if image_size % PYRAMID_STRIDES[-1]:
+        raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
+    side = image_size // PYRAMID_STRIDES[-1]
+    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+    pool.position_embedding = nn.Parameter(table.clone())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image encoder, any transformers backbone (Sec. 4.3): pixels -> its last 4 stages (pyramid) -> new attention pool
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
+    """Any transformers `AutoBackbone` (ResNet, Swin, ConvNeXt, ...; timm models through `TimmBackbone`) as the image
+    encoder (Sec. 4.3): its last 4 stages (strides 4-32) are the pyramid, and a newly initialised CLIP-style attention
+    pool over the last stage gives z_bar `(batch, D)` and z `(batch, D, H / 32, W / 32)` in the text embedding space
+    (Eq. 1), the authors' recipe for backbones not trained with text.
+
+    Input `pixel_values` `(batch, 3, height, width)`, each side a multiple of 32.
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.backbone = AutoBackbone.from_config(pyramid_backbone_config(config.vision_config))
+        self._drop_unused_backbone_modules()
+        self.attention_pool = DenseClipAttentionPool(
+            self.pyramid_channels[-1],
+            config.backbone_attention_pool_heads,
+            config.backbone_attention_pool_image_size // PYRAMID_STRIDES[-1],
+            config.projection_dim,
+            config.position_embedding_interpolation,
+        )
+
+    def _drop_unused_backbone_modules(self) -> None:
+        """Replaces by `nn.Identity` the modules a transformers backbone keeps but its feature maps never use, those
+        whose weights checkpoints may lack (`_keys_to_ignore_on_load_missing`; SwinBackbone: SwinModel's final
+        `layernorm`), so that every trainable parameter gets a gradient, as multi-process training (DDP) requires."""
+        patterns = [re.compile(pattern) for pattern in self.backbone._keys_to_ignore_on_load_missing or ()]
+        for name, module in list(self.backbone.named_modules()):
+            own = [f"{name}.{parameter}" for parameter, _ in module.named_parameters(recurse=False)]
+            if name and own and all(any(pattern.search(key) for pattern in patterns) for key in own):
+                self.backbone.set_submodule(name, nn.Identity())
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        self.check_pixel_values(pixel_values)
+        if any(side < PYRAMID_STRIDES[-1] or side % PYRAMID_STRIDES[-1] for side in pixel_values.shape[-2:]):
+            raise ValueError(
+                f"pixel_values height and width must be multiples of {PYRAMID_STRIDES[-1]} (the backbone's last stage "
+                f"has stride {PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
+            )
+        dtype = next(self.backbone.parameters()).dtype
+        pyramid = tuple(self.backbone(pixel_values.to(dtype)).feature_maps)
+        global_embedding, dense_embedding = self.attention_pool(pyramid[-1])
+        return DenseClipImageEncoderOutput(
+            pyramid=pyramid, global_embedding=global_embedding, dense_embedding=dense_embedding
+        )
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        _resize_attention_pool_grid(self.attention_pool, image_size)
+
+    def load_backbone_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
+        """Copies the weights of a backbone checkpoint (Hub id or folder; an image classifier's too) into
+        `backbone`; a `ValueError` when its architecture differs from this encoder's."""
+        config = self.backbone.config
+        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
+        # first, even for a local folder (transformers 5), which fails offline.
+        backbone = MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(
+            os.fspath(name_or_path), config=config, **hub_kwargs
+        )
+        own = self.backbone.state_dict().keys()
+        try:
+            self.backbone.load_state_dict({key: value for key, value in backbone.state_dict().items() if key in own})
+        except RuntimeError as error:
+            raise ValueError(f"The backbone checkpoint {os.fspath(name_or_path)!r} does not fit: {error}") from error
 
 
 # The image encoder of each family (`DenseClipConfig.image_encoder_family`, `ImageEncoderSettings.name`).
 IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
     ClipViTSettings.name: DenseClipViTImageEncoder,
     ClipResNetSettings.name: DenseClipResNetImageEncoder,
+    BackboneSettings.name: DenseClipBackboneImageEncoder,
 }
 
 
@@ -808,8 +898,58 @@ class DenseClipSemanticFPNDecoder(DenseClipDecoder):
         return self.head(self.neck(pyramid))
 
 
+class DenseClipPyramidPooling(nn.Module):
+    """UperNet's pyramid pooling module (PPM): the last level, average-pooled to each of `pool_scales` sizes, through a
+    1x1 conv-BN-ReLU and upsampled back, concatenated with the level itself, fused by a 3x3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: list[int]):
+        super().__init__()
+        self.pool_scales = list(pool_scales)
+        self.pools = nn.ModuleList(DenseClipConvNormAct(in_channels, channels, 1) for _ in self.pool_scales)
+        self.bottleneck = DenseClipConvNormAct(in_channels + len(self.pool_scales) * channels, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(batch, in_channels, h, w)` -> `(batch, channels, h, w)`."""
+        pooled = [
+            _resize(conv(F.adaptive_avg_pool2d(features, scale)), features.shape[-2:])
+            for scale, conv in zip(self.pool_scales, self.pools, strict=True)
+        ]
+        return self.bottleneck(torch.cat([features, *pooled], dim=1))
+
+
+class DenseClipUperNetDecoder(DenseClipDecoder):
+    """UperNet (Xiao et al.), the decoder of the paper's Swin rows (Table 5): the PPM on the last level and 1x1
+    laterals on the others, summed top-down (bilinear), 3x3 convs on the 3 finer levels, every level resized to
+    stride 4, concatenated and fused by a 3x3 conv; dropout and a 1x1 classifier give `(batch, num_labels, H / 4,
+    W / 4)`. All convs are conv-BN-ReLU with `decode_head_channels` channels (mmseg: 512). mmseg's UperNet configs
+    add an auxiliary FCN head (weight 0.4) on level 3 in training; the paper does not mention it and it is left out.
+    """
+
+    def __init__(self, config: DenseClipConfig, in_channels: list[int]):
+        super().__init__()
+        channels = config.decode_head_channels
+        self.pyramid_pooling = DenseClipPyramidPooling(in_channels[-1], channels, config.upernet_pool_scales)
+        self.lateral_convs = nn.ModuleList(DenseClipConvNormAct(width, channels, 1) for width in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(DenseClipConvNormAct(channels, channels) for _ in in_channels[:-1])
+        self.fusion = DenseClipConvNormAct(len(in_channels) * channels, channels)
+        self.dropout = nn.Dropout2d(config.decode_head_dropout)
+        self.classifier = nn.Conv2d(channels, config.num_labels, 1)
+
+    def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid, strict=False)]
+        laterals.append(self.pyramid_pooling(pyramid[-1]))
+        for level in range(len(laterals) - 1, 0, -1):
+            laterals[level - 1] = laterals[level - 1] + _resize(laterals[level], laterals[level - 1].shape[-2:])
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=False)] + [laterals[-1]]
+        fused = self.fusion(torch.cat([_resize(output, outputs[0].shape[-2:]) for output in outputs], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
 # The decoder of each `DenseClipConfig.decoder_type` (`DECODER_TYPES`).
-DECODERS: dict[str, type[DenseClipDecoder]] = {"semantic_fpn": DenseClipSemanticFPNDecoder}
+DECODERS: dict[str, type[DenseClipDecoder]] = {
+    "semantic_fpn": DenseClipSemanticFPNDecoder,
+    "upernet": DenseClipUperNetDecoder,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1196,6 +1336,69 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         )
         return (model, info) if output_loading_info else model
 
+    @classmethod
+    def from_backbone_pretrained(
+        cls,
+        backbone_name_or_path: str | os.PathLike,
+        clip_name_or_path: str | os.PathLike,
+        id2label: dict[int, str],
+        tokenizer=None,
+        *,
+        text_heads: int | None = None,
+        hidden_act: str | None = None,
+        **kwargs,
+    ):
+        """Builds DenseCLIP on any backbone (Sec. 4.3, Table 5): the image encoder is a transformers backbone
+        checkpoint (e.g. an ImageNet ResNet or Swin; any model `AutoBackbone` loads) with a newly initialised attention
+        pool over its last stage; the frozen text tower and the tokenizer come from a CLIP checkpoint (as in
+        `from_clip_pretrained`; its image tower is not used). Every other DenseCLIP tensor is newly initialised.
+
+        Args:
+            backbone_name_or_path: Hub id or folder of the backbone checkpoint (its config and weights).
+            clip_name_or_path, id2label, tokenizer, text_heads, hidden_act: As in `from_clip_pretrained`.
+            kwargs: `DenseClipConfig` settings (e.g. `decoder_type="upernet"`), Hub arguments (used for both
+                checkpoints) and `from_pretrained` arguments.
+        """
+        backbone_name_or_path = os.fspath(backbone_name_or_path)
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        backbone_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
+        source = resolve_clip_source(clip_name_or_path, text_heads=text_heads, hidden_act=hidden_act, **hub_kwargs)
+        id2label, class_token_ids = tokenize_labels(
+            id2label,
+            load_clip_tokenizer(source, tokenizer),
+            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
+        )
+        config = DenseClipConfig(
+            text_config=source.text_config.to_dict(),
+            vision_config=backbone_config.to_dict(),
+            projection_dim=source.projection_dim,
+            id2label=id2label,
+            class_token_ids=class_token_ids,
+            **settings,
+        )
+        text_key_mapping = cls._base_model_key_mapping(
+            {pattern: target for pattern, target in CLIP_KEY_MAPPING.items() if target.startswith("text_encoder.")}
+        )
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                **source.weights, config=config, key_mapping=text_key_mapping, output_loading_info=True, **kwargs
+            )
+        text_prefixes = tuple(text_key_mapping.values())
+        missing = sorted(key for key in info["missing_keys"] if key.startswith(text_prefixes))
+        if missing or info["mismatched_keys"]:
+            raise ValueError(
+                f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
+                f"{info['mismatched_keys']})."
+            )
+        model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path, **hub_kwargs)
+        logger.info(
+            f"Loaded the backbone from {backbone_name_or_path!r} and the CLIP text tower from "
+            f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
+        )
+        return (model, info) if output_loading_info else model
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Workaround (test: tests/test_transformers_behaviour.py): for models defined outside transformers,
         # `PreTrainedModel._initialize_weights` skips every module whose own parameters are all loaded, including
@@ -1246,7 +1449,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 init.zeros_(conv.bias)
         elif isinstance(module, DenseClipConvNormAct):
             init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, DenseClipSemanticFPNHead):
+        elif isinstance(module, (DenseClipSemanticFPNHead, DenseClipUperNetDecoder)):
             init.normal_(module.classifier.weight, std=0.01)
             init.zeros_(module.classifier.bias)
 
@@ -1293,10 +1496,11 @@ class DenseClipModel(DenseClipPreTrainedModel):
         The authors do this when they start from CLIP: its 224-pixel table (14x14 patches for ViT-B/16, 7x7 for the
         ResNets) becomes their crop size (640 -> 40x40, 512 -> 16x16), and that table is then trained. Without it the
         CLIP table is interpolated on every forward instead (the same values at the start, a different parameter to
-        train). Inputs of any size still work afterwards. Updates `config.vision_config.image_size`.
+        train). Inputs of any size still work afterwards. Updates the config's size of the table
+        (`config.vision_config.image_size`; `config.backbone_attention_pool_image_size` for any backbone).
         """
         self.image_encoder.resize_position_embeddings(image_size)
-        self.config.vision_config.image_size = image_size
+        self.config.image_encoder_settings.set_position_embedding_size(self.config, image_size)
 
     def get_text_embeddings(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,

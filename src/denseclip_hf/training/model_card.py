@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from ..configuration_denseclip import DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
+from .optimization import WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS
 from .recipes import RECIPES
 
 PAPER_URL = "https://arxiv.org/abs/2112.01518"
@@ -199,10 +200,10 @@ After `import denseclip_hf`, `trust_remote_code` is not needed.
 |---|---|
 {settings_table}
 
-AdamW; the CLIP text encoder is frozen; no weight decay on normalization layers, biases, the learnable contexts and
-gamma. Augmentation: random rescale (ratio {ratio_range} of the
-{image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}), horizontal flip,
-photometric distortion.
+AdamW; the CLIP text encoder is frozen; no weight decay on
+{WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS[optimization.weight_decay_exemptions]}. Augmentation: random rescale
+(ratio {ratio_range} of the {image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}),
+horizontal flip, photometric distortion.
 
 ## Citation
 
