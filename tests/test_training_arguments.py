@@ -65,6 +65,22 @@ def test_recipe_defaults_and_overrides(tmp_path):
             optimization.total_train_batch_size,
         ) == (1e-4, 0.1, 32)
         assert RECIPES[name].paper_miou == paper_miou
+    assert resnet.model.prompting_type == "post_model"
+    language_only = parse_training_args(["--recipe", "ade20k-rn50-language-only", "--output_dir", str(tmp_path)])
+    assert language_only.model.prompting_type == "language_only" and RECIPES[
+        "ade20k-rn50-language-only"
+    ].paper_miou == (
+        42.1,
+        None,
+    )
+    rn50 = parse_training_args(["--recipe", "ade20k-rn50", "--output_dir", str(tmp_path)])
+    assert language_only.to_flat_dict() == {
+        **rn50.to_flat_dict(),
+        "prompting_type": "language_only",
+        "recipe": ("ade20k-rn50-language-only"),
+    }
+    flag = ["--recipe", "ade20k-rn50", "--prompting_type", "language_only", "--output_dir", str(tmp_path)]
+    assert parse_training_args(flag).model.prompting_type == "language_only"
 
 
 def test_every_recipe_setting_is_one_flag_of_one_concern(tmp_path):

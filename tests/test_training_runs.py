@@ -49,11 +49,14 @@ def chance_miou(num_eval_samples: int) -> float:
     return max(majority_class_miou, 1 / NUM_LABELS)
 
 
-def test_default_run_learns(tmp_path, hub):
-    """A shortened `accelerate launch examples/train_seg.py`: mIoU far above chance, a complete output folder, and
-    `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads by repo id."""
+@pytest.mark.parametrize("prompting_type", ["post_model", "language_only"])
+def test_default_run_learns(tmp_path, hub, prompting_type):
+    """A shortened `accelerate launch examples/train_seg.py`, with each prompting: mIoU far above chance, a complete
+    output folder, and `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads
+    by repo id."""
     output_dir = tmp_path / "denseclip-synthetic"
     argv = ["--output_dir", str(output_dir), "--max_train_steps", "150", "--num_warmup_steps", "10", "--with_tracking"]
+    argv += ["--prompting_type", prompting_type]
     argv += ["--push_to_hub", "--hub_model_id", tmp_path.name, "--hub_token", TOKEN]  # no namespace: the token's user
     results = run_in_process([*argv, "--max_train_samples", "200", "--max_eval_samples", "40"])
 
@@ -82,6 +85,7 @@ def test_default_run_learns(tmp_path, hub):
     expected = sorted(str(path) for path in local_files if path.parts[0] not in ("checkpoints", "runs"))
     assert sorted(api.list_repo_files(repo_id)) == expected and "README.md" in expected
     pushed = DenseClipForSemanticSegmentation.from_pretrained(repo_id)
+    assert pushed.config.prompting_type == prompting_type
     trained = load_file(output_dir / "model.safetensors")
     assert all(torch.equal(pushed.state_dict()[name], tensor) for name, tensor in trained.items())
 

@@ -674,11 +674,13 @@ class DenseClipPrompting(nn.Module):
     be `None`). `forward(text_embeddings, image)` takes t and the image encoder's output and returns the text
     embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each `config.prompting_type` to
     its module.
+
+    Class attributes: `contexts_depend_on_image` (True only when `text_contexts` reads the image, so that t is per
+    image, `(batch, num_labels, D)`, and cannot be cached) and `uses_text` (False only for a baseline with no text at
+    all: no text encoder, score map or identity loss).
     """
 
-    # True when `text_contexts` reads the image: t is then per image and is never cached.
     contexts_depend_on_image: ClassVar[bool] = False
-    # False for a prompting without text (no text encoder, no score map).
     uses_text: ClassVar[bool] = True
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
@@ -758,33 +760,48 @@ class DenseClipContextDecoder(nn.Module):
         return self.output_projection(hidden_states)
 
 
-class DenseClipPostModelPrompting(DenseClipPrompting):
-    """Post-model prompting, the paper's DenseCLIP: N learnable contexts p before each class name (Eq. 3), then the
-    class text embeddings refined with the image's context, t <- t + gamma * TransDecoder(t, [z_bar, z]) (Eqs. 5-6).
-    """
+class DenseClipLanguageOnlyPrompting(DenseClipPrompting):
+    """Language-domain prompting only (Table 2, row 3): N learnable contexts p before each class name (Eq. 3), and
+    the class text embeddings t used as they are for every image (no vision-to-language decoder)."""
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
         self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
-        self.context_decoder = DenseClipContextDecoder(config)
-        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """The learnable contexts p `(N, text hidden size)`, shared by every image and class (Eq. 3)."""
         return self.context_embeddings
 
     def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
+        """`text_embeddings` t `(classes, D)` -> the same t for every image, `(batch, classes, D)`."""
+        return text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
+
+
+class DenseClipPostModelPrompting(DenseClipLanguageOnlyPrompting):
+    """Post-model prompting, the paper's DenseCLIP: N learnable contexts p before each class name (Eq. 3), then the
+    class text embeddings refined with the image's context, t <- t + gamma * TransDecoder(t, [z_bar, z]) (Eqs. 5-6).
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.context_decoder = DenseClipContextDecoder(config)
+        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
+
+    def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
         """`text_embeddings` t `(classes, D)`, z_bar `(batch, D)` and z `(batch, D, h, w)` -> `(batch, classes, D)`."""
         visual_context = torch.cat(
             [image.global_embedding.unsqueeze(1), image.dense_embedding.flatten(2).transpose(1, 2)], dim=1
         )
-        text_embeddings = text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
+        text_embeddings = super().forward(text_embeddings, image)
         v_post = self.context_decoder(text_embeddings, visual_context)  # Eq. 5
         return text_embeddings + self.gamma * v_post  # Eq. 6
 
 
 # The prompting of each `DenseClipConfig.prompting_type` (`PROMPTING_TYPES`).
-PROMPTINGS: dict[str, type[DenseClipPrompting]] = {"post_model": DenseClipPostModelPrompting}
+PROMPTINGS: dict[str, type[DenseClipPrompting]] = {
+    "post_model": DenseClipPostModelPrompting,
+    "language_only": DenseClipLanguageOnlyPrompting,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1467,9 +1484,10 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         if isinstance(module, DenseClipModel):
             if config.class_token_ids is not None:
                 init.copy_(module.class_token_ids, torch.tensor(config.class_token_ids))
-        elif isinstance(module, DenseClipPostModelPrompting):
+        elif isinstance(module, DenseClipLanguageOnlyPrompting):
             init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
-            init.constant_(module.gamma, config.gamma_init_value)
+            if isinstance(module, DenseClipPostModelPrompting):
+                init.constant_(module.gamma, config.gamma_init_value)
         elif isinstance(module, DenseClipContextDecoder):
             for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
                 init.trunc_normal_(linear.weight, std=config.initializer_range)

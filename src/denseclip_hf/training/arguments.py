@@ -22,6 +22,7 @@ from pathlib import Path
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
 
+from ..configuration_denseclip import PROMPTING_TYPES
 from .checkpointing import checkpoint_step, checkpoints_root
 from .data import SegmentationData, load_segmentation_data
 from .recipes import RECIPE_SETTINGS, RECIPES, Recipe, default_recipe_name, recipes_help
@@ -74,6 +75,15 @@ class ModelArguments:
     )
     decode_head_channels: int | None = field(
         default=None, metadata=_help("Channels of the decode head. Default: the recipe's (UperNet: 512), else 256.")
+    )
+    prompting_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the class text embeddings meet the image, for a model built from CLIP or at random "
+            "(a DenseCLIP checkpoint keeps its own and must match): post_model (the paper's DenseCLIP) or "
+            "language_only (Table 2 row 3).",
+            "choices": list(PROMPTING_TYPES),
+        },
     )
 
 

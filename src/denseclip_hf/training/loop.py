@@ -201,6 +201,7 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
         backbone_name_or_path=args.model.backbone_name_or_path,
         decoder_type=args.model.decoder_type,
         decode_head_channels=args.model.decode_head_channels,
+        prompting_type=args.model.prompting_type,
     )
     model = convert_batchnorm_for_launch(
         model, optimization.sync_batchnorm, accelerator.num_processes, accelerator.device.type

@@ -52,11 +52,9 @@ def offline_model_config(
 
 
 def _from_clip(
-    name_or_path: str, id2label: dict[int, str], loss_reduction: str, crop_size: int | None
+    name_or_path: str, id2label: dict[int, str], crop_size: int | None, settings: dict
 ) -> DenseClipForSemanticSegmentation:
-    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
-        name_or_path, id2label=id2label, loss_reduction=loss_reduction
-    )
+    model = DenseClipForSemanticSegmentation.from_clip_pretrained(name_or_path, id2label=id2label, **settings)
     if crop_size is not None:
         model.resize_position_embeddings(crop_size)
     return model
@@ -110,7 +108,8 @@ def load_model(
     (`model_type` "clip", or an OpenAI/OpenCLIP checkpoint file such as `RN50.pt`; class names from `id2label`) or a
     DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`. With
     `backbone_name_or_path`, any backbone (see `_with_backbone`). `settings` are `DenseClipConfig` settings of a new
-    model (`decoder_type`, `decode_head_channels`; `None` values are left to the config's defaults).
+    model (`decoder_type`, `decode_head_channels`, `prompting_type`; `None` values are left to the config's
+    defaults); a DenseCLIP checkpoint keeps its own, and must have the `prompting_type` asked for.
 
     Starting from CLIP, the positional embedding is resized once to `crop_size`, as the authors do."""
     settings = {name: value for name, value in settings.items() if value is not None}
@@ -120,7 +119,7 @@ def load_model(
     if model_name_or_path is None:
         return DenseClipForSemanticSegmentation(offline_model_config(id2label, **settings))
     if os.path.isfile(model_name_or_path):
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, crop_size, settings)
     try:
         model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
     except OSError as error:
@@ -129,7 +128,7 @@ def load_model(
             "to train a small random-weight model, or pass a local folder."
         ) from error
     if model_type == "clip":
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, crop_size, settings)
     if model_type != DenseClipConfig.model_type:
         raise ValueError(f"{model_name_or_path} is a {model_type!r} model: pass a CLIP or a DenseCLIP checkpoint.")
     model = DenseClipForSemanticSegmentation.from_pretrained(model_name_or_path)
@@ -140,6 +139,13 @@ def load_model(
             f"{model_name_or_path} predicts {len(checkpoint_labels)} classes {checkpoint_labels[:5]}... but the "
             f"dataset has {len(dataset_labels)} classes {dataset_labels[:5]}...: fine-tune from its CLIP checkpoint "
             "instead, or pass --id2label with the checkpoint's classes."
+        )
+    prompting_type = settings.get("prompting_type", model.config.prompting_type)
+    if model.config.prompting_type != prompting_type:
+        raise ValueError(
+            f"{model_name_or_path} has prompting_type={model.config.prompting_type!r} but the run asks for "
+            f"{prompting_type!r}: pass --prompting_type {model.config.prompting_type} (or a recipe with that "
+            "prompting), or start from its CLIP checkpoint."
         )
     model.config.loss_reduction = loss_reduction
     return model

@@ -38,12 +38,14 @@ class Recipe:
     checkpointing_steps: str | None
     dataloader_num_workers: int
     loss_reduction: str
-    paper_miou: tuple[float, float] | None = None  # ADE20K validation mIoU, single-scale / multi-scale
+    # ADE20K validation mIoU, single-scale / multi-scale (None where the paper gives single-scale only: Table 2)
+    paper_miou: tuple[float, float | None] | None = None
     weight_decay_exemptions: str = "authors"  # see `optimization.WEIGHT_DECAY_EXEMPTIONS`
     # The model (Table 5): a transformers backbone checkpoint as the image encoder, and the decoder.
     backbone_name_or_path: str | None = None
     decoder_type: str = "semantic_fpn"
     decode_head_channels: int | None = None  # None: the config's default (256, the Semantic FPN's)
+    prompting_type: str = "post_model"  # Table 2: how the class text embeddings meet the image
 
 
 _ADE20K_VIT_B16 = Recipe(
@@ -96,6 +98,15 @@ RECIPES = {
         _ADE20K_RESNET,
         description="DenseCLIP RN50 + Semantic FPN on ADE20K, 512x512 crops, 80k iterations (paper, Table 1)",
         paper_miou=(43.5, 44.7),
+    ),
+    # Table 2, the prompting ablation on RN50 (ADE20K, single-scale mIoU): the recipe of ade20k-rn50, its prompting
+    # swapped.
+    "ade20k-rn50-language-only": dataclasses.replace(
+        _ADE20K_RESNET,
+        description="Table 2 row 3: RN50 + Semantic FPN, language-domain prompting only (learnable contexts, no "
+        "context decoder), ADE20K 512x512, 80k iterations",
+        prompting_type="language_only",
+        paper_miou=(42.1, None),
     ),
     "ade20k-rn101": dataclasses.replace(
         _ADE20K_RESNET,
