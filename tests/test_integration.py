@@ -111,7 +111,7 @@ def test_pipeline_returns_named_masks(saved_folder, monkeypatch):
         np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, expected == class_id)
 
 
-@pytest.mark.parametrize("saved_folder", ["post_model", "language_only"], indirect=True)
+@pytest.mark.parametrize("saved_folder", ["post_model", "language_only", "pre_model"], indirect=True)
 def test_loads_with_trust_remote_code_without_the_package(saved_folder, tmp_path):
     image = scene()
     image.save(tmp_path / "scene.png")

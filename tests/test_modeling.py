@@ -250,8 +250,8 @@ def test_every_configurable_choice_has_a_module():
     [
         (
             "prompting_type",
-            "pre_model",
-            r"`prompting_type`=pre_model must be one of \('post_model', 'language_only'\)",
+            "prompt_tuning",
+            r"`prompting_type`=prompt_tuning must be one of \('post_model', 'language_only', 'pre_model'\)",
         ),
         ("decoder_type", "mask2former", r"`decoder_type`=mask2former must be one of \('semantic_fpn', 'upernet'\)"),
     ],
@@ -530,6 +530,7 @@ def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
 PROMPTING_PARAMETERS = {
     "post_model": {"context_embeddings", "gamma", "context_decoder"},
     "language_only": {"context_embeddings"},
+    "pre_model": {"queries", "context_decoder", "context_projection"},
 }
 
 
@@ -560,6 +561,29 @@ def test_language_only_prompting_uses_the_same_text_embeddings_for_every_image(t
         text_embeddings = model.get_text_embeddings()
     for image in range(3):
         torch.testing.assert_close(out.text_embeddings[image], text_embeddings, rtol=0, atol=0)
+
+
+def test_pre_model_prompting_runs_the_text_tower_on_each_images_own_contexts(tokenizer):
+    model = make_model(tiny_config(tokenizer, prompting_type="pre_model"))
+    base = model.base_model
+    pixel_values = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        out = model(pixel_values, test_mode="plain")
+        contexts = base.prompting.text_contexts(base.image_encoder(pixel_values))
+    assert contexts.shape == (3, model.config.num_context_tokens, model.config.text_config.hidden_size)
+    assert not torch.allclose(contexts[0], contexts[1]) and not torch.allclose(contexts[1], contexts[2])
+    assert base._text_embeddings_cache is None
+    for image in range(3):
+        with torch.no_grad():
+            # Image i alone: its contexts v_pre (Eq. 4), then the text tower on those (N, width) contexts (Eq. 3).
+            own_contexts = base.prompting.text_contexts(base.image_encoder(pixel_values[image : image + 1]))[0]
+            own_text_embeddings = base.text_encoder(base.class_token_ids, own_contexts)
+        torch.testing.assert_close(out.text_embeddings[image], own_text_embeddings, rtol=1e-5, atol=1e-5)
+    assert not torch.allclose(out.text_embeddings[0], out.text_embeddings[1])
+    with pytest.raises(ValueError, match="pre_model.*pass the image"):
+        model.get_text_embeddings()
+    with pytest.raises(ValueError, match="cannot be removed"):
+        base.remove_text_encoder()
 
 
 def test_prompting_save_and_load_round_trip(prompting_config, tmp_path):

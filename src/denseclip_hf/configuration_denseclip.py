@@ -25,7 +25,7 @@ _INTERPOLATION_MODES = ("bilinear", "bicubic")
 _LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
 # How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
 # (`decoder_type`). The modeling file maps each name to its module.
-PROMPTING_TYPES = ("post_model", "language_only")
+PROMPTING_TYPES = ("post_model", "language_only", "pre_model")
 DECODER_TYPES = ("semantic_fpn", "upernet")
 # Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
 TEST_MODES = ("slide", "whole")
@@ -499,8 +499,12 @@ class DenseClipConfig(PreTrainedConfig):
             attend to the image's [z_bar, z] in a Transformer decoder and are refined, t <- t + gamma * v_post
             (Eqs. 5-6). `"language_only"` (Table 2 row 3, "+ language-domain prompting"): the learnable contexts p
             only, the same t for every image (no context decoder, `context_decoder_*` and `gamma_init_value` unused).
+            `"pre_model"` (Table 2 row 4, "pre-model V->L prompting"): N learnable queries q attend to [z_bar, z] in
+            the context decoder (Eq. 4) and the visual contexts v_pre, projected to the text width, replace p; the
+            text tower runs for every image (t per image, never cached; `gamma_init_value` unused).
         num_context_tokens (`int`, *optional*, defaults to 8):
-            Number N of learnable context vectors p inserted after the start token (Eq. 3). Paper: 8.
+            Number N of learnable context vectors p inserted after the start token (Eq. 3), or of learnable queries q
+            (pre-model prompting, Eq. 4). Paper: 8.
         context_decoder_layers (`int`, *optional*, defaults to 3):
             Transformer decoder layers of the context decoder (Eq. 5). Authors' configs: 3 (the paper text says 6).
         context_decoder_hidden_size (`int`, *optional*, defaults to 256):

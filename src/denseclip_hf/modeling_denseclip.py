@@ -2,9 +2,9 @@
 
 Read top to bottom, this file follows the data:
 pixels -> image encoder (CLIP ViT or ResNet) -> stride 4/8/16/32 pyramid, global and dense embeddings z_bar, z (Eq. 1)
--> class text embeddings t from learnable contexts (Eq. 3) -> prompting (post-model, Eqs. 5-6)
--> pixel-text score map s (Eq. 2), joined to the pyramid (x' = [x, s]) -> decoder (Semantic FPN) -> logits -> losses
-(Eq. 7).
+-> class text embeddings t from learnable contexts (Eq. 3; or from the image, pre-model, Eq. 4)
+-> prompting (post-model, Eqs. 5-6) -> pixel-text score map s (Eq. 2), joined to the pyramid (x' = [x, s])
+-> decoder (Semantic FPN) -> logits -> losses (Eq. 7).
 
 Image encoders, promptings and decoders are each one small interface (`DenseClipImageEncoder`, `DenseClipPrompting`,
 `DenseClipDecoder`) with its implementations registered by name (`IMAGE_ENCODERS`, `PROMPTINGS`, `DECODERS`); the
@@ -17,6 +17,7 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
+    │   │           or DenseClipPreModelPrompting      queries, context_decoder, context_projection
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
              or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
@@ -622,11 +623,26 @@ class DenseClipTextEncoder(nn.Module):
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
 
     def forward(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """`class_token_ids` `(classes, length)` and `contexts` `(N, hidden)` -> text embeddings `(classes, D)`."""
+        """`class_token_ids` `(classes, length)` and `contexts` `(N, hidden)` -> text embeddings `(classes, D)`.
+
+        Contexts per image, `(batch, N, hidden)`, give text embeddings per image, `(batch, classes, D)`: the
+        `batch * classes` prompts run through the tower as one batch.
+        """
+        num_classes = class_token_ids.shape[0]
+        if contexts.dim() == 2:
+            return self._encode(class_token_ids, contexts.unsqueeze(0).expand(num_classes, -1, -1))
+        batch = contexts.shape[0]
+        text_embeddings = self._encode(
+            class_token_ids.repeat(batch, 1), contexts.repeat_interleave(num_classes, dim=0)
+        )
+        return text_embeddings.view(batch, num_classes, -1)
+
+    def _encode(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+        """`class_token_ids` `(prompts, length)` and `contexts` `(prompts, N, hidden)` -> `(prompts, D)`."""
         text_model = self.text_model
         token_embeddings = text_model.embeddings.token_embedding(class_token_ids)
-        num_classes = token_embeddings.shape[0]
-        contexts = contexts.to(token_embeddings.dtype).unsqueeze(0).expand(num_classes, -1, -1)
+        num_prompts = token_embeddings.shape[0]
+        contexts = contexts.to(token_embeddings.dtype)
         # Eq. 3: [p, e_k], with the start token kept in front as in the authors' code.
         inputs_embeds = torch.cat([token_embeddings[:, :1], contexts, token_embeddings[:, 1:]], dim=1)
         hidden_states = text_model.embeddings(inputs_embeds=inputs_embeds)
@@ -638,7 +654,7 @@ class DenseClipTextEncoder(nn.Module):
         ).last_hidden_state
         hidden_states = text_model.final_layer_norm(hidden_states)
         end_positions = (class_token_ids == text_model.config.eos_token_id).int().argmax(-1) + contexts.shape[1]
-        pooled = hidden_states[torch.arange(num_classes, device=hidden_states.device), end_positions]
+        pooled = hidden_states[torch.arange(num_prompts, device=hidden_states.device), end_positions]
         return self.text_projection(pooled)
 
 
@@ -660,7 +676,7 @@ def tokenize_class_names(class_names: list[str], tokenizer, length: int) -> list
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Prompting: how the class text embeddings meet the image (post-model: Eqs. 5-6)
+# Prompting: how the class text embeddings meet the image (pre-model: Eq. 4, post-model: Eqs. 5-6)
 # ---------------------------------------------------------------------------------------------------------------------
 
 
@@ -671,9 +687,10 @@ class DenseClipPrompting(nn.Module):
     Built from the `DenseClipConfig`. `text_contexts(image)` returns the vectors the text encoder reads between the
     start token and each class name (Eq. 3), `(N, text hidden size)`, the same for every image: the class text
     embeddings t `(num_labels, D)` (`DenseClipModel.get_text_embeddings`) then do not depend on the image (`image` may
-    be `None`). `forward(text_embeddings, image)` takes t and the image encoder's output and returns the text
-    embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each `config.prompting_type` to
-    its module.
+    be `None`). Pre-model prompting returns contexts per image, `(batch, N, text hidden size)`, and t is then
+    `(batch, num_labels, D)`. `forward(text_embeddings, image)` takes t and the image encoder's output and returns
+    the text embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each
+    `config.prompting_type` to its module.
 
     Class attributes: `contexts_depend_on_image` (True only when `text_contexts` reads the image, so that t is per
     image, `(batch, num_labels, D)`, and cannot be cached) and `uses_text` (False only for a baseline with no text at
@@ -688,6 +705,12 @@ class DenseClipPrompting(nn.Module):
 
     def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
         raise NotImplementedError
+
+
+def visual_context(image: DenseClipImageEncoderOutput) -> torch.Tensor:
+    """The visual context [z_bar, z] the context decoder attends to (Eqs. 4-5): z_bar `(batch, D)` and z
+    `(batch, D, h, w)` -> `(batch, 1 + h * w, D)`."""
+    return torch.cat([image.global_embedding.unsqueeze(1), image.dense_embedding.flatten(2).transpose(1, 2)], dim=1)
 
 
 class DenseClipContextAttention(nn.Module):
@@ -733,7 +756,8 @@ class DenseClipContextDecoderLayer(nn.Module):
 
 
 class DenseClipContextDecoder(nn.Module):
-    """TransDecoder of Eq. 5: text embeddings are the queries, the visual context [z_bar, z] the memory."""
+    """TransDecoder of Eqs. 4-5: the queries (the text embeddings t for post-model prompting, the learnable q for
+    pre-model prompting) attend to the visual context [z_bar, z], the memory."""
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
@@ -749,9 +773,9 @@ class DenseClipContextDecoder(nn.Module):
         self.output_projection = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embed_dim))
 
     def forward(self, text_embeddings: torch.Tensor, visual_context: torch.Tensor) -> torch.Tensor:
-        """`text_embeddings` `(batch, classes, D)` attend to `visual_context` `(batch, 1 + h * w, D)`.
+        """`text_embeddings` (the queries) `(batch, classes, D)` attend to `visual_context` `(batch, 1 + h * w, D)`.
 
-        Returns v_post `(batch, classes, D)`.
+        Returns v_post (or v_pre) `(batch, classes, D)`.
         """
         memory = self.memory_projection(visual_context)
         hidden_states = self.text_projection(text_embeddings)
@@ -789,18 +813,50 @@ class DenseClipPostModelPrompting(DenseClipLanguageOnlyPrompting):
 
     def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
         """`text_embeddings` t `(classes, D)`, z_bar `(batch, D)` and z `(batch, D, h, w)` -> `(batch, classes, D)`."""
-        visual_context = torch.cat(
-            [image.global_embedding.unsqueeze(1), image.dense_embedding.flatten(2).transpose(1, 2)], dim=1
-        )
         text_embeddings = super().forward(text_embeddings, image)
-        v_post = self.context_decoder(text_embeddings, visual_context)  # Eq. 5
+        v_post = self.context_decoder(text_embeddings, visual_context(image))  # Eq. 5
         return text_embeddings + self.gamma * v_post  # Eq. 6
+
+
+class DenseClipPreModelPrompting(DenseClipPrompting):
+    """Pre-model prompting (Table 2 row 4): N learnable queries q attend to the image's [z_bar, z] in a Transformer
+    decoder, v_pre = TransDecoder(q, [z_bar, z]) (Eq. 4), and the visual contexts v_pre, projected to the text
+    tower's width, replace the learnable contexts p before each class name (Eq. 3). The text tower then runs for every
+    image: t is per image, `(batch, num_labels, D)`, and cannot be cached.
+    """
+
+    contexts_depend_on_image: ClassVar[bool] = True
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+        self.queries = nn.Parameter(torch.empty(config.num_context_tokens, config.projection_dim))
+        self.context_decoder = DenseClipContextDecoder(config)
+        self.context_projection = nn.Linear(config.projection_dim, config.text_config.hidden_size)
+
+    def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+        """z_bar `(batch, D)` and z `(batch, D, h, w)` -> the visual contexts of each image `(batch, N, text hidden
+        size)`. Raises a `ValueError` without the image."""
+        if image is None:
+            raise ValueError(
+                "prompting_type='pre_model' reads the image into the text tower's contexts: pass the image encoder's "
+                "output (`get_text_embeddings(image)`), or use the model's forward."
+            )
+        context = visual_context(image)
+        queries = self.queries.to(context.dtype).unsqueeze(0).expand(context.shape[0], -1, -1)
+        v_pre = self.context_decoder(queries, context)  # Eq. 4
+        return self.context_projection(v_pre)
+
+    def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
+        """t, already per image `(batch, classes, D)` (or `(classes, D)` given to the forward, then the same for every
+        image) -> `(batch, classes, D)`."""
+        return text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
 
 
 # The prompting of each `DenseClipConfig.prompting_type` (`PROMPTING_TYPES`).
 PROMPTINGS: dict[str, type[DenseClipPrompting]] = {
     "post_model": DenseClipPostModelPrompting,
     "language_only": DenseClipLanguageOnlyPrompting,
+    "pre_model": DenseClipPreModelPrompting,
 }
 
 
@@ -1488,6 +1544,8 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
             if isinstance(module, DenseClipPostModelPrompting):
                 init.constant_(module.gamma, config.gamma_init_value)
+        elif isinstance(module, DenseClipPreModelPrompting):
+            init.trunc_normal_(module.queries, std=1.0, a=-2.0, b=2.0)
         elif isinstance(module, DenseClipContextDecoder):
             for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
                 init.trunc_normal_(linear.weight, std=config.initializer_range)
@@ -1584,8 +1642,9 @@ class DenseClipModel(DenseClipPreTrainedModel):
         self, image: DenseClipImageEncoderOutput | None = None, class_token_ids: torch.Tensor | None = None
     ) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,
-        through the CLIP text tower (Eq. 3). They do not depend on the image (`image` is for promptings whose
-        contexts do).
+        through the CLIP text tower (Eq. 3). They do not depend on the image, except for promptings whose contexts do
+        (`contexts_depend_on_image`, pre-model prompting): those need `image` and give t per image,
+        `(batch, num_labels, projection_dim)`.
 
         `class_token_ids` `(classes, class_name_token_length)` (`tokenize_class_names` of other class names) gives
         the embeddings of those names instead, e.g. for `forward(text_embeddings=...)` with as many names as
