@@ -66,19 +66,15 @@ def test_recipe_defaults_and_overrides(tmp_path):
         ) == (1e-4, 0.1, 32)
         assert RECIPES[name].paper_miou == paper_miou
     assert resnet.model.prompting_type == "post_model"
-    language_only = parse_training_args(["--recipe", "ade20k-rn50-language-only", "--output_dir", str(tmp_path)])
-    assert language_only.model.prompting_type == "language_only" and RECIPES[
-        "ade20k-rn50-language-only"
-    ].paper_miou == (
-        42.1,
-        None,
-    )
     rn50 = parse_training_args(["--recipe", "ade20k-rn50", "--output_dir", str(tmp_path)])
-    assert language_only.to_flat_dict() == {
-        **rn50.to_flat_dict(),
-        "prompting_type": "language_only",
-        "recipe": ("ade20k-rn50-language-only"),
-    }
+    # Table 2's prompting ablation: the recipe of ade20k-rn50 with another prompting, single-scale mIoU only.
+    for name, prompting_type, paper_miou in (
+        ("ade20k-rn50-language-only", "language_only", (42.1, None)),
+        ("ade20k-rn50-pre-model", "pre_model", (42.9, None)),
+    ):
+        ablation = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path)])
+        assert ablation.model.prompting_type == prompting_type and RECIPES[name].paper_miou == paper_miou
+        assert ablation.to_flat_dict() == {**rn50.to_flat_dict(), "prompting_type": prompting_type, "recipe": name}
     flag = ["--recipe", "ade20k-rn50", "--prompting_type", "language_only", "--output_dir", str(tmp_path)]
     assert parse_training_args(flag).model.prompting_type == "language_only"
 

@@ -842,7 +842,8 @@ class DenseClipPreModelPrompting(DenseClipPrompting):
                 "output (`get_text_embeddings(image)`), or use the model's forward."
             )
         context = visual_context(image)
-        queries = self.queries.to(context.dtype).unsqueeze(0).expand(context.shape[0], -1, -1)
+        # A copy per image, not an expanded view (which, made under `no_grad`, trips `torch.utils.flop_counter`).
+        queries = self.queries.to(context.dtype).unsqueeze(0).repeat(context.shape[0], 1, 1)
         v_pre = self.context_decoder(queries, context)  # Eq. 4
         return self.context_projection(v_pre)
 

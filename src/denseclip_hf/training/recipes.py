@@ -108,6 +108,13 @@ RECIPES = {
         prompting_type="language_only",
         paper_miou=(42.1, None),
     ),
+    "ade20k-rn50-pre-model": dataclasses.replace(
+        _ADE20K_RESNET,
+        description="Table 2 row 4: RN50 + Semantic FPN, pre-model vision-to-language prompting (learnable queries "
+        "attend to the image; the text tower runs per image), ADE20K 512x512, 80k iterations",
+        prompting_type="pre_model",
+        paper_miou=(42.9, None),
+    ),
     "ade20k-rn101": dataclasses.replace(
         _ADE20K_RESNET,
         description="DenseCLIP RN101 + Semantic FPN on ADE20K, 512x512 crops, 80k iterations (paper, Table 1)",
