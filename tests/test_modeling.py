@@ -580,6 +580,10 @@ def test_pre_model_prompting_runs_the_text_tower_on_each_images_own_contexts(tok
             own_text_embeddings = base.text_encoder(base.class_token_ids, own_contexts)
         torch.testing.assert_close(out.text_embeddings[image], own_text_embeddings, rtol=1e-5, atol=1e-5)
     assert not torch.allclose(out.text_embeddings[0], out.text_embeddings[1])
+    given = torch.randn(len(CLASS_NAMES), model.config.projection_dim)
+    with torch.no_grad():
+        given_out = model(pixel_values, test_mode="plain", text_embeddings=given)
+    torch.testing.assert_close(given_out.text_embeddings, given.expand(3, -1, -1), rtol=0, atol=0)
     with pytest.raises(ValueError, match="pre_model.*pass the image"):
         model.get_text_embeddings()
     with pytest.raises(ValueError, match="cannot be removed"):
