@@ -116,6 +116,17 @@ def test_extended_weight_decay_exemptions(tokenizer):
     assert placed[names[id(decode_head.classifier.weight)]]["weight_decay"] == 1e-4
     assert placed[names[id(vision_model.embeddings.patch_embedding.weight)]]["weight_decay"] == 1e-4
 
+    pre_model = DenseClipForSemanticSegmentation(tiny_config(tokenizer, prompting_type="pre_model"))
+    pre_model_groups = parameter_groups(
+        pre_model,
+        learning_rate=1e-4,
+        weight_decay=1e-4,
+        image_encoder_lr_multiplier=0.1,
+        weight_decay_exemptions="extended",
+    )
+    queries = placed_groups(pre_model, pre_model_groups)["denseclip.prompting.queries"]  # q of Eq. 4
+    assert (queries["weight_decay"], queries["lr"]) == (0, 1e-4)
+
     optimizer = torch.optim.AdamW(groups)
     model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, 4, (2, 64, 64))).loss.backward()
     optimizer.step()

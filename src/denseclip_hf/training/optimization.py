@@ -2,7 +2,8 @@
 
 Model internals are reached only through `model.base_model.image_encoder` (the parameters trained at
 `image_encoder_lr_multiplier`) and through module and parameter names: the learnable contexts end in
-`context_embeddings`, the post-model prompting scale in `gamma`.
+`context_embeddings`, the post-model prompting scale in `gamma`, the pre-model prompting queries in
+`prompting.queries`.
 """
 
 import math
@@ -17,9 +18,9 @@ NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
 # backbone and the text encoder (whose keys match first) only the context decoder layers' LayerNorms `norm1-3` carry
 # it (their projections' LayerNorms are `Sequential` indices, the head's BatchNorms `bn`). Ours keep those names.
 AUTHORS_NO_DECAY_MODULE = re.compile(r"norm\d*")
-# Name endings of the parameters the `extended` grouping also trains without weight decay: the learnable contexts p
-# and gamma of the post-model prompting (Eq. 6).
-NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "gamma")
+# Name endings of the parameters the `extended` grouping also trains without weight decay: the learnable contexts p,
+# gamma of the post-model prompting (Eq. 6) and the learnable queries q of the pre-model prompting (Eq. 4).
+NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "gamma", "prompting.queries")
 
 
 def _authors_no_weight_decay(model: nn.Module) -> set[str]:
@@ -37,7 +38,7 @@ def _authors_no_weight_decay(model: nn.Module) -> set[str]:
 
 
 def _extended_no_weight_decay(model: nn.Module) -> set[str]:
-    """Every normalization layer, every bias, the learnable contexts and gamma."""
+    """Every normalization layer, every bias, the learnable contexts, gamma and the pre-model queries."""
     names = {name for name, _ in model.named_parameters() if name.endswith(("bias", *NO_WEIGHT_DECAY_PARAMETERS))}
     for module_name, module in model.named_modules():
         if isinstance(module, NORM_LAYERS):
