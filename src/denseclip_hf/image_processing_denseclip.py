@@ -405,6 +405,11 @@ class DenseClipImageProcessor(PilBackend):
         `size` defaults to this processor's setting, `size_divisor` to the one its `test_mode` applies to images
         without label maps (`self.size_divisor` under `"whole"`, none under `"slide"`); `None` disables the rounding.
         """
+        if height < 1 or width < 1:
+            raise ValueError(
+                f"Got an image of size (height={height}, width={width}): every image needs at least one pixel in "
+                "each direction; drop or repair empty images before processing."
+            )
         size = self.size if size is None else size
         size = SizeDict(**size) if isinstance(size, dict) else size
         if size_divisor is _FROM_SETTINGS:
@@ -658,22 +663,49 @@ class DenseClipImageProcessor(PilBackend):
         Returns:
             `list[torch.Tensor]`: `batch` int64 maps of shape `(height, width)` (the target size, if given).
         """
-        logits = outputs.logits
+        logits = getattr(outputs, "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+            raise TypeError(
+                "outputs must have `logits` of shape (batch, num_labels, height, width), e.g. the model's output; got "
+                f"{type(outputs).__name__} with logits {getattr(logits, 'shape', logits)!r}."
+            )
         if target_sizes is None:
             return list(logits.argmax(dim=1))
-        if isinstance(target_sizes, torch.Tensor):
-            target_sizes = target_sizes.tolist()
-        if len(target_sizes) != len(logits):
-            raise ValueError(
-                f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits: pass one (height, width) "
-                "per image."
-            )
+        sizes = check_target_sizes(target_sizes, len(logits))
         maps = []
-        for image_logits, target_size in zip(logits, target_sizes, strict=True):
-            height, width = (int(side) for side in target_size)
+        for image_logits, (height, width) in zip(logits, sizes, strict=True):
             resized = F.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
             maps.append(resized[0].argmax(dim=0))
         return maps
+
+
+def check_target_sizes(target_sizes: Any, batch: int) -> list[tuple[int, int]]:
+    """The entry check of `post_process_semantic_segmentation(target_sizes=...)`: one `(height, width)` of positive
+    ints per image (a list of pairs or a `(batch, 2)` tensor); otherwise a `TypeError` / `ValueError`."""
+    if isinstance(target_sizes, torch.Tensor):
+        if target_sizes.is_floating_point():
+            raise TypeError(f"target_sizes must hold integer (height, width) pairs, got a {target_sizes.dtype} tensor.")
+        target_sizes = target_sizes.tolist()
+    if not isinstance(target_sizes, (list, tuple)):
+        raise TypeError(
+            f"target_sizes must be a list of (height, width) pairs or a (batch, 2) tensor, got "
+            f"{type(target_sizes).__name__}."
+        )
+    if len(target_sizes) != batch:
+        raise ValueError(
+            f"Got {len(target_sizes)} target sizes for a batch of {batch} logits: pass one (height, width) per image."
+        )
+    sizes = []
+    for size in target_sizes:
+        pair = tuple(size) if isinstance(size, (list, tuple, torch.Size)) else ()
+        if len(pair) != 2 or not all(isinstance(side, (int, np.integer)) and not isinstance(side, bool) for side in pair):
+            raise TypeError(f"Each of target_sizes must be a (height, width) pair of ints, got {size!r}.")
+        if min(pair) < 1:
+            raise ValueError(
+                f"target_sizes must be positive (height, width) pairs, got {size!r}: pass the original image sizes."
+            )
+        sizes.append((int(pair[0]), int(pair[1])))
+    return sizes
 
 
 __all__ = ["MULTI_SCALE_RATIOS", "DenseClipImageProcessor", "scaled_size"]

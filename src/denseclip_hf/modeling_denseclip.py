@@ -26,6 +26,7 @@ from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -175,6 +176,56 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
+def check_pixel_tensor(pixel_values: Any, channels: int) -> None:
+    """The entry check of every model input: a floating-point tensor `(batch, channels, height, width)` with both
+    sides at least the pyramid's coarsest stride; otherwise a `TypeError` / `ValueError` saying what to pass."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor (batch, {channels}, height, width), got "
+            f"{type(pixel_values).__name__}: prepare images with DenseClipImageProcessor(return_tensors='pt')."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}: prepare "
+            "images with DenseClipImageProcessor (it rescales and normalizes them), or call `.float()`."
+        )
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}: "
+            "add a batch dimension with `pixel_values[None]` and pass channels first."
+        )
+    minimum = PYRAMID_STRIDES[-1]
+    if pixel_values.shape[0] == 0 or min(pixel_values.shape[-2:]) < minimum:
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} are too small: the batch must not be empty and the "
+            f"height and width must be at least {minimum} pixels (the pyramid's coarsest stride); resize or pad "
+            "the images."
+        )
+
+
+def check_labels(labels: Any, batch: int, num_labels: int, ignore_index: int) -> torch.Tensor:
+    """The entry check of `labels`: an integer tensor `(batch, height, width)` of class ids in `0..num_labels-1` or
+    `ignore_index` (one min/max reduction); returns it as int64. Otherwise a `TypeError` / `ValueError`."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of class ids (torch.long), got {kind}.")
+    if labels.ndim != 3 or labels.shape[0] != batch or labels.numel() == 0:
+        raise ValueError(
+            f"labels must have shape (batch={batch}, height, width) with non-zero sides, got {tuple(labels.shape)}."
+        )
+    labels = labels.long()
+    valid = labels.masked_fill(labels == ignore_index, 0)
+    low, high = int(valid.min()), int(valid.max())
+    if low < 0 or high >= num_labels:
+        bad = torch.unique(valid[(valid < 0) | (valid >= num_labels)])[:10].tolist()
+        raise ValueError(
+            f"labels hold class ids {bad} outside the valid range 0..{num_labels - 1} ({num_labels} classes); "
+            f"mark pixels to ignore with semantic_loss_ignore_index={ignore_index}, or remap the label values "
+            "(e.g. reduce_labels for ADE20K)."
+        )
+    return labels
+
+
 class DenseClipConvNormAct(nn.Module):
     """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU."""
 
@@ -212,12 +263,9 @@ class DenseClipImageEncoder(nn.Module):
         self.num_channels: int = config.vision_config.num_channels
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """A `ValueError` unless `pixel_values` is `(batch, num_channels, height, width)`."""
-        channels = self.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
+        """A `TypeError` unless `pixel_values` is a floating-point tensor, a `ValueError` unless it is
+        `(batch, num_channels, height, width)` with sides of at least the pyramid's coarsest stride."""
+        check_pixel_tensor(pixel_values, self.num_channels)
 
     def resize_position_embeddings(self, image_size: int) -> None:
         raise NotImplementedError
@@ -490,11 +538,6 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         self.check_pixel_values(pixel_values)
-        if min(pixel_values.shape[-2:]) < PYRAMID_STRIDES[-1]:
-            raise ValueError(
-                f"pixel_values height and width must be at least {PYRAMID_STRIDES[-1]} (the last stage has stride "
-                f"{PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
-            )
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
@@ -1468,11 +1511,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         )
 
     def _check_protocol_input(self, pixel_values: torch.Tensor) -> None:
-        channels = self.config.vision_config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
+        check_pixel_tensor(pixel_values, self.config.vision_config.num_channels)
         minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(self.config.vision_config))
         if min(pixel_values.shape[-2:]) < minimum:
             raise ValueError(
@@ -1501,12 +1540,8 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Total, decode and (unweighted) identity loss for `labels` `(batch, H, W)`."""
-        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}."
-            )
         config = self.config
-        labels = labels.long()
+        labels = check_labels(labels, logits.shape[0], config.num_labels, config.semantic_loss_ignore_index)
         decode_loss = pixel_cross_entropy(logits, labels, config.semantic_loss_ignore_index, config.loss_reduction)
         # Eq. 7: the score map, sharpened by tau, is itself a low-resolution segmentation.
         identity_loss = pixel_cross_entropy(
