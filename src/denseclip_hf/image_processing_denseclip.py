@@ -11,6 +11,7 @@ This module imports nothing from `denseclip_hf`: it is also shipped next to save
 import os
 from typing import Any
 
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -377,7 +378,12 @@ class DenseClipImageProcessor(PilBackend):
             them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
             arrays when `return_tensors=None`).
         """
-        return super().preprocess(images, segmentation_maps, **kwargs)
+        try:
+            return super().preprocess(images, segmentation_maps, **kwargs)
+        except StrictDataclassFieldValidationError as error:
+            # transformers validates the per-call settings with huggingface_hub's strict dataclasses, whose error is
+            # no TypeError; it names the setting and the accepted types.
+            raise TypeError(f"{error} See the DenseClipImageProcessor docstring for each setting's type.") from error
 
     def fetch_images(self, image_url_or_urls: Any) -> Any:
         """Open local image paths keeping their mode (16-bit, alpha, palette); URLs go through transformers.
