@@ -11,10 +11,10 @@ This module imports nothing from `denseclip_hf`: it is also shipped next to save
 import os
 from typing import Any
 
-from huggingface_hub.errors import StrictDataclassFieldValidationError
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
@@ -353,6 +353,7 @@ class DenseClipImageProcessor(PilBackend):
     do_pad = False
 
     def __init__(self, **kwargs: Unpack[DenseClipImageProcessorKwargs]) -> None:
+        check_size_setting(kwargs.get("size"))
         super().__init__(**kwargs)
         # The base class replaces `None` by the class default; `size_divisor=None` is a real setting (disabled).
         if "size_divisor" in kwargs and kwargs["size_divisor"] is None:
@@ -378,6 +379,7 @@ class DenseClipImageProcessor(PilBackend):
             them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
             arrays when `return_tensors=None`).
         """
+        check_size_setting(kwargs.get("size"))
         try:
             return super().preprocess(images, segmentation_maps, **kwargs)
         except StrictDataclassFieldValidationError as error:
@@ -685,12 +687,33 @@ class DenseClipImageProcessor(PilBackend):
         return maps
 
 
+def check_size_setting(size: Any) -> None:
+    """The entry check of the `size` setting: an int > 0 (the shortest edge), a `(height, width)` pair of ints > 0,
+    or a dict of the supported keys with ints > 0; otherwise a `TypeError` / `ValueError` naming the accepted forms."""
+    if size is None or isinstance(size, (dict, SizeDict)):
+        values = [] if size is None else [value for value in dict(size).values() if value is not None]
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        values = list(size)
+    elif isinstance(size, int) and not isinstance(size, bool):
+        values = [size]
+    else:
+        raise ValueError(
+            f"Unsupported size {size!r} : use an int, (height, width) or {_SUPPORTED_SIZES}."
+        )
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values):
+        raise ValueError(
+            f"size={size!r}: every size must be a positive int; use an int, (height, width) or {_SUPPORTED_SIZES}."
+        )
+
+
 def check_target_sizes(target_sizes: Any, batch: int) -> list[tuple[int, int]]:
     """The entry check of `post_process_semantic_segmentation(target_sizes=...)`: one `(height, width)` of positive
     ints per image (a list of pairs or a `(batch, 2)` tensor); otherwise a `TypeError` / `ValueError`."""
     if isinstance(target_sizes, torch.Tensor):
         if target_sizes.is_floating_point():
-            raise TypeError(f"target_sizes must hold integer (height, width) pairs, got a {target_sizes.dtype} tensor.")
+            raise TypeError(
+                f"target_sizes must hold integer (height, width) pairs, got a {target_sizes.dtype} tensor."
+            )
         target_sizes = target_sizes.tolist()
     if not isinstance(target_sizes, (list, tuple)):
         raise TypeError(
@@ -704,7 +727,9 @@ def check_target_sizes(target_sizes: Any, batch: int) -> list[tuple[int, int]]:
     sizes = []
     for size in target_sizes:
         pair = tuple(size) if isinstance(size, (list, tuple, torch.Size)) else ()
-        if len(pair) != 2 or not all(isinstance(side, (int, np.integer)) and not isinstance(side, bool) for side in pair):
+        if len(pair) != 2 or not all(
+            isinstance(side, (int, np.integer)) and not isinstance(side, bool) for side in pair
+        ):
             raise TypeError(f"Each of target_sizes must be a (height, width) pair of ints, got {size!r}.")
         if min(pair) < 1:
             raise ValueError(

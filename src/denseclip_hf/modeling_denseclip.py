@@ -22,7 +22,7 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
 
 import math
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
@@ -30,6 +30,8 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
 from transformers import initialization as init
@@ -1100,6 +1102,33 @@ _V0_1_0_BASE_MODEL_KEYS = {  # relative to DenseClipModel
 _V0_1_0_DECODER_KEYS = {r"^neck\.": "decoder.neck.", r"^decode_head\.": "decoder.head."}
 
 
+@contextmanager
+def clear_loading_errors(source: Any, kwargs: dict) -> Iterator[None]:
+    """The entry check of `from_pretrained` on a damaged folder: a local folder without `config.json` (when no
+    `config=` is given) is an `OSError` up front, instead of a model built from the default config failing on the
+    weights' shapes; a damaged `model.safetensors` (truncated, empty) is an `OSError` and a `config.json` value of
+    the wrong type a `TypeError`, both naming the file and the fix."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) and kwargs.get("config") is None:
+        subfolder = kwargs.get("subfolder") or ""
+        if not os.path.isfile(os.path.join(source, subfolder, "config.json")):
+            raise OSError(
+                f"{os.path.join(source, subfolder)} has no config.json: save the model with `save_pretrained`, or "
+                "pass `config=DenseClipConfig.from_pretrained(...)`."
+            )
+    try:
+        yield
+    except SafetensorError as error:
+        raise OSError(
+            f"The weights file (model.safetensors) of {source} is damaged ({error}): it was probably cut short by an "
+            "interrupted save or download; save or download the model again."
+        ) from error
+    except StrictDataclassError as error:
+        raise TypeError(
+            f"config.json of {source} holds a value of the wrong type: {error} Fix the value in config.json (or "
+            "save the config again with `DenseClipConfig.save_pretrained`)."
+        ) from error
+
+
 class DenseClipPreTrainedModel(PreTrainedModel):
     config: DenseClipConfig
     config_class = DenseClipConfig
@@ -1136,7 +1165,8 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             **_V0_1_0_DECODER_KEYS,
             **(key_mapping or {}),
         }
-        loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
+        with clear_loading_errors(args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs):
+            loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.base_model.freeze_text_encoder()
         return loaded
