@@ -697,9 +697,7 @@ def check_size_setting(size: Any) -> None:
     elif isinstance(size, int) and not isinstance(size, bool):
         values = [size]
     else:
-        raise ValueError(
-            f"Unsupported size {size!r} : use an int, (height, width) or {_SUPPORTED_SIZES}."
-        )
+        raise ValueError(f"Unsupported size {size!r} : use an int, (height, width) or {_SUPPORTED_SIZES}.")
     if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values):
         raise ValueError(
             f"size={size!r}: every size must be a positive int; use an int, (height, width) or {_SUPPORTED_SIZES}."
