@@ -178,9 +178,12 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
-def check_pixel_tensor(pixel_values: Any, channels: int) -> None:
+def check_pixel_tensor(
+    pixel_values: Any, channels: int, minimum: int = PYRAMID_STRIDES[-1], purpose: str = ""
+) -> None:
     """The entry check of every model input: a floating-point tensor `(batch, channels, height, width)` with both
-    sides at least the pyramid's coarsest stride; otherwise a `TypeError` / `ValueError` saying what to pass."""
+    sides at least `minimum` (default: the pyramid's coarsest stride); otherwise a `TypeError` / `ValueError` saying
+    what to pass. `purpose` (e.g. " for the test protocol") is named in the size error."""
     if not isinstance(pixel_values, torch.Tensor):
         raise TypeError(
             f"pixel_values must be a torch.Tensor (batch, {channels}, height, width), got "
@@ -196,12 +199,11 @@ def check_pixel_tensor(pixel_values: Any, channels: int) -> None:
             f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}: "
             "add a batch dimension with `pixel_values[None]` and pass channels first."
         )
-    minimum = PYRAMID_STRIDES[-1]
     if pixel_values.shape[0] == 0 or min(pixel_values.shape[-2:]) < minimum:
         raise ValueError(
-            f"pixel_values of shape {tuple(pixel_values.shape)} are too small: the batch must not be empty and the "
-            f"height and width must be at least {minimum} pixels (the pyramid's coarsest stride); resize or pad "
-            "the images."
+            f"pixel_values of shape {tuple(pixel_values.shape)} are too small{purpose}: the batch must not be empty "
+            f"and the height and width must be at least {minimum} pixels (the pyramid's coarsest stride); resize or "
+            "pad the images."
         )
 
 
@@ -1541,13 +1543,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         )
 
     def _check_protocol_input(self, pixel_values: torch.Tensor) -> None:
-        check_pixel_tensor(pixel_values, self.config.vision_config.num_channels)
-        minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(self.config.vision_config))
-        if min(pixel_values.shape[-2:]) < minimum:
-            raise ValueError(
-                f"pixel_values of size {tuple(pixel_values.shape[-2:])} are too small for the test protocol: each "
-                f"side must be at least {minimum} pixels (the pyramid's coarsest stride)."
-            )
+        config = self.config
+        minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(config.vision_config))
+        check_pixel_tensor(pixel_values, config.vision_config.num_channels, minimum, " for the test protocol")
 
     def _single_pass_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         """`logits_fn` of the test protocol: the single pass on `pixel_values` cut to a multiple of the patch size
