@@ -299,3 +299,10 @@ def test_converters_on_bad_checkpoints(tmp_path, module, argv):
     with pytest.raises(ALLOWED) as raised:
         main(argv)
     assert str(raised.value).strip()
+
+
+def test_out_of_range_labels_are_named_in_training(tokenizer):
+    model = make_model(tiny_config(tokenizer)).train()
+    batch = {"pixel_values": torch.randn(2, 3, 32, 32), "labels": torch.tensor([4, 0, 255, -2]).repeat(2, 8, 8)}
+    with pytest.raises(ValueError, match=r"class ids \[-2, 4\] outside the valid range 0\.\.3"):
+        model(**batch).loss.backward()

@@ -219,7 +219,7 @@ def check_labels(labels: Any, batch: int, num_labels: int, ignore_index: int) ->
         )
     labels = labels.long()
     valid = labels.masked_fill(labels == ignore_index, 0)
-    low, high = int(valid.min()), int(valid.max())
+    low, high = torch.stack(torch.aminmax(valid)).tolist()  # one reduction, one host sync
     if low < 0 or high >= num_labels:
         bad = torch.unique(valid[(valid < 0) | (valid >= num_labels)])[:10].tolist()
         raise ValueError(
