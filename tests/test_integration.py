@@ -20,9 +20,11 @@ PROCESSOR_FILES = ["image_processing_denseclip.py", "preprocessor_config.json"]
 
 
 @pytest.fixture(scope="module")
-def saved_folder(tmp_path_factory, tokenizer):
+def saved_folder(request, tmp_path_factory, tokenizer):
+    """A saved tiny model, of `prompting_type=request.param` where a test parametrizes it (post-model otherwise)."""
     torch.manual_seed(0)
-    model = DenseClipForSemanticSegmentation(tiny_config(tokenizer)).eval()
+    prompting_type = getattr(request, "param", "post_model")
+    model = DenseClipForSemanticSegmentation(tiny_config(tokenizer, prompting_type=prompting_type)).eval()
     with torch.no_grad():  # a decisive classifier, so that predictions are not ties
         model.decoder.head.classifier.weight.normal_(std=1.0)
     folder = tmp_path_factory.mktemp("denseclip-tiny")
@@ -109,6 +111,7 @@ def test_pipeline_returns_named_masks(saved_folder, monkeypatch):
         np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, expected == class_id)
 
 
+@pytest.mark.parametrize("saved_folder", ["post_model", "language_only"], indirect=True)
 def test_loads_with_trust_remote_code_without_the_package(saved_folder, tmp_path):
     image = scene()
     image.save(tmp_path / "scene.png")

@@ -248,8 +248,12 @@ def test_every_configurable_choice_has_a_module():
 @pytest.mark.parametrize(
     "setting, value, message",
     [
-        ("prompting_type", "pre_model", r"`prompting_type`=pre_model must be one of \('post_model',\)"),
-        ("decoder_type", "upernet", r"`decoder_type`=upernet must be one of \('semantic_fpn',\)"),
+        (
+            "prompting_type",
+            "pre_model",
+            r"`prompting_type`=pre_model must be one of \('post_model', 'language_only'\)",
+        ),
+        ("decoder_type", "mask2former", r"`decoder_type`=mask2former must be one of \('semantic_fpn', 'upernet'\)"),
     ],
 )
 def test_unknown_parts_name_the_choices(setting, value, message):
@@ -516,3 +520,54 @@ def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
             runs.append(encoder(pixel_values).global_embedding)
     torch.testing.assert_close(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2]) and not torch.allclose(runs[0], plain(pixel_values).global_embedding)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Every prompting
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The trainable parameters of each prompting (written out here, not read from the package).
+PROMPTING_PARAMETERS = {
+    "post_model": {"context_embeddings", "gamma", "context_decoder"},
+    "language_only": {"context_embeddings"},
+}
+
+
+@pytest.fixture(params=list(PROMPTING_PARAMETERS))
+def prompting_config(request, tokenizer) -> DenseClipConfig:
+    return tiny_config(tokenizer, prompting_type=request.param)
+
+
+def test_prompting_shapes_and_gradients_reach_exactly_its_parameters(prompting_config):
+    assert set(PROMPTING_PARAMETERS) == set(PROMPTING_TYPES)
+    model = make_model(prompting_config).train()
+    out = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, len(CLASS_NAMES), (2, 64, 64)))
+    assert out.text_embeddings.shape == (2, len(CLASS_NAMES), prompting_config.projection_dim)
+    assert out.score_map.shape == (2, len(CLASS_NAMES), 4, 4)
+    out.loss.backward()
+    prompting = dict(model.base_model.prompting.named_parameters())
+    assert {name.split(".")[0] for name in prompting} == PROMPTING_PARAMETERS[prompting_config.prompting_type]
+    for name, parameter in prompting.items():
+        assert parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    for name, parameter in model.base_model.text_encoder.named_parameters():
+        assert not parameter.requires_grad and parameter.grad is None, name
+
+
+def test_language_only_prompting_uses_the_same_text_embeddings_for_every_image(tokenizer):
+    model = make_model(tiny_config(tokenizer, prompting_type="language_only"))
+    with torch.no_grad():
+        out = model(torch.randn(3, 3, 64, 64), test_mode="plain")
+        text_embeddings = model.get_text_embeddings()
+    for image in range(3):
+        torch.testing.assert_close(out.text_embeddings[image], text_embeddings, rtol=0, atol=0)
+
+
+def test_prompting_save_and_load_round_trip(prompting_config, tmp_path):
+    model = make_model(prompting_config)
+    model.save_pretrained(tmp_path)
+    loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path).eval()
+    assert loaded.config.prompting_type == prompting_config.prompting_type
+    assert_same_tensors(loaded.state_dict(), model.state_dict())
+    pixel_values = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)

@@ -40,7 +40,8 @@ def test_config_defaults_by_family_and_round_trip(tokenizer, tmp_path):
     "overrides, message",
     [
         ({"vision_feature_layers": [0, 1, 2, 3]}, "`vision_feature_layers`=\\[0, 1, 2, 3\\] applies to ViT"),
-        ({"vision_config": {"model_type": "resnet"}}, "`vision_config.model_type`=resnet must be"),
+        # transformers' own "resnet" is a backbone config (the "backbone" family); a model that is none is rejected.
+        ({"vision_config": {"model_type": "bert"}}, "`vision_config.model_type`=bert must be"),
         ({"vision_config": {**TINY_RESNET, "layers": [1, 1, 1]}}, "`layers`=\\[1, 1, 1\\] must be 4 block counts"),
         ({"vision_config": {**TINY_RESNET, "attention_pool_heads": 3}}, "`attention_pool_heads`=3 must divide"),
         ({"vision_config": {**TINY_RESNET, "image_size": 100}}, "`image_size`=100 must be a multiple of 32"),
@@ -62,9 +63,7 @@ def test_attention_pool_is_clips_with_resized_positions(size):
     """Eq. 1 against a straightforward re-implementation (F.multi_head_attention_forward, bilinear positions)."""
     torch.manual_seed(0)
     reference = AttentionPool2d(spacial_dim=2, embed_dim=64, num_heads=4, output_dim=24).eval()
-    pool = DenseClipAttentionPool(
-        DenseClipResNetConfig(width=2, attention_pool_heads=4, image_size=64), 24, "bilinear"
-    )
+    pool = DenseClipAttentionPool(embed_dim=64, num_heads=4, grid=2, projection_dim=24, interpolation="bilinear")
     with torch.no_grad():
         pool.position_embedding.copy_(reference.positional_embedding)
         for name in ("q_proj", "k_proj", "v_proj"):

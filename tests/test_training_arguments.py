@@ -65,6 +65,22 @@ def test_recipe_defaults_and_overrides(tmp_path):
             optimization.total_train_batch_size,
         ) == (1e-4, 0.1, 32)
         assert RECIPES[name].paper_miou == paper_miou
+    assert resnet.model.prompting_type == "post_model"
+    language_only = parse_training_args(["--recipe", "ade20k-rn50-language-only", "--output_dir", str(tmp_path)])
+    assert language_only.model.prompting_type == "language_only" and RECIPES[
+        "ade20k-rn50-language-only"
+    ].paper_miou == (
+        42.1,
+        None,
+    )
+    rn50 = parse_training_args(["--recipe", "ade20k-rn50", "--output_dir", str(tmp_path)])
+    assert language_only.to_flat_dict() == {
+        **rn50.to_flat_dict(),
+        "prompting_type": "language_only",
+        "recipe": ("ade20k-rn50-language-only"),
+    }
+    flag = ["--recipe", "ade20k-rn50", "--prompting_type", "language_only", "--output_dir", str(tmp_path)]
+    assert parse_training_args(flag).model.prompting_type == "language_only"
 
 
 def test_every_recipe_setting_is_one_flag_of_one_concern(tmp_path):
@@ -144,3 +160,46 @@ def test_existing_checkpoints_need_resume_or_overwrite(tmp_path, capsys):
     assert "--resume_from_checkpoint latest" in capsys.readouterr().err
     assert parse_training_args(["--output_dir", str(tmp_path), "--resume_from_checkpoint", "latest"])
     assert parse_training_args(["--output_dir", str(tmp_path), "--overwrite_output_dir"])
+
+
+@pytest.mark.parametrize(
+    "name, backbone, decoder, channels, schedule, paper_miou",
+    [
+        ("ade20k-any-rn50", "microsoft/resnet-50", "semantic_fpn", None, (1e-4, 0.1, 80_000, 32), (41.0, 43.0)),
+        ("ade20k-any-rn101", "microsoft/resnet-101", "semantic_fpn", None, (1e-4, 0.1, 80_000, 32), (43.0, 45.2)),
+        (
+            "ade20k-swin-t-upernet",
+            "microsoft/swin-tiny-patch4-window7-224",
+            "upernet",
+            512,
+            (6e-5, 1.0, 160_000, 16),
+            (45.4, 46.5),
+        ),
+        (
+            "ade20k-swin-s-upernet",
+            "microsoft/swin-small-patch4-window7-224",
+            "upernet",
+            512,
+            (6e-5, 1.0, 160_000, 16),
+            (48.3, 49.7),
+        ),
+    ],
+)
+def test_table5_recipes_set_the_model(tmp_path, name, backbone, decoder, channels, schedule, paper_miou):
+    """The any-backbone presets (paper Table 5) choose the backbone and decoder; flags override them."""
+    args = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path)])
+    model, optimization = args.model, args.optimization
+    assert (model.backbone_name_or_path, model.decoder_type, model.decode_head_channels) == (
+        backbone,
+        decoder,
+        channels,
+    )
+    assert (
+        optimization.learning_rate,
+        optimization.image_encoder_lr_multiplier,
+        optimization.max_train_steps,
+        optimization.total_train_batch_size,
+    ) == schedule
+    assert (args.augmentation.crop_size, RECIPES[name].paper_miou) == (512, paper_miou)
+    other = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path), "--decoder_type", "semantic_fpn"])
+    assert other.model.decoder_type == "semantic_fpn"

@@ -1,5 +1,6 @@
 """The model a training run starts from."""
 
+import pytest
 import torch
 from clip_reference import CLIP
 
@@ -15,8 +16,23 @@ def test_load_model_converts_openai_resnet_files(tmp_path):
     torch.save(reference.state_dict(), tmp_path / "RN-tiny.pt")
     model = load_model(str(tmp_path / "RN-tiny.pt"), {0: "sky", 1: "tree"}, loss_reduction="mean_all_pixels")
     assert model.config.image_encoder_family == "resnet" and model.config.score_map_level == 3
+    assert model.config.prompting_type == "post_model"
     assert model.config.loss_reduction == "mean_all_pixels" and model.config.id2label == {0: "sky", 1: "tree"}
     torch.testing.assert_close(
         model.base_model.image_encoder.vision_model.attention_pool.out_proj.weight,
         reference.visual.attnpool.c_proj.weight,
     )
+
+
+def test_load_model_builds_the_asked_prompting():
+    id2label = {0: "sky", 1: "tree"}
+    model = load_model(None, id2label, prompting_type="language_only")
+    assert model.config.prompting_type == "language_only"
+    assert {name.split(".")[0] for name, _ in model.base_model.prompting.named_parameters()} == {"context_embeddings"}
+
+
+def test_load_model_refuses_a_checkpoint_of_another_prompting(tmp_path):
+    load_model(None, {0: "sky", 1: "tree"}).save_pretrained(tmp_path)
+    assert load_model(str(tmp_path), {0: "sky", 1: "tree"}).config.prompting_type == "post_model"
+    with pytest.raises(ValueError, match=r"prompting_type='post_model' but the run asks for 'language_only'"):
+        load_model(str(tmp_path), {0: "sky", 1: "tree"}, prompting_type="language_only")

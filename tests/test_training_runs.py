@@ -18,7 +18,7 @@ from hub_server import TOKEN
 from huggingface_hub import HfApi, ModelCard
 from PIL import Image
 from safetensors.torch import load_file
-from transformers import AutoImageProcessor
+from transformers import AutoImageProcessor, ResNetConfig, ResNetForImageClassification, SwinConfig
 
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
@@ -38,18 +38,29 @@ def numpy_confusion(prediction: np.ndarray, label: np.ndarray, num_labels: int) 
     )
 
 
-def test_default_run_learns(tmp_path, hub):
-    """A shortened `accelerate launch examples/train_seg.py`: mIoU far above chance, a complete output folder, and
-    `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads by repo id."""
+def chance_miou(num_eval_samples: int) -> float:
+    """The mIoU of the better of two trivial predictors on the first validation scenes: the most frequent class
+    everywhere, or a uniformly random class."""
+    labels = np.concatenate(
+        [np.asarray(ex["label"]).ravel() for ex in load_synthetic_dataset("validation", num_eval_samples)]
+    )
+    counts = np.bincount(labels[labels != 255], minlength=NUM_LABELS)
+    majority_class_miou = counts.max() / counts.sum() / np.count_nonzero(counts)  # predict the most frequent class
+    return max(majority_class_miou, 1 / NUM_LABELS)
+
+
+@pytest.mark.parametrize("prompting_type", ["post_model", "language_only"])
+def test_default_run_learns(tmp_path, hub, prompting_type):
+    """A shortened `accelerate launch examples/train_seg.py`, with each prompting: mIoU far above chance, a complete
+    output folder, and `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads
+    by repo id."""
     output_dir = tmp_path / "denseclip-synthetic"
     argv = ["--output_dir", str(output_dir), "--max_train_steps", "150", "--num_warmup_steps", "10", "--with_tracking"]
+    argv += ["--prompting_type", prompting_type]
     argv += ["--push_to_hub", "--hub_model_id", tmp_path.name, "--hub_token", TOKEN]  # no namespace: the token's user
     results = run_in_process([*argv, "--max_train_samples", "200", "--max_eval_samples", "40"])
 
-    labels = np.concatenate([np.asarray(ex["label"]).ravel() for ex in load_synthetic_dataset("validation", 40)])
-    counts = np.bincount(labels[labels != 255], minlength=NUM_LABELS)
-    majority_class_miou = counts.max() / counts.sum() / np.count_nonzero(counts)  # predict the most frequent class
-    chance = max(majority_class_miou, 1 / NUM_LABELS)
+    chance = chance_miou(40)
     assert results["eval_mean_iou"] > 3 * chance, (results["eval_mean_iou"], chance)
     assert results["eval_overall_accuracy"] > 0.7
 
@@ -74,6 +85,7 @@ def test_default_run_learns(tmp_path, hub):
     expected = sorted(str(path) for path in local_files if path.parts[0] not in ("checkpoints", "runs"))
     assert sorted(api.list_repo_files(repo_id)) == expected and "README.md" in expected
     pushed = DenseClipForSemanticSegmentation.from_pretrained(repo_id)
+    assert pushed.config.prompting_type == prompting_type
     trained = load_file(output_dir / "model.safetensors")
     assert all(torch.equal(pushed.state_dict()[name], tensor) for name, tensor in trained.items())
 
@@ -105,6 +117,48 @@ def test_training_starts_from_clip_and_denseclip_checkpoints(tiny_clip_dir, tmp_
     (tmp_path / "names.json").write_text(json.dumps(SYNTHETIC_CLASS_NAMES[::-1]))
     with pytest.raises(ValueError, match="predicts 10 classes"):
         run_in_process([*quick, "--model_name_or_path", str(from_clip), "--id2label", str(tmp_path / "names.json")])
+
+
+@pytest.mark.parametrize(
+    "backbone, decoder_type",
+    [
+        (
+            SwinConfig(image_size=96, embed_dim=16, depths=[1, 1, 1, 1], num_heads=[1, 2, 4, 8], window_size=3),
+            "upernet",
+        ),
+        (ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1]), "semantic_fpn"),
+    ],
+    ids=["swin-upernet", "resnet-semantic_fpn"],
+)
+def test_any_backbone_run_learns(tmp_path, backbone, decoder_type):
+    """Any backbone (random weights, from its config.json) with the small random text tower learns the synthetic
+    scenes, with either decoder."""
+    backbone.to_json_file(tmp_path / "backbone.json")
+    argv = ["--output_dir", str(tmp_path / "out"), "--max_train_steps", "300", "--num_warmup_steps", "10"]
+    argv += ["--max_train_samples", "200", "--max_eval_samples", "40", "--decode_head_channels", "32"]
+    results = run_in_process(
+        [*argv, "--backbone_name_or_path", str(tmp_path / "backbone.json"), "--decoder_type", decoder_type]
+    )
+    assert results["eval_mean_iou"] > 2 * chance_miou(40) and results["eval_overall_accuracy"] > 0.6, results
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert (config["vision_config"]["model_type"], config["decoder_type"]) == (backbone.model_type, decoder_type)
+
+
+def test_training_starts_from_a_backbone_checkpoint(tiny_clip_dir, tmp_path):
+    """`--backbone_name_or_path` a backbone checkpoint folder, `--model_name_or_path` the CLIP of the text tower."""
+    torch.manual_seed(0)
+    ResNetForImageClassification(
+        ResNetConfig(embedding_size=16, hidden_sizes=[16, 32, 64, 128], depths=[1, 1, 1, 1])
+    ).save_pretrained(tmp_path / "resnet")
+    argv = ["--max_train_steps", "2", "--num_warmup_steps", "1", "--max_train_samples", "8", "--max_eval_samples", "2"]
+    argv += ["--model_name_or_path", str(tiny_clip_dir), "--backbone_name_or_path", str(tmp_path / "resnet")]
+    run_in_process([*argv, "--decoder_type", "upernet", "--output_dir", str(tmp_path / "out")])
+    config = json.loads((tmp_path / "out" / "config.json").read_text())
+    assert config["vision_config"]["model_type"] == "resnet" and config["text_config"]["hidden_size"] == 16
+    assert config["backbone_attention_pool_image_size"] == 96  # the pool's positions resized to the crop
+    with pytest.raises(ValueError, match="is a config file"):
+        (tmp_path / "resnet.json").write_text((tmp_path / "resnet" / "config.json").read_text())
+        run_in_process([*argv[:-1], str(tmp_path / "resnet.json"), "--output_dir", str(tmp_path / "bad")])
 
 
 def _free_port() -> int:

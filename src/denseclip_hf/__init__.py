@@ -2,18 +2,22 @@
 
 import importlib
 
-from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
+from transformers import AutoBackbone, AutoConfig, AutoImageProcessor, AutoModel, AutoModelForSemanticSegmentation
 from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 
 from .assets import CLIP_TOKENIZER_PATH
-from .configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
+from .configuration_denseclip import DenseClipBackboneConfig, DenseClipConfig, DenseClipResNetConfig
 from .image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from .modeling_denseclip import (
+    DenseClipBackbone,
+    DenseClipBackboneOutput,
     DenseClipForSemanticSegmentation,
     DenseClipModel,
     DenseClipModelOutput,
     DenseClipPreTrainedModel,
     DenseClipSemanticSegmenterOutput,
+    detection_score_map_loss,
+    detection_targets,
     pixel_text_score_map,
     tokenize_class_names,
 )
@@ -21,12 +25,16 @@ from .modeling_denseclip import (
 AutoConfig.register(DenseClipConfig.model_type, DenseClipConfig, exist_ok=True)
 AutoModel.register(DenseClipConfig, DenseClipModel, exist_ok=True)
 AutoModelForSemanticSegmentation.register(DenseClipConfig, DenseClipForSemanticSegmentation, exist_ok=True)
+AutoConfig.register(DenseClipBackboneConfig.model_type, DenseClipBackboneConfig, exist_ok=True)
+AutoBackbone.register(DenseClipBackboneConfig, DenseClipBackbone, exist_ok=True)
 AutoImageProcessor.register(DenseClipConfig, image_processor_classes={"pil": DenseClipImageProcessor}, exist_ok=True)
 # `save_pretrained` then writes `auto_map` and copies the code, so saved folders load with `trust_remote_code=True`.
 DenseClipConfig.register_for_auto_class()
 DenseClipModel.register_for_auto_class("AutoModel")
 DenseClipForSemanticSegmentation.register_for_auto_class("AutoModelForSemanticSegmentation")
 DenseClipImageProcessor.register_for_auto_class("AutoImageProcessor")
+DenseClipBackboneConfig.register_for_auto_class()
+DenseClipBackbone.register_for_auto_class("AutoBackbone")
 # DenseCLIP has no video processor. Saying so keeps `pipeline(...)` from asking whether to run a remote one, which
 # transformers infers from the image processor's `auto_map` (a blocking "[y/N]" prompt in a terminal).
 AutoVideoProcessor.register(DenseClipConfig, video_processor_classes={}, exist_ok=True)
@@ -58,6 +66,9 @@ __all__ = [
     *_LAZY_EXPORTS,
     "CLIP_TOKENIZER_PATH",
     "MULTI_SCALE_RATIOS",
+    "DenseClipBackbone",
+    "DenseClipBackboneConfig",
+    "DenseClipBackboneOutput",
     "DenseClipConfig",
     "DenseClipForSemanticSegmentation",
     "DenseClipImageProcessor",
@@ -66,6 +77,8 @@ __all__ = [
     "DenseClipPreTrainedModel",
     "DenseClipResNetConfig",
     "DenseClipSemanticSegmenterOutput",
+    "detection_score_map_loss",
+    "detection_targets",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]

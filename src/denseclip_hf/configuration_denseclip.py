@@ -5,11 +5,16 @@
 the prompting by `prompting_type` and the decoder by `decoder_type` (`PROMPTING_TYPES`, `DECODER_TYPES`).
 """
 
+import copy
+import json
 import math
+from functools import lru_cache
 from typing import ClassVar
 
+import torch
 from huggingface_hub.dataclasses import strict
-from transformers import AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers import AutoBackbone, AutoConfig, CLIPTextConfig, CLIPVisionConfig, PreTrainedConfig
+from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import SubConfigSpec
 
 # Strides of the 4 pyramid levels every image encoder returns (the Semantic FPN's).
@@ -20,8 +25,8 @@ _INTERPOLATION_MODES = ("bilinear", "bicubic")
 _LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
 # How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
 # (`decoder_type`). The modeling file maps each name to its module.
-PROMPTING_TYPES = ("post_model",)
-DECODER_TYPES = ("semantic_fpn",)
+PROMPTING_TYPES = ("post_model", "language_only")
+DECODER_TYPES = ("semantic_fpn", "upernet")
 # Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
 TEST_MODES = ("slide", "whole")
 # The coarsest pyramid stride: no model input may be smaller.
@@ -234,6 +239,10 @@ class ImageEncoderSettings:
         it, as the authors' encoder ignores the rest of a side."""
         return 1
 
+    def set_position_embedding_size(self, config: "DenseClipConfig", image_size: int) -> None:
+        """Records in `config` the input size the positional embedding was resized to."""
+        config.vision_config.image_size = image_size
+
     def validate(self, config: "DenseClipConfig") -> None:
         """Checks the `config` settings that depend on this encoder; a bad one raises a `ValueError` naming it."""
 
@@ -306,6 +315,81 @@ class ClipResNetSettings(ImageEncoderSettings):
         )
 
 
+def pyramid_backbone_config(vision_config: PreTrainedConfig) -> PreTrainedConfig:
+    """A copy of a transformers backbone config whose `out_features` are its last 4 stages (the pyramid)."""
+    config = copy.deepcopy(vision_config)
+    config.out_features = list(config.stage_names[-len(PYRAMID_STRIDES) :])
+    return config
+
+
+@lru_cache(maxsize=32)
+def _backbone_channels(config_json: str) -> tuple[int, ...]:
+    """Channels of the last 4 stages of the backbone a config describes, read from the backbone built without memory
+    (each backbone family names its widths differently: `hidden_sizes`, `embed_dim`, ...)."""
+    config = AutoConfig.for_model(**json.loads(config_json))
+    with torch.device("meta"):
+        backbone = AutoBackbone.from_config(pyramid_backbone_config(config))
+    return tuple(backbone.channels)
+
+
+class BackboneSettings(ImageEncoderSettings):
+    """Any transformers backbone (a config with `stage_names` / `out_features`, `BackboneConfigMixin`: ResNet, Swin,
+    ConvNeXt, ...; timm models through `TimmBackboneConfig`), the paper's "any backbone" (Sec. 4.3): the pyramid is
+    its last 4 stages (strides 4-32), z (a new attention pool over the last stage) has stride 32. Stochastic depth,
+    if any, is the backbone config's own (e.g. `SwinConfig.drop_path_rate`)."""
+
+    name = "backbone"
+    default_test_crop_size = 512
+
+    def pyramid_channels(self) -> list[int]:
+        config = self.vision_config
+        return list(_backbone_channels(config.to_json_string(use_diff=False)))
+
+    def score_map_stride(self) -> int:
+        return PYRAMID_STRIDES[-1]
+
+    def set_position_embedding_size(self, config: "DenseClipConfig", image_size: int) -> None:
+        config.backbone_attention_pool_image_size = image_size
+
+    def input_size_multiple(self) -> int:
+        # Stage outputs have exactly strides 4-32 (no rounding, no window padding) on such inputs.
+        return PYRAMID_STRIDES[-1]
+
+    def validate(self, config: "DenseClipConfig") -> None:
+        stages = len(self.vision_config.stage_names) - 1
+        _check(
+            stages >= len(PYRAMID_STRIDES),
+            "vision_config.stage_names",
+            self.vision_config.stage_names,
+            "must hold a stem and at least 4 stages (the pyramid is the last 4, strides 4-32)",
+        )
+        for name, rule in (
+            (
+                "drop_path_rate",
+                "set the backbone's own stochastic depth in its config (e.g. SwinConfig.drop_path_rate)",
+            ),
+            (
+                "vision_feature_layers",
+                "applies to ViT image encoders only (a backbone's pyramid is its last 4 stages)",
+            ),
+        ):
+            _check(getattr(config, name) in (0, None), name, getattr(config, name), f"{rule}: leave it unset")
+        width = self.pyramid_channels()[-1]
+        heads = config.backbone_attention_pool_heads
+        _check(
+            heads >= 1 and width % heads == 0,
+            "backbone_attention_pool_heads",
+            heads,
+            f"must divide the backbone's last-stage channels {width}",
+        )
+        _check(
+            config.backbone_attention_pool_image_size >= 32 and config.backbone_attention_pool_image_size % 32 == 0,
+            "backbone_attention_pool_image_size",
+            config.backbone_attention_pool_image_size,
+            "must be a multiple of 32",
+        )
+
+
 # Vision config classes by `model_type`, with the settings of the image encoder each one describes.
 VISION_CONFIG_CLASSES: dict[str, type[PreTrainedConfig]] = {
     CLIPVisionConfig.model_type: CLIPVisionConfig,
@@ -316,14 +400,18 @@ IMAGE_ENCODER_SETTINGS: dict[str, type[ImageEncoderSettings]] = {
     DenseClipResNetConfig.model_type: ClipResNetSettings,
 }
 
-_SUPPORTED_VISION_CONFIGS = "must be one of " + ", ".join(
-    f"{model_type!r} ({settings.name})" for model_type, settings in IMAGE_ENCODER_SETTINGS.items()
+_SUPPORTED_VISION_CONFIGS = (
+    "must be one of "
+    + ", ".join(f"{model_type!r} ({settings.name})" for model_type, settings in IMAGE_ENCODER_SETTINGS.items())
+    + " or a transformers backbone config (ResNetConfig, SwinConfig, ConvNextConfig, ...)"
 )
 
 
 def image_encoder_settings(vision_config: PreTrainedConfig) -> ImageEncoderSettings:
     """The `ImageEncoderSettings` of `vision_config`; a `ValueError` naming the supported kinds for any other."""
     settings = IMAGE_ENCODER_SETTINGS.get(vision_config.model_type)
+    if settings is None and isinstance(vision_config, BackboneConfigMixin):
+        settings = BackboneSettings
     _check(settings is not None, "vision_config.model_type", vision_config.model_type, _SUPPORTED_VISION_CONFIGS)
     return settings(vision_config)
 
@@ -365,7 +453,10 @@ class DenseClipConfig(PreTrainedConfig):
             size must be a power of two of at least 4 so that the feature maps form a stride 4/8/16/32 pyramid) or a
             [`DenseClipResNetConfig`] for CLIP's ResNets (RN50, RN101, ...). A dict is read by its `model_type`
             (`"denseclip_resnet_vision"` for a ResNet, `"clip_vision_model"`, the default, for a ViT). The kind of
-            tower is `image_encoder_family` (`"vit"` or `"resnet"`) and sets the defaults below.
+            tower is `image_encoder_family` (`"vit"` or `"resnet"`) and sets the defaults below. Any transformers
+            backbone config (`ResNetConfig`, `SwinConfig`, `ConvNextConfig`, ...: a `BackboneConfigMixin`) is the
+            `"backbone"` family (paper Sec. 4.3): its last 4 stages form the pyramid and a new attention pool gives
+            z_bar and z (see `backbone_attention_pool_heads`).
         projection_dim (`int`, *optional*, defaults to 512):
             Dimension D of the joint image-text embedding space (CLIP's `projection_dim`).
         vision_feature_layers (`list[int]`, *optional*):
@@ -379,6 +470,15 @@ class DenseClipConfig(PreTrainedConfig):
             ViT only: stochastic depth of the CLIP encoder layers during training, rising linearly from 0 at the first
             layer to this rate at the last. Defaults to the authors' 0.1 for a ViT and 0 for a ResNet (which has none).
 
+        backbone_attention_pool_heads (`int`, *optional*, defaults to 32):
+            Any backbone only (a transformers backbone config as `vision_config`, Sec. 4.3): heads of the newly
+            initialised CLIP-style attention pool over the last stage that gives z_bar and z in the text embedding
+            space (Eq. 1). Must divide the last stage's channels (2048 for ResNet-50, 768 for Swin-T). 32 as the
+            authors' ResNet attention pool.
+        backbone_attention_pool_image_size (`int`, *optional*, defaults to 512):
+            Any backbone only: the input size the attention pool's positional grid (`image_size // 32` per side, plus
+            the mean token) is made for, resized to the actual input on every call. 512: the ADE20K training crop.
+
     Text encoder and prompting:
 
         text_config (`dict` or `CLIPTextConfig`, *optional*):
@@ -390,11 +490,15 @@ class DenseClipConfig(PreTrainedConfig):
         class_name_token_length (`int`, *optional*, defaults to 5):
             Token length of a class name including start and end tokens (the authors' `context_length=5`).
             `num_context_tokens + class_name_token_length` must fit the text tower's positions.
+        text_encoder_removed (`bool`, *optional*, defaults to `False`):
+            Set by [`DenseClipModel.remove_text_encoder`]: the model has no CLIP text tower and stores its class text
+            embeddings t instead (`class_text_embeddings`), for deployment. Such a model cannot train.
         prompting_type (`str`, *optional*, defaults to `"post_model"`):
             How the class text embeddings become context-aware. `"post_model"` (the paper's DenseCLIP, its default and
             best variant, Table 2): learnable contexts p before each class name (Eq. 3), then the text embeddings
             attend to the image's [z_bar, z] in a Transformer decoder and are refined, t <- t + gamma * v_post
-            (Eqs. 5-6).
+            (Eqs. 5-6). `"language_only"` (Table 2 row 3, "+ language-domain prompting"): the learnable contexts p
+            only, the same t for every image (no context decoder, `context_decoder_*` and `gamma_init_value` unused).
         num_context_tokens (`int`, *optional*, defaults to 8):
             Number N of learnable context vectors p inserted after the start token (Eq. 3). Paper: 8.
         context_decoder_layers (`int`, *optional*, defaults to 3):
@@ -417,13 +521,18 @@ class DenseClipConfig(PreTrainedConfig):
             that level's size.
         decoder_type (`str`, *optional*, defaults to `"semantic_fpn"`):
             What turns the language-guided pyramid into logits. `"semantic_fpn"` (the paper's segmentation decoder,
-            Sec. 4.1): an FPN neck and a Semantic FPN head (Kirillov et al.).
+            Sec. 4.1): an FPN neck and a Semantic FPN head (Kirillov et al.). `"upernet"` (Table 5's Swin rows):
+            UperNet (Xiao et al.), a pyramid pooling module on the last level and an FPN fusion of all 4 levels; as
+            in the paper's Table 5, without mmseg's auxiliary FCN head.
         fpn_channels (`int`, *optional*, defaults to 256):
-            Output channels of every FPN neck level. Paper: 256.
+            Output channels of every FPN neck level (Semantic FPN only). Paper: 256.
         decode_head_channels (`int`, *optional*, defaults to 256):
-            Channels of the Semantic FPN head. Paper: 256.
+            Channels of the decode head: 256 for the Semantic FPN (paper); mmseg's UperNet uses 512 (the Table 5
+            recipes set it).
         decode_head_dropout (`float`, *optional*, defaults to 0.1):
-            Dropout before the classifier of the Semantic FPN head. Paper: 0.1.
+            Dropout before the classifier of the decode head. Paper (and mmseg's UperNet): 0.1.
+        upernet_pool_scales (`list[int]`, *optional*, defaults to `[1, 2, 3, 6]`):
+            UperNet only: output sizes of the pyramid pooling module's adaptive average pools (mmseg's default).
 
     Losses:
 
@@ -479,6 +588,7 @@ class DenseClipConfig(PreTrainedConfig):
     vision_config: dict | PreTrainedConfig | None = None
     projection_dim: int = 512
     class_token_ids: list[list[int]] | None = None
+    text_encoder_removed: bool = False
     prompting_type: str = "post_model"
     num_context_tokens: int = 8
     class_name_token_length: int = 5
@@ -501,6 +611,9 @@ class DenseClipConfig(PreTrainedConfig):
     initializer_range: float | int = 0.02
     palette: list[list[int]] | None = None
     drop_path_rate: float | int | None = None
+    backbone_attention_pool_heads: int = 32
+    backbone_attention_pool_image_size: int = 512
+    upernet_pool_scales: list[int] | tuple[int, ...] = (1, 2, 3, 6)
     # Test protocol (the authors' `test_cfg`)
     test_mode: str = "slide"
     test_crop_size: int | list[int] | None = None
@@ -512,6 +625,7 @@ class DenseClipConfig(PreTrainedConfig):
                 f"DenseClipConfig: `id2label` must be a dict {{class id: class name}}, got "
                 f"{type(self.id2label).__name__}: use e.g. dict(enumerate(class_names))."
             )
+        self.upernet_pool_scales = list(self.upernet_pool_scales)
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:
             self.label2id = {name: label for label, name in self.id2label.items()}
@@ -537,7 +651,8 @@ class DenseClipConfig(PreTrainedConfig):
 
     @property
     def image_encoder_family(self) -> str:
-        """The kind of image encoder: `"vit"` for a CLIP ViT, `"resnet"` for a CLIP ResNet."""
+        """The kind of image encoder: `"vit"` for a CLIP ViT, `"resnet"` for a CLIP ResNet, `"backbone"` for any
+        transformers backbone."""
         return self.image_encoder_settings.name
 
     def validate_architecture(self):
@@ -584,6 +699,12 @@ class DenseClipConfig(PreTrainedConfig):
             "loss_reduction",
             self.loss_reduction,
             f"must be one of {_LOSS_REDUCTIONS}",
+        )
+        _check(
+            len(self.upernet_pool_scales) >= 1 and all(scale >= 1 for scale in self.upernet_pool_scales),
+            "upernet_pool_scales",
+            self.upernet_pool_scales,
+            "must be a non-empty list of pooled sizes >= 1, e.g. [1, 2, 3, 6]",
         )
         self.image_encoder_settings.validate(self)
         check_test_protocol(self.test_mode, self.test_crop_size, self.test_stride, self.vision_config)
@@ -632,12 +753,45 @@ def _check(condition: bool, name: str, value, requirement: str, owner: str = "De
         raise ValueError(f"{owner}: `{name}`={value} {requirement}.")
 
 
+# Names of the 4 pyramid levels `DenseClipBackbone` returns (strides `PYRAMID_STRIDES`).
+BACKBONE_STAGE_NAMES = [f"stage{level}" for level in range(1, len(PYRAMID_STRIDES) + 1)]
+
+
+@strict
+class DenseClipBackboneConfig(BackboneConfigMixin, DenseClipConfig):
+    r"""
+    Configuration of a [`DenseClipBackbone`]: every [`DenseClipConfig`] setting (image encoder, text encoder,
+    prompting, score map; the decoder settings are unused), plus the transformers backbone settings. Pass it as the
+    `backbone_config` of a transformers model (`UperNetForSemanticSegmentation`, `DetrForObjectDetection` with
+    `use_timm_backbone=False`, ...).
+
+        out_features (`list[str]`, *optional*):
+            Which levels of the language-guided pyramid to return, among `"stage1"` ... `"stage4"` (strides 4, 8, 16,
+            32; the score map is joined onto `score_map_level`). Defaults to all four.
+        out_indices (`list[int]`, *optional*):
+            The same as indices into `stage_names`; give one of the two.
+    """
+
+    model_type = "denseclip_backbone"
+
+    def __post_init__(self, **kwargs):
+        self.stage_names = list(BACKBONE_STAGE_NAMES)
+        out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
+        if out_features is None and out_indices is None:
+            out_features = list(BACKBONE_STAGE_NAMES)
+        self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
+        super().__post_init__(**kwargs)
+
+
 __all__ = [
+    "BACKBONE_STAGE_NAMES",
+    "DenseClipBackboneConfig",
     "DECODER_TYPES",
     "IMAGE_ENCODER_SETTINGS",
     "PROMPTING_TYPES",
     "PYRAMID_STRIDES",
     "TEST_MODES",
+    "BackboneSettings",
     "DenseClipConfig",
     "DenseClipResNetConfig",
     "ImageEncoderSettings",

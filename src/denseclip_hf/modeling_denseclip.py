@@ -14,41 +14,60 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     ├── denseclip: DenseClipModel                      the base model: pixels -> language-guided pyramid
     │   ├── image_encoder: DenseClipViTImageEncoder    vision_model (CLIPVisionModel), visual_projection, pyramid
     │   │              or DenseClipResNetImageEncoder  vision_model (stem, stages, attention_pool)
+    │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
+             or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
 """
 
 import math
 import os
+import re
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import Any
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoTokenizer, CLIPConfig, CLIPTextModel, CLIPVisionModel, PreTrainedConfig, PreTrainedModel
+from transformers import (
+    MODEL_FOR_BACKBONE_MAPPING,
+    AutoBackbone,
+    AutoConfig,
+    AutoTokenizer,
+    CLIPConfig,
+    CLIPTextModel,
+    CLIPVisionModel,
+    PreTrainedConfig,
+    PreTrainedModel,
+)
 from transformers import initialization as init
+from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
+from transformers.conversion_mapping import register_checkpoint_conversion_mapping
+from transformers.core_model_loading import WeightRenaming
 from transformers.masking_utils import create_causal_mask
-from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_denseclip import (
     PYRAMID_STRIDES,
     TEST_MODES,
+    BackboneSettings,
     ClipResNetSettings,
     ClipViTSettings,
+    DenseClipBackboneConfig,
     DenseClipConfig,
     DenseClipResNetConfig,
     check_test_protocol,
     input_size_multiple,
+    pyramid_backbone_config,
 )
 
 logger = logging.get_logger(__name__)
@@ -472,10 +491,9 @@ class DenseClipAttentionPool(nn.Module):
     with biased q/k/v projections and an output projection into the joint embedding space.
     """
 
-    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+    def __init__(self, embed_dim: int, num_heads: int, grid: int, projection_dim: int, interpolation: str):
         super().__init__()
-        embed_dim, grid = config.embed_dim, config.image_size // 32
-        self.num_heads = config.attention_pool_heads
+        self.num_heads = num_heads
         self.interpolation = interpolation
         self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
         self.q_proj = nn.Linear(embed_dim, embed_dim)
@@ -512,7 +530,9 @@ class DenseClipResNetVisionModel(nn.Module):
                 in_channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.attention_pool = DenseClipAttentionPool(config, projection_dim, interpolation)
+        self.attention_pool = DenseClipAttentionPool(
+            config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
+        )
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         hidden_states = self.stem(pixel_values)
@@ -545,18 +565,92 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        if image_size % PYRAMID_STRIDES[-1]:
-            raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
-        pool = self.vision_model.attention_pool
-        side = image_size // PYRAMID_STRIDES[-1]
-        table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
-        pool.position_embedding = nn.Parameter(table.clone())
+        _resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
+
+
+def _resize_attention_pool_grid(pool: DenseClipAttentionPool, image_size: int) -> None:
+    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32)."""
+    if image_size % PYRAMID_STRIDES[-1]:
+        raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
+    side = image_size // PYRAMID_STRIDES[-1]
+    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+    pool.position_embedding = nn.Parameter(table.clone())
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Image encoder, any transformers backbone (Sec. 4.3): pixels -> its last 4 stages (pyramid) -> new attention pool
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
+    """Any transformers `AutoBackbone` (ResNet, Swin, ConvNeXt, ...; timm models through `TimmBackbone`) as the image
+    encoder (Sec. 4.3): its last 4 stages (strides 4-32) are the pyramid, and a newly initialised CLIP-style attention
+    pool over the last stage gives z_bar `(batch, D)` and z `(batch, D, H / 32, W / 32)` in the text embedding space
+    (Eq. 1), the authors' recipe for backbones not trained with text.
+
+    Input `pixel_values` `(batch, 3, height, width)`, each side a multiple of 32.
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.backbone = AutoBackbone.from_config(pyramid_backbone_config(config.vision_config))
+        self._drop_unused_backbone_modules()
+        self.attention_pool = DenseClipAttentionPool(
+            self.pyramid_channels[-1],
+            config.backbone_attention_pool_heads,
+            config.backbone_attention_pool_image_size // PYRAMID_STRIDES[-1],
+            config.projection_dim,
+            config.position_embedding_interpolation,
+        )
+
+    def _drop_unused_backbone_modules(self) -> None:
+        """Replaces by `nn.Identity` the modules a transformers backbone keeps but its feature maps never use, those
+        whose weights checkpoints may lack (`_keys_to_ignore_on_load_missing`; SwinBackbone: SwinModel's final
+        `layernorm`), so that every trainable parameter gets a gradient, as multi-process training (DDP) requires."""
+        patterns = [re.compile(pattern) for pattern in self.backbone._keys_to_ignore_on_load_missing or ()]
+        for name, module in list(self.backbone.named_modules()):
+            own = [f"{name}.{parameter}" for parameter, _ in module.named_parameters(recurse=False)]
+            if name and own and all(any(pattern.search(key) for pattern in patterns) for key in own):
+                self.backbone.set_submodule(name, nn.Identity())
+
+    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
+        self.check_pixel_values(pixel_values)
+        if any(side < PYRAMID_STRIDES[-1] or side % PYRAMID_STRIDES[-1] for side in pixel_values.shape[-2:]):
+            raise ValueError(
+                f"pixel_values height and width must be multiples of {PYRAMID_STRIDES[-1]} (the backbone's last stage "
+                f"has stride {PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
+            )
+        dtype = next(self.backbone.parameters()).dtype
+        pyramid = tuple(self.backbone(pixel_values.to(dtype)).feature_maps)
+        global_embedding, dense_embedding = self.attention_pool(pyramid[-1])
+        return DenseClipImageEncoderOutput(
+            pyramid=pyramid, global_embedding=global_embedding, dense_embedding=dense_embedding
+        )
+
+    def resize_position_embeddings(self, image_size: int) -> None:
+        _resize_attention_pool_grid(self.attention_pool, image_size)
+
+    def load_backbone_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
+        """Copies the weights of a backbone checkpoint (Hub id or folder; an image classifier's too) into
+        `backbone`; a `ValueError` when its architecture differs from this encoder's."""
+        config = self.backbone.config
+        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
+        # first, even for a local folder (transformers 5), which fails offline.
+        backbone = MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(
+            os.fspath(name_or_path), config=config, **hub_kwargs
+        )
+        own = self.backbone.state_dict().keys()
+        try:
+            self.backbone.load_state_dict({key: value for key, value in backbone.state_dict().items() if key in own})
+        except RuntimeError as error:
+            raise ValueError(f"The backbone checkpoint {os.fspath(name_or_path)!r} does not fit: {error}") from error
 
 
 # The image encoder of each family (`DenseClipConfig.image_encoder_family`, `ImageEncoderSettings.name`).
 IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
     ClipViTSettings.name: DenseClipViTImageEncoder,
     ClipResNetSettings.name: DenseClipResNetImageEncoder,
+    BackboneSettings.name: DenseClipBackboneImageEncoder,
 }
 
 
@@ -626,7 +720,14 @@ class DenseClipPrompting(nn.Module):
     be `None`). `forward(text_embeddings, image)` takes t and the image encoder's output and returns the text
     embeddings the score map is made of, `(batch, num_labels, D)`. `PROMPTINGS` maps each `config.prompting_type` to
     its module.
+
+    Class attributes: `contexts_depend_on_image` (True only when `text_contexts` reads the image, so that t is per
+    image, `(batch, num_labels, D)`, and cannot be cached) and `uses_text` (False only for a baseline with no text at
+    all: no text encoder, score map or identity loss).
     """
+
+    contexts_depend_on_image: ClassVar[bool] = False
+    uses_text: ClassVar[bool] = True
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         raise NotImplementedError
@@ -705,33 +806,48 @@ class DenseClipContextDecoder(nn.Module):
         return self.output_projection(hidden_states)
 
 
-class DenseClipPostModelPrompting(DenseClipPrompting):
-    """Post-model prompting, the paper's DenseCLIP: N learnable contexts p before each class name (Eq. 3), then the
-    class text embeddings refined with the image's context, t <- t + gamma * TransDecoder(t, [z_bar, z]) (Eqs. 5-6).
-    """
+class DenseClipLanguageOnlyPrompting(DenseClipPrompting):
+    """Language-domain prompting only (Table 2, row 3): N learnable contexts p before each class name (Eq. 3), and
+    the class text embeddings t used as they are for every image (no vision-to-language decoder)."""
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
         self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
-        self.context_decoder = DenseClipContextDecoder(config)
-        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """The learnable contexts p `(N, text hidden size)`, shared by every image and class (Eq. 3)."""
         return self.context_embeddings
 
     def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
+        """`text_embeddings` t `(classes, D)` -> the same t for every image, `(batch, classes, D)`."""
+        return text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
+
+
+class DenseClipPostModelPrompting(DenseClipLanguageOnlyPrompting):
+    """Post-model prompting, the paper's DenseCLIP: N learnable contexts p before each class name (Eq. 3), then the
+    class text embeddings refined with the image's context, t <- t + gamma * TransDecoder(t, [z_bar, z]) (Eqs. 5-6).
+    """
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__(config)
+        self.context_decoder = DenseClipContextDecoder(config)
+        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
+
+    def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
         """`text_embeddings` t `(classes, D)`, z_bar `(batch, D)` and z `(batch, D, h, w)` -> `(batch, classes, D)`."""
         visual_context = torch.cat(
             [image.global_embedding.unsqueeze(1), image.dense_embedding.flatten(2).transpose(1, 2)], dim=1
         )
-        text_embeddings = text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
+        text_embeddings = super().forward(text_embeddings, image)
         v_post = self.context_decoder(text_embeddings, visual_context)  # Eq. 5
         return text_embeddings + self.gamma * v_post  # Eq. 6
 
 
 # The prompting of each `DenseClipConfig.prompting_type` (`PROMPTING_TYPES`).
-PROMPTINGS: dict[str, type[DenseClipPrompting]] = {"post_model": DenseClipPostModelPrompting}
+PROMPTINGS: dict[str, type[DenseClipPrompting]] = {
+    "post_model": DenseClipPostModelPrompting,
+    "language_only": DenseClipLanguageOnlyPrompting,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -832,8 +948,58 @@ class DenseClipSemanticFPNDecoder(DenseClipDecoder):
         return self.head(self.neck(pyramid))
 
 
+class DenseClipPyramidPooling(nn.Module):
+    """UperNet's pyramid pooling module (PPM): the last level, average-pooled to each of `pool_scales` sizes, through a
+    1x1 conv-BN-ReLU and upsampled back, concatenated with the level itself, fused by a 3x3 conv-BN-ReLU."""
+
+    def __init__(self, in_channels: int, channels: int, pool_scales: list[int]):
+        super().__init__()
+        self.pool_scales = list(pool_scales)
+        self.pools = nn.ModuleList(DenseClipConvNormAct(in_channels, channels, 1) for _ in self.pool_scales)
+        self.bottleneck = DenseClipConvNormAct(in_channels + len(self.pool_scales) * channels, channels)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        """`(batch, in_channels, h, w)` -> `(batch, channels, h, w)`."""
+        pooled = [
+            _resize(conv(F.adaptive_avg_pool2d(features, scale)), features.shape[-2:])
+            for scale, conv in zip(self.pool_scales, self.pools, strict=True)
+        ]
+        return self.bottleneck(torch.cat([features, *pooled], dim=1))
+
+
+class DenseClipUperNetDecoder(DenseClipDecoder):
+    """UperNet (Xiao et al.), the decoder of the paper's Swin rows (Table 5): the PPM on the last level and 1x1
+    laterals on the others, summed top-down (bilinear), 3x3 convs on the 3 finer levels, every level resized to
+    stride 4, concatenated and fused by a 3x3 conv; dropout and a 1x1 classifier give `(batch, num_labels, H / 4,
+    W / 4)`. All convs are conv-BN-ReLU with `decode_head_channels` channels (mmseg: 512). mmseg's UperNet configs
+    add an auxiliary FCN head (weight 0.4) on level 3 in training; the paper does not mention it and it is left out.
+    """
+
+    def __init__(self, config: DenseClipConfig, in_channels: list[int]):
+        super().__init__()
+        channels = config.decode_head_channels
+        self.pyramid_pooling = DenseClipPyramidPooling(in_channels[-1], channels, config.upernet_pool_scales)
+        self.lateral_convs = nn.ModuleList(DenseClipConvNormAct(width, channels, 1) for width in in_channels[:-1])
+        self.fpn_convs = nn.ModuleList(DenseClipConvNormAct(channels, channels) for _ in in_channels[:-1])
+        self.fusion = DenseClipConvNormAct(len(in_channels) * channels, channels)
+        self.dropout = nn.Dropout2d(config.decode_head_dropout)
+        self.classifier = nn.Conv2d(channels, config.num_labels, 1)
+
+    def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
+        laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid, strict=False)]
+        laterals.append(self.pyramid_pooling(pyramid[-1]))
+        for level in range(len(laterals) - 1, 0, -1):
+            laterals[level - 1] = laterals[level - 1] + _resize(laterals[level], laterals[level - 1].shape[-2:])
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=False)] + [laterals[-1]]
+        fused = self.fusion(torch.cat([_resize(output, outputs[0].shape[-2:]) for output in outputs], dim=1))
+        return self.classifier(self.dropout(fused))
+
+
 # The decoder of each `DenseClipConfig.decoder_type` (`DECODER_TYPES`).
-DECODERS: dict[str, type[DenseClipDecoder]] = {"semantic_fpn": DenseClipSemanticFPNDecoder}
+DECODERS: dict[str, type[DenseClipDecoder]] = {
+    "semantic_fpn": DenseClipSemanticFPNDecoder,
+    "upernet": DenseClipUperNetDecoder,
+}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -851,6 +1017,72 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
     if reduction == "mean_all_pixels":
         return losses.mean()
     return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
+def detection_targets(
+    boxes: torch.Tensor, labels: torch.Tensor, num_labels: int, size: tuple[int, int], stride: int = 4
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The binary targets y~ of Eq. 8 for one image, on its stride-`stride` grid of `size` = `(H4, W4)` cells.
+
+    `boxes` `(num_boxes, 4)` are `(x1, y1, x2, y2)` in input pixels, `labels` `(num_boxes,)` class ids `0..K-1`.
+    Returns `targets` `(H4 * W4, K)` (float; row-major cells) and `mask` `(H4 * W4,)` (bool). The authors' rule (their
+    `build_seg_target`): each coordinate is divided by `stride`, truncated to an integer and clamped to the grid
+    (`0..W4-1` for x, `0..H4-1` for y), and the box covers the cells `x1' <= j < x2'`, `y1' <= i < y2'` (so a box
+    reaching the right or bottom border leaves the last column or row out, as theirs does). `targets[cell, k]` is 1
+    when the cell is inside a box of class k; `mask` is True inside any box (the pixels outside all boxes are
+    ignored).
+    """
+    if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
+        raise ValueError(
+            f"boxes must be (num_boxes, 4) as (x1, y1, x2, y2) and labels (num_boxes,), got {tuple(boxes.shape)} and "
+            f"{tuple(labels.shape)}."
+        )
+    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_labels):
+        raise ValueError(f"labels must be class ids in 0..{num_labels - 1}, got {labels.tolist()}.")
+    cells = (boxes.double() / stride).long()  # truncated toward zero, as the authors' `.long()`
+    cells_x, cells_y = cells[:, 0::2].clamp(0, size[1] - 1), cells[:, 1::2].clamp(0, size[0] - 1)
+    rows = torch.arange(size[0], device=boxes.device)[None]
+    columns = torch.arange(size[1], device=boxes.device)[None]
+    inside_y = (rows >= cells_y[:, :1]) & (rows < cells_y[:, 1:])  # (num_boxes, H4)
+    inside_x = (columns >= cells_x[:, :1]) & (columns < cells_x[:, 1:])  # (num_boxes, W4)
+    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # (num_boxes, H4 * W4)
+    classes = F.one_hot(labels.long(), num_labels).float()  # (num_boxes, K)
+    targets = (inside.T @ classes).clamp(max=1)
+    return targets, inside.sum(0) > 0
+
+
+def detection_score_map_loss(
+    score_map: torch.Tensor,
+    boxes: Sequence[torch.Tensor],
+    labels: Sequence[torch.Tensor],
+    image_size: tuple[int, int],
+    temperature: float = 0.07,
+    stride: int = 4,
+) -> torch.Tensor:
+    """The auxiliary detection objective of Eq. 8: BCE(sigmoid(s / tau), y~), a scalar.
+
+    `score_map` `(batch, K, h, w)` is `DenseClipModelOutput.score_map` (or `DenseClipBackbone`'s); `boxes[b]`
+    `(num_boxes_b, 4)` `(x1, y1, x2, y2)` in pixels of the `(batch, 3, *image_size)` input, `labels[b]`
+    `(num_boxes_b,)`. As in the authors' detection code, the score map is divided by `temperature` first, then
+    bilinearly resized to the stride-`stride` grid `(H4, W4) = image_size // stride`; the targets are
+    `detection_targets`; the binary cross-entropy is summed over the cells inside a box (all K channels) and divided
+    by the number of those (cell, class) pairs. An image without boxes contributes nothing (0 when none has any).
+    """
+    if score_map.ndim != 4 or len(boxes) != score_map.shape[0] or len(labels) != score_map.shape[0]:
+        raise ValueError(
+            f"score_map must be (batch, K, h, w) with one boxes and one labels tensor per image, got "
+            f"{tuple(score_map.shape)}, {len(boxes)} boxes and {len(labels)} labels."
+        )
+    batch, num_labels = score_map.shape[:2]
+    size = (image_size[0] // stride, image_size[1] // stride)
+    logits = _resize(score_map.float() / temperature, size).flatten(2).transpose(1, 2)  # Eq. 8: s / tau, (b, H4W4, K)
+    targets, masks = zip(
+        *(detection_targets(box, label, num_labels, size, stride) for box, label in zip(boxes, labels, strict=True)),
+        strict=True,
+    )
+    targets, masks = torch.stack(targets).to(logits.device), torch.stack(masks).to(logits.device)
+    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # Eq. 8
+    return (losses * masks[..., None]).sum() / (masks.sum() * num_labels).clamp(min=1)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -1248,6 +1480,69 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         )
         return (model, info) if output_loading_info else model
 
+    @classmethod
+    def from_backbone_pretrained(
+        cls,
+        backbone_name_or_path: str | os.PathLike,
+        clip_name_or_path: str | os.PathLike,
+        id2label: dict[int, str],
+        tokenizer=None,
+        *,
+        text_heads: int | None = None,
+        hidden_act: str | None = None,
+        **kwargs,
+    ):
+        """Builds DenseCLIP on any backbone (Sec. 4.3, Table 5): the image encoder is a transformers backbone
+        checkpoint (e.g. an ImageNet ResNet or Swin; any model `AutoBackbone` loads) with a newly initialised attention
+        pool over its last stage; the frozen text tower and the tokenizer come from a CLIP checkpoint (as in
+        `from_clip_pretrained`; its image tower is not used). Every other DenseCLIP tensor is newly initialised.
+
+        Args:
+            backbone_name_or_path: Hub id or folder of the backbone checkpoint (its config and weights).
+            clip_name_or_path, id2label, tokenizer, text_heads, hidden_act: As in `from_clip_pretrained`.
+            kwargs: `DenseClipConfig` settings (e.g. `decoder_type="upernet"`), Hub arguments (used for both
+                checkpoints) and `from_pretrained` arguments.
+        """
+        backbone_name_or_path = os.fspath(backbone_name_or_path)
+        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
+        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
+        output_loading_info = kwargs.pop("output_loading_info", False)
+        backbone_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
+        source = resolve_clip_source(clip_name_or_path, text_heads=text_heads, hidden_act=hidden_act, **hub_kwargs)
+        id2label, class_token_ids = tokenize_labels(
+            id2label,
+            load_clip_tokenizer(source, tokenizer),
+            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
+        )
+        config = DenseClipConfig(
+            text_config=source.text_config.to_dict(),
+            vision_config=backbone_config.to_dict(),
+            projection_dim=source.projection_dim,
+            id2label=id2label,
+            class_token_ids=class_token_ids,
+            **settings,
+        )
+        text_key_mapping = cls._base_model_key_mapping(
+            {pattern: target for pattern, target in CLIP_KEY_MAPPING.items() if target.startswith("text_encoder.")}
+        )
+        with _without_load_report():
+            model, info = cls.from_pretrained(
+                **source.weights, config=config, key_mapping=text_key_mapping, output_loading_info=True, **kwargs
+            )
+        text_prefixes = tuple(text_key_mapping.values())
+        missing = sorted(key for key in info["missing_keys"] if key.startswith(text_prefixes))
+        if missing or info["mismatched_keys"]:
+            raise ValueError(
+                f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
+                f"{info['mismatched_keys']})."
+            )
+        model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path, **hub_kwargs)
+        logger.info(
+            f"Loaded the backbone from {backbone_name_or_path!r} and the CLIP text tower from "
+            f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
+        )
+        return (model, info) if output_loading_info else model
+
     def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
         # Workaround (test: tests/test_transformers_behaviour.py): for models defined outside transformers,
         # `PreTrainedModel._initialize_weights` skips every module whose own parameters are all loaded, including
@@ -1263,9 +1558,10 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         if isinstance(module, DenseClipModel):
             if config.class_token_ids is not None:
                 init.copy_(module.class_token_ids, torch.tensor(config.class_token_ids))
-        elif isinstance(module, DenseClipPostModelPrompting):
+        elif isinstance(module, DenseClipLanguageOnlyPrompting):
             init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
-            init.constant_(module.gamma, config.gamma_init_value)
+            if isinstance(module, DenseClipPostModelPrompting):
+                init.constant_(module.gamma, config.gamma_init_value)
         elif isinstance(module, DenseClipContextDecoder):
             for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
                 init.trunc_normal_(linear.weight, std=config.initializer_range)
@@ -1297,7 +1593,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 init.zeros_(conv.bias)
         elif isinstance(module, DenseClipConvNormAct):
             init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, DenseClipSemanticFPNHead):
+        elif isinstance(module, (DenseClipSemanticFPNHead, DenseClipUperNetDecoder)):
             init.normal_(module.classifier.weight, std=0.01)
             init.zeros_(module.classifier.bias)
 
@@ -1316,19 +1612,27 @@ class DenseClipModel(DenseClipPreTrainedModel):
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
         self.image_encoder = IMAGE_ENCODERS[config.image_encoder_family](config)
-        self.text_encoder = DenseClipTextEncoder(config)
+        self.text_encoder = None if config.text_encoder_removed else DenseClipTextEncoder(config)
         self.prompting = PROMPTINGS[config.prompting_type](config)
         self.register_buffer(
             "class_token_ids",
             torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
             persistent=False,
         )
+        # t of a model whose text tower was removed (`remove_text_encoder`), saved with the weights.
+        self.register_buffer(
+            "class_text_embeddings",
+            torch.zeros(config.num_labels, config.projection_dim) if config.text_encoder_removed else None,
+        )
+        # t computed in eval mode, with the state of every tensor it was computed from (`_text_embeddings_key`).
+        self._text_embeddings_cache: tuple[tuple, torch.Tensor] | None = None
         self.freeze_text_encoder()
         self.post_init()
 
     def freeze_text_encoder(self) -> None:
         """The CLIP text tower trains no parameter of its own (the authors' `lr_mult=0`)."""
-        self.text_encoder.requires_grad_(False)
+        if self.text_encoder is not None:
+            self.text_encoder.requires_grad_(False)
 
     @property
     def pyramid_channels(self) -> list[int]:
@@ -1344,37 +1648,134 @@ class DenseClipModel(DenseClipPreTrainedModel):
         The authors do this when they start from CLIP: its 224-pixel table (14x14 patches for ViT-B/16, 7x7 for the
         ResNets) becomes their crop size (640 -> 40x40, 512 -> 16x16), and that table is then trained. Without it the
         CLIP table is interpolated on every forward instead (the same values at the start, a different parameter to
-        train). Inputs of any size still work afterwards. Updates `config.vision_config.image_size`.
+        train). Inputs of any size still work afterwards. Updates the config's size of the table
+        (`config.vision_config.image_size`; `config.backbone_attention_pool_image_size` for any backbone).
         """
         self.image_encoder.resize_position_embeddings(image_size)
-        self.config.vision_config.image_size = image_size
+        self.config.image_encoder_settings.set_position_embedding_size(self.config, image_size)
 
-    def get_text_embeddings(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
+    def get_text_embeddings(
+        self, image: DenseClipImageEncoderOutput | None = None, class_token_ids: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The class text embeddings t `(num_labels, projection_dim)`: the class names, after the prompting's contexts,
         through the CLIP text tower (Eq. 3). They do not depend on the image (`image` is for promptings whose
-        contexts do)."""
+        contexts do).
+
+        `class_token_ids` `(classes, class_name_token_length)` (`tokenize_class_names` of other class names) gives
+        the embeddings of those names instead, e.g. for `forward(text_embeddings=...)` with as many names as
+        `num_labels`. In eval mode the model's own t is computed once and reused until anything it is computed from
+        changes (weights, contexts, class token ids, device or dtype); see `_text_embeddings_key`.
+        """
+        if self.text_encoder is None:
+            if class_token_ids is not None:
+                raise ValueError(
+                    "This model's text tower was removed (`remove_text_encoder`): it cannot embed other class names. "
+                    "Embed them with the model before removal and pass `text_embeddings=` to the forward."
+                )
+            if self.training:
+                raise ValueError(
+                    "This model's text tower was removed (`remove_text_encoder`) for deployment: its class text "
+                    "embeddings are fixed and the learnable contexts cannot train. Train the model with its text "
+                    "tower (the folder saved before `remove_text_encoder`), then remove it again."
+                )
+            return self.class_text_embeddings
+        if class_token_ids is not None:
+            device = self.text_encoder.text_projection.weight.device
+            return self.text_encoder(class_token_ids.to(device), self.prompting.text_contexts(image))
         if self.class_token_ids is None:
             raise ValueError(
                 "This model has no class token ids: build it with `DenseClipForSemanticSegmentation."
                 "from_clip_pretrained(..., id2label=...)` or set `config.class_token_ids` with "
                 "`denseclip_hf.tokenize_class_names`."
             )
-        return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+        if not self._can_cache_text_embeddings():
+            self._text_embeddings_cache = None
+            return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+        key = self._text_embeddings_key()
+        if self._text_embeddings_cache is None or self._text_embeddings_cache[0] != key:
+            # Computed outside any `torch.inference_mode` of the caller, so that the cached tensor is a normal one.
+            with torch.inference_mode(False), torch.no_grad():
+                text_embeddings = self.text_encoder(self.class_token_ids, self.prompting.text_contexts())
+            self._text_embeddings_cache = (key, text_embeddings)
+        return self._text_embeddings_cache[1]
+
+    def _text_inputs(self) -> list[torch.Tensor]:
+        """Every tensor t is computed from: the class token ids, the text tower's and the prompting's parameters."""
+        return [self.class_token_ids, *self.text_encoder.parameters(), *self.prompting.parameters()]
+
+    def _can_cache_text_embeddings(self) -> bool:
+        """t is cached in eval mode, for contexts that do not read the image, unless autograd needs its graph."""
+        if self.training or self.prompting.contexts_depend_on_image:
+            return False
+        return not (torch.is_grad_enabled() and any(tensor.requires_grad for tensor in self._text_inputs()))
+
+    def _text_embeddings_key(self) -> tuple:
+        """The state of every input of t: storage, in-place version (bumped by optimizer steps and `load_state_dict`),
+        dtype and device of each tensor. Any change makes the cached t stale."""
+        return tuple(
+            (tensor.data_ptr(), tensor._version, tensor.dtype, tensor.device, tuple(tensor.shape))
+            for tensor in self._text_inputs()
+        )
+
+    def _check_text_embeddings(self, text_embeddings: torch.Tensor) -> None:
+        expected = (self.config.num_labels, self.config.projection_dim)
+        if not isinstance(text_embeddings, torch.Tensor) or not text_embeddings.is_floating_point():
+            raise TypeError(
+                f"text_embeddings must be a floating-point tensor {expected}, got {type(text_embeddings)}."
+            )
+        if tuple(text_embeddings.shape) != expected:
+            raise ValueError(
+                f"text_embeddings must have shape (num_labels, projection_dim) = {expected}, got "
+                f"{tuple(text_embeddings.shape)}: one embedding per class of the decoder, e.g. "
+                "`model.get_text_embeddings(class_token_ids=...)` of as many class names."
+            )
+
+    def remove_text_encoder(self) -> None:
+        """Stores the class text embeddings t in the model (`class_text_embeddings`, saved with the weights) and
+        deletes the CLIP text tower, for deployment: a smaller model (ViT-B/16: 63 M parameters fewer) with the same
+        outputs, which `save_pretrained` / `from_pretrained` keep (`config.text_encoder_removed`). Such a model cannot
+        train (a `ValueError` in training mode) nor embed other class names."""
+        if self.text_encoder is None:
+            raise ValueError("This model's text tower is already removed.")
+        if self.prompting.contexts_depend_on_image:
+            raise ValueError(
+                f"prompting_type={self.config.prompting_type!r} feeds the image into the text tower: its class text "
+                "embeddings differ per image, so the tower cannot be removed."
+            )
+        was_training = self.training
+        self.eval()
+        text_embeddings = self.get_text_embeddings().detach().clone()
+        self.train(was_training)
+        self.text_encoder = None
+        self._text_embeddings_cache = None
+        self.class_text_embeddings = text_embeddings
+        self.config.text_encoder_removed = True
 
     @can_return_tuple
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+        self,
+        pixel_values: torch.Tensor,
+        output_hidden_states: bool | None = None,
+        text_embeddings: torch.Tensor | None = None,
+        **kwargs,
     ) -> DenseClipModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
         output_hidden_states (`bool`, *optional*):
             Also return the 4 image-encoder pyramid levels before the score map is joined.
+        text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
+            Class text embeddings t to use instead of the model's own (as CLIPSeg's `conditional_embeddings`), before
+            prompting: e.g. `get_text_embeddings(class_token_ids=...)` of other class names, as many as `num_labels`.
         """
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         image = self.image_encoder(pixel_values)  # Eq. 1
-        text_embeddings = self.prompting(self.get_text_embeddings(image), image)  # Eqs. 3, 5-6
+        if text_embeddings is None:
+            text_embeddings = self.get_text_embeddings(image)  # Eq. 3
+        else:
+            self._check_text_embeddings(text_embeddings)
+        text_embeddings = self.prompting(text_embeddings, image)  # Eqs. 5-6
         score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)  # Eq. 2
         return DenseClipModelOutput(
             pyramid=join_score_map(image.pyramid, score_map, self.config.score_map_level),  # x' = [x, s]
@@ -1400,9 +1801,14 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         """See `DenseClipModel.resize_position_embeddings`."""
         self.denseclip.resize_position_embeddings(image_size)
 
-    def get_text_embeddings(self) -> torch.Tensor:
-        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3); image-independent."""
-        return self.denseclip.get_text_embeddings()
+    def get_text_embeddings(self, class_token_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The class text embeddings t `(num_labels, projection_dim)` from the contexts (Eq. 3), or those of other
+        class names' `class_token_ids`; see `DenseClipModel.get_text_embeddings`."""
+        return self.denseclip.get_text_embeddings(class_token_ids=class_token_ids)
+
+    def remove_text_encoder(self) -> None:
+        """See `DenseClipModel.remove_text_encoder`: stores t, deletes the CLIP text tower (for deployment)."""
+        self.denseclip.remove_text_encoder()
 
     @can_return_tuple
     def forward(
@@ -1411,6 +1817,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         labels: torch.Tensor | None = None,
         output_hidden_states: bool | None = None,
         test_mode: str | None = None,
+        text_embeddings: torch.Tensor | None = None,
         **kwargs,
     ) -> DenseClipSemanticSegmenterOutput:
         r"""
@@ -1429,6 +1836,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             (see `predict_probabilities`). Default: `"plain"` in training mode or with `labels`, otherwise
             `config.test_mode`, so that an eval-mode call (and the `image-segmentation` pipeline) follows the
             model's test protocol.
+        text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
+            Class text embeddings t to use instead of the model's own, in every pass and window (see
+            `DenseClipModel.forward`).
         """
         if test_mode is None:
             test_mode = "plain" if self.training or labels is not None else self.config.test_mode
@@ -1440,9 +1850,11 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
                     f"test_mode={test_mode!r} returns no loss: pass labels with test_mode='plain' (or None), and "
                     "evaluate a test protocol on its predictions (`predict_probabilities`)."
                 )
-            logits = self._protocol_logits(pixel_values, test_mode)
+            logits = self._protocol_logits(pixel_values, test_mode, text_embeddings)
             return DenseClipSemanticSegmenterOutput(logits=logits)
-        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        outputs = self.denseclip(
+            pixel_values, output_hidden_states=output_hidden_states, text_embeddings=text_embeddings
+        )
         logits = self.decoder(outputs.pyramid)
 
         loss = decode_loss = identity_loss = None
@@ -1547,7 +1959,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(config.vision_config))
         check_pixel_tensor(pixel_values, config.vision_config.num_channels, minimum, " for the test protocol")
 
-    def _single_pass_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+    def _single_pass_logits(
+        self, pixel_values: torch.Tensor, text_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """`logits_fn` of the test protocol: the single pass on `pixel_values` cut to a multiple of the patch size
         (what the authors' patch convolution reads), logits `(batch, num_labels, h / 4, w / 4)`.
 
@@ -1556,13 +1970,17 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         leaves autocast switched on after the outer call returns."""
         multiple = input_size_multiple(self.config.vision_config)
         height, width = (side // multiple * multiple for side in pixel_values.shape[-2:])
-        return self.decoder(self.denseclip(pixel_values[..., :height, :width]).pyramid)
+        pixel_values = pixel_values[..., :height, :width]
+        return self.decoder(self.denseclip(pixel_values, text_embeddings=text_embeddings).pyramid)
 
-    def _protocol_logits(self, pixel_values: torch.Tensor, mode: str) -> torch.Tensor:
+    def _protocol_logits(
+        self, pixel_values: torch.Tensor, mode: str, text_embeddings: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Logits `(batch, num_labels, H, W)` of the configured protocol with `mode` (see `predict_probabilities`)."""
         mode, crop_size, stride = self._test_protocol(mode)
         self._check_protocol_input(pixel_values)
-        return protocol_logits(self._single_pass_logits, pixel_values, mode, crop_size, stride)
+        logits_fn = partial(self._single_pass_logits, text_embeddings=text_embeddings)
+        return protocol_logits(logits_fn, pixel_values, mode, crop_size, stride)
 
     def compute_loss(
         self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
@@ -1578,12 +1996,91 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         return decode_loss + config.identity_loss_weight * identity_loss, decode_loss, identity_loss
 
 
+# ---------------------------------------------------------------------------------------------------------------------
+# DenseCLIP as a transformers backbone: the language-guided pyramid for other models (`AutoBackbone`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DenseClipBackboneOutput(BackboneOutput):
+    r"""
+    feature_maps (`tuple(torch.FloatTensor)`):
+        The `config.out_features` levels of the language-guided pyramid, `(batch, channels[i], H / stride, W / stride)`
+        (the score map joined onto level `config.score_map_level`).
+    score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
+        Pixel-text cosine similarities s (Eq. 2), for the auxiliary losses: `detection_score_map_loss` (Eq. 8) or
+        the identity loss (Eq. 7).
+    hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
+        The 4 image-encoder pyramid levels before the score map is joined.
+    """
+
+    score_map: torch.FloatTensor | None = None
+
+
+class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
+    """DenseCLIP as a transformers backbone: `DenseClipModel`'s language-guided pyramid (x' = [x, s], Sec. 3.2) for
+    any model that takes a `backbone_config` (`AutoBackbone.from_config(DenseClipBackboneConfig(...))`).
+
+    `channels` are the `out_features` levels' channels (`DenseClipModel.pyramid_channels`). The output also carries
+    the score map, so that a detector adds the Eq. 8 loss (`detection_score_map_loss`, see docs/backbone.md). Its
+    weights sit under `denseclip.`, as in `DenseClipForSemanticSegmentation`: `from_pretrained` reads a DenseCLIP
+    segmentation checkpoint's base model (its decoder is left out).
+    """
+
+    config: DenseClipBackboneConfig
+    config_class = DenseClipBackboneConfig
+    has_attentions = False
+    # A segmentation checkpoint's decoder is not part of the backbone.
+    _keys_to_ignore_on_load_unexpected = [*DenseClipPreTrainedModel._keys_to_ignore_on_load_unexpected, r"^decoder\."]
+
+    def __init__(self, config: DenseClipBackboneConfig):
+        super().__init__(config)
+        self.denseclip = DenseClipModel(config)
+        self.num_features = self.denseclip.pyramid_channels
+        self.post_init()
+
+    @can_return_tuple
+    @filter_output_hidden_states
+    def forward(
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+    ) -> DenseClipBackboneOutput:
+        r"""
+        pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
+            Normalized images, as for `DenseClipModel`.
+        output_hidden_states (`bool`, *optional*):
+            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        """
+        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        return DenseClipBackboneOutput(
+            feature_maps=tuple(outputs.pyramid[index] for index in self.out_indices),
+            score_map=outputs.score_map,
+            hidden_states=outputs.hidden_states,
+        )
+
+
+# transformers renames the keys of a DETR checkpoint on load ("out_proj" -> "o_proj", "layers.N.fc1" ->
+# "layers.N.mlp.fc1"; the reverse on save) for every key under the DETR model, its backbone's included. Applied after
+# DETR's, these renamings (scoped to the backbone) undo that on DenseCLIP's keys, so that a DETR on `DenseClipBackbone`
+# saves and loads (tests/test_backbone.py). A backbone saved on its own keeps DenseCLIP's key names.
+register_checkpoint_conversion_mapping(
+    DenseClipBackbone.__name__,
+    [
+        WeightRenaming(r"\.o_proj\.", ".out_proj."),
+        WeightRenaming(r"context_decoder\.layers\.(\d+)\.mlp\.fc", r"context_decoder.layers.\1.fc"),
+    ],
+    overwrite=True,
+)
+
 __all__ = [
+    "DenseClipBackbone",
+    "DenseClipBackboneOutput",
     "DenseClipForSemanticSegmentation",
     "DenseClipModel",
     "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
+    "detection_score_map_loss",
+    "detection_targets",
     "pixel_text_score_map",
     "tokenize_class_names",
 ]

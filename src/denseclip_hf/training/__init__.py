@@ -5,8 +5,8 @@ one module per concern.
 |---|---|
 | `recipes` | the `--recipe` presets (`Recipe`, `RECIPES`): the paper's settings per row |
 | `arguments` | the command-line arguments, one dataclass per concern, and `parse_training_args` |
-| `model_loading` | the model a run starts from: the offline random default, CLIP, or DenseCLIP |
-| `optimization` | AdamW parameter groups, the poly schedule with warmup |
+| `model_loading` | the model a run starts from: the offline random default, CLIP, or DenseCLIP; SyncBatchNorm |
+| `optimization` | AdamW parameter groups (the authors' by default), the poly schedule with warmup |
 | `data` | Hub / folder / synthetic datasets, class names, training and validation batches |
 | `transforms` | the authors' training augmentation |
 | `evaluation` | predictions under an explicit test protocol and their confusion matrix across processes |

@@ -22,6 +22,7 @@ from pathlib import Path
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
 
+from ..configuration_denseclip import PROMPTING_TYPES
 from .checkpointing import checkpoint_step, checkpoints_root
 from .data import SegmentationData, load_segmentation_data
 from .recipes import RECIPE_SETTINGS, RECIPES, Recipe, default_recipe_name, recipes_help
@@ -56,8 +57,33 @@ class ModelArguments:
         default=None,
         metadata=_help(
             "A CLIP checkpoint (e.g. openai/clip-vit-base-patch16) or a DenseCLIP checkpoint. Default: a small "
-            "DenseCLIP with RANDOM weights (works offline)."
+            "DenseCLIP with RANDOM weights (works offline). With --backbone_name_or_path: the CLIP checkpoint whose "
+            "text tower is used (default: the small random one)."
         ),
+    )
+    backbone_name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "Any backbone (paper Sec. 4.3, Table 5): a transformers backbone checkpoint (Hub id or folder, e.g. "
+            "microsoft/resnet-50 or microsoft/swin-tiny-patch4-window7-224) as the image encoder, with a new "
+            "attention pool; or the config.json of one (RANDOM weights). Default: the recipe's, else CLIP's image "
+            "encoder."
+        ),
+    )
+    decoder_type: str | None = field(
+        default=None, metadata=_help("The decoder: semantic_fpn or upernet. Default: the recipe's.")
+    )
+    decode_head_channels: int | None = field(
+        default=None, metadata=_help("Channels of the decode head. Default: the recipe's (UperNet: 512), else 256.")
+    )
+    prompting_type: str | None = field(
+        default=None,
+        metadata={
+            "help": "How the class text embeddings meet the image, for a model built from CLIP or at random "
+            "(a DenseCLIP checkpoint keeps its own and must match): post_model (the paper's DenseCLIP) or "
+            "language_only (Table 2 row 3).",
+            "choices": list(PROMPTING_TYPES),
+        },
     )
 
 
@@ -141,6 +167,20 @@ class OptimizationArguments:
     image_encoder_lr_multiplier: float | None = field(
         default=None, metadata=_help("Learning-rate factor of the image encoder (paper: 0.1).")
     )
+    weight_decay_exemptions: str | None = field(
+        default=None,
+        metadata={
+            "help": "Parameters trained without weight decay: 'authors' (their configs under mmcv: the LayerNorms of "
+            "the vision-to-language decoder's layers only) or 'extended' (every norm layer, every bias, the "
+            "contexts and gamma).",
+            "choices": ["authors", "extended"],
+        },
+    )
+    sync_batchnorm: bool = field(
+        default=True,
+        metadata=_help("With more than one process on GPUs, BatchNorm becomes SyncBatchNorm, as in the authors' "
+        "configs (norm_cfg SyncBN); --no_sync_batchnorm keeps per-process statistics."),
+    )  # fmt: skip
     lr_power: float | None = field(default=None, metadata=_help("Power of the poly schedule (paper: 0.9)."))
     min_learning_rate: float | None = field(default=None, metadata=_help("Final learning rate (paper: 1e-6)."))
     num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps (paper: 1500)."))

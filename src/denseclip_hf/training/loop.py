@@ -42,7 +42,7 @@ from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
-from .model_loading import load_model
+from .model_loading import convert_batchnorm_for_launch, load_model
 from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
 from .repository import STAGING_DIR_NAME, publish_repository
 from .transforms import SegmentationAugmentation
@@ -194,10 +194,18 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
     optimization, image_scale = args.optimization, args.augmentation.image_scale
     model = load_model(
-        args.model.model_name_or_path, data.id2label, optimization.loss_reduction, args.augmentation.crop_size
+        args.model.model_name_or_path,
+        data.id2label,
+        optimization.loss_reduction,
+        args.augmentation.crop_size,
+        backbone_name_or_path=args.model.backbone_name_or_path,
+        decoder_type=args.model.decoder_type,
+        decode_head_channels=args.model.decode_head_channels,
+        prompting_type=args.model.prompting_type,
     )
-    if accelerator.num_processes > 1 and accelerator.device.type == "cuda":
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)  # the authors' SyncBN
+    model = convert_batchnorm_for_launch(
+        model, optimization.sync_batchnorm, accelerator.num_processes, accelerator.device.type
+    )
     image_processor = DenseClipImageProcessor(
         size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
         do_reduce_labels=args.data.do_reduce_labels,
@@ -208,7 +216,11 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     )
     optimizer = torch.optim.AdamW(
         parameter_groups(
-            model, optimization.learning_rate, optimization.weight_decay, optimization.image_encoder_lr_multiplier
+            model,
+            optimization.learning_rate,
+            optimization.weight_decay,
+            optimization.image_encoder_lr_multiplier,
+            optimization.weight_decay_exemptions,
         ),
         lr=optimization.learning_rate,
         weight_decay=optimization.weight_decay,
@@ -400,13 +412,13 @@ def _push_to_hub(args: SegmentationTrainingArguments) -> None:
     api = HfApi(token=args.hub.hub_token)
     output_dir = args.checkpoints.output_dir
     repo_id = api.create_repo(args.hub_repo_id, exist_ok=True).repo_id
-    api.upload_folder(
+    commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
         commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
         ignore_patterns=["checkpoints/**", "runs/**", f"{STAGING_DIR_NAME}/**"],
     )
-    logger.info(f"Uploaded {output_dir} to https://huggingface.co/{repo_id}")
+    logger.info(f"Uploaded {output_dir} to {commit.repo_url} ({commit.commit_url})")
 
 
 __all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "train"]

@@ -9,6 +9,7 @@ from transformers import PretrainedConfig
 
 from ..configuration_denseclip import DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
+from .optimization import WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS
 from .recipes import RECIPES
 
 PAPER_URL = "https://arxiv.org/abs/2112.01518"
@@ -136,12 +137,11 @@ def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainin
     settings_table = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
     ratio_range = "-".join(str(ratio) for ratio in augmentation.ratio_range)
     image_scale = "x".join(str(side) for side in augmentation.image_scale)
-    paper = (
-        f" For this recipe the paper reports {recipe.paper_miou[0]} mIoU single-scale and {recipe.paper_miou[1]} "
-        "multi-scale on ADE20K validation (Table 1)."
-        if recipe.paper_miou
-        else ""
-    )
+    paper = ""
+    if recipe.paper_miou:
+        single_scale, multi_scale = recipe.paper_miou
+        both = f" and {multi_scale} multi-scale" if multi_scale is not None else ""
+        paper = f" For this recipe the paper reports {single_scale} mIoU single-scale{both} on ADE20K validation."
     metadata = model_card_data(config, results, args, repo_id).to_yaml()
     return f"""---
 {metadata}
@@ -200,10 +200,10 @@ After `import denseclip_hf`, `trust_remote_code` is not needed.
 |---|---|
 {settings_table}
 
-AdamW; the CLIP text encoder is frozen; no weight decay on normalization layers, biases, the learnable contexts and
-gamma. Augmentation: random rescale (ratio {ratio_range} of the
-{image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}), horizontal flip,
-photometric distortion.
+AdamW; the CLIP text encoder is frozen; no weight decay on
+{WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS[optimization.weight_decay_exemptions]}. Augmentation: random rescale
+(ratio {ratio_range} of the {image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}),
+horizontal flip, photometric distortion.
 
 ## Citation
 

@@ -1,12 +1,16 @@
 """The model a training run starts from: a small random DenseCLIP (the offline default), CLIP, or DenseCLIP."""
 
+import logging
 import os
 
+import torch
 from transformers import AutoConfig, CLIPTokenizer
 
 from .. import CLIP_TOKENIZER_PATH
 from ..configuration_denseclip import DenseClipConfig
 from ..modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
+
+logger = logging.getLogger(__name__)
 
 
 def offline_model_config(
@@ -19,7 +23,7 @@ def offline_model_config(
     """
     tokenizer = tokenizer or CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH)
     class_names = [id2label[label] for label in range(len(id2label))]
-    return DenseClipConfig(
+    settings = dict(
         text_config=dict(
             hidden_size=32,
             intermediate_size=128,
@@ -43,16 +47,50 @@ def offline_model_config(
         decode_head_channels=64,
         id2label=id2label,
         class_token_ids=tokenize_class_names(class_names, tokenizer, DenseClipConfig.class_name_token_length),
-        **overrides,
     )
+    return DenseClipConfig(**{**settings, **overrides})
 
 
 def _from_clip(
-    name_or_path: str, id2label: dict[int, str], loss_reduction: str, crop_size: int | None
+    name_or_path: str, id2label: dict[int, str], crop_size: int | None, settings: dict
 ) -> DenseClipForSemanticSegmentation:
-    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
-        name_or_path, id2label=id2label, loss_reduction=loss_reduction
-    )
+    model = DenseClipForSemanticSegmentation.from_clip_pretrained(name_or_path, id2label=id2label, **settings)
+    if crop_size is not None:
+        model.resize_position_embeddings(crop_size)
+    return model
+
+
+def _with_backbone(
+    backbone_name_or_path: str,
+    model_name_or_path: str | None,
+    id2label: dict[int, str],
+    crop_size: int | None,
+    settings: dict,
+) -> DenseClipForSemanticSegmentation:
+    """Any backbone (Sec. 4.3): a backbone checkpoint (its weights) or the config.json of one (random weights) as
+    the image encoder, with the text tower of the CLIP checkpoint `model_name_or_path` or the small random one."""
+    random_backbone = os.path.isfile(backbone_name_or_path)
+    if model_name_or_path is not None:
+        if random_backbone:
+            raise ValueError(
+                f"--backbone_name_or_path {backbone_name_or_path} is a config file (random backbone weights): pass a "
+                "backbone checkpoint to train with a CLIP text tower, or leave out --model_name_or_path."
+            )
+        model = DenseClipForSemanticSegmentation.from_backbone_pretrained(
+            backbone_name_or_path, model_name_or_path, id2label, **settings
+        )
+    else:
+        try:
+            backbone_config = AutoConfig.from_pretrained(backbone_name_or_path)
+        except OSError as error:
+            raise ValueError(
+                f"Could not load the backbone {backbone_name_or_path!r} ({error}). Without network access, pass a "
+                "local folder or a config.json."
+            ) from error
+        config = offline_model_config(id2label, vision_config=backbone_config.to_dict(), **settings)
+        model = DenseClipForSemanticSegmentation(config)
+        if not random_backbone:
+            model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path)
     if crop_size is not None:
         model.resize_position_embeddings(crop_size)
     return model
@@ -63,16 +101,25 @@ def load_model(
     id2label: dict[int, str],
     loss_reduction: str = "mean_non_ignored",
     crop_size: int | None = None,
+    backbone_name_or_path: str | None = None,
+    **settings,
 ) -> DenseClipForSemanticSegmentation:
     """The model to train: a random [`offline_model_config`] model (no path), DenseCLIP on a CLIP checkpoint
     (`model_type` "clip", or an OpenAI/OpenCLIP checkpoint file such as `RN50.pt`; class names from `id2label`) or a
-    DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`.
+    DenseCLIP checkpoint (its labels must be `id2label`), with the cross-entropy averaged per `loss_reduction`. With
+    `backbone_name_or_path`, any backbone (see `_with_backbone`). `settings` are `DenseClipConfig` settings of a new
+    model (`decoder_type`, `decode_head_channels`, `prompting_type`; `None` values are left to the config's
+    defaults); a DenseCLIP checkpoint keeps its own, and must have the `prompting_type` asked for.
 
     Starting from CLIP, the positional embedding is resized once to `crop_size`, as the authors do."""
+    settings = {name: value for name, value in settings.items() if value is not None}
+    settings["loss_reduction"] = loss_reduction
+    if backbone_name_or_path is not None:
+        return _with_backbone(backbone_name_or_path, model_name_or_path, id2label, crop_size, settings)
     if model_name_or_path is None:
-        return DenseClipForSemanticSegmentation(offline_model_config(id2label, loss_reduction=loss_reduction))
+        return DenseClipForSemanticSegmentation(offline_model_config(id2label, **settings))
     if os.path.isfile(model_name_or_path):
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, crop_size, settings)
     try:
         model_type = AutoConfig.from_pretrained(model_name_or_path).model_type
     except OSError as error:
@@ -81,7 +128,7 @@ def load_model(
             "to train a small random-weight model, or pass a local folder."
         ) from error
     if model_type == "clip":
-        return _from_clip(model_name_or_path, id2label, loss_reduction, crop_size)
+        return _from_clip(model_name_or_path, id2label, crop_size, settings)
     if model_type != DenseClipConfig.model_type:
         raise ValueError(f"{model_name_or_path} is a {model_type!r} model: pass a CLIP or a DenseCLIP checkpoint.")
     model = DenseClipForSemanticSegmentation.from_pretrained(model_name_or_path)
@@ -93,8 +140,48 @@ def load_model(
             f"dataset has {len(dataset_labels)} classes {dataset_labels[:5]}...: fine-tune from its CLIP checkpoint "
             "instead, or pass --id2label with the checkpoint's classes."
         )
+    prompting_type = settings.get("prompting_type", model.config.prompting_type)
+    if model.config.prompting_type != prompting_type:
+        raise ValueError(
+            f"{model_name_or_path} has prompting_type={model.config.prompting_type!r} but the run asks for "
+            f"{prompting_type!r}: pass --prompting_type {model.config.prompting_type} (or a recipe with that "
+            "prompting), or start from its CLIP checkpoint."
+        )
     model.config.loss_reduction = loss_reduction
     return model
 
 
-__all__ = ["load_model", "offline_model_config"]
+def sync_batchnorm_devices() -> tuple[str, ...]:
+    """The device types on which torch's `SyncBatchNorm` synchronizes (it raises on others, CPU included)."""
+    return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
+
+
+def uses_sync_batchnorm(enabled: bool, num_processes: int, device_type: str) -> bool:
+    """Whether a launch trains with `SyncBatchNorm` (the authors' `norm_cfg=dict(type="SyncBN")`): when `enabled`
+    (`--sync_batchnorm`, the default), more than one process trains and the device type supports it."""
+    return enabled and num_processes > 1 and device_type in sync_batchnorm_devices()
+
+
+def convert_batchnorm_for_launch(
+    model: torch.nn.Module, enabled: bool, num_processes: int, device_type: str
+) -> torch.nn.Module:
+    """`model` with every BatchNorm turned into a `SyncBatchNorm` (same weights and statistics) where
+    [`uses_sync_batchnorm`], else `model` unchanged; a multi-process run on a device without `SyncBatchNorm` keeps
+    per-process statistics, with a warning."""
+    if uses_sync_batchnorm(enabled, num_processes, device_type):
+        return torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    if enabled and num_processes > 1:
+        logger.warning(
+            f"BatchNorm statistics stay per process: torch's SyncBatchNorm does not run on {device_type!r} "
+            f"(only on {', '.join(sync_batchnorm_devices())})."
+        )
+    return model
+
+
+__all__ = [
+    "convert_batchnorm_for_launch",
+    "load_model",
+    "offline_model_config",
+    "sync_batchnorm_devices",
+    "uses_sync_batchnorm",
+]

@@ -1,24 +1,43 @@
 """The paper's optimizer and schedule: AdamW parameter groups and mmcv's poly learning rate with linear warmup.
 
 Model internals are reached only through `model.base_model.image_encoder` (the parameters trained at
-`image_encoder_lr_multiplier`) and through parameter names: the learnable contexts end in `context_embeddings`, the
-post-model prompting scale in `gamma`.
+`image_encoder_lr_multiplier`) and through module and parameter names: the learnable contexts end in
+`context_embeddings`, the post-model prompting scale in `gamma`.
 """
 
 import math
+import re
 
 import torch
 from torch import nn
 from torch.optim.lr_scheduler import LambdaLR
 
-# Name endings of the parameters trained without weight decay besides norms and biases: the learnable contexts p and
-# gamma of the post-model prompting (Eq. 6).
-NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "gamma")
 NORM_LAYERS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._BatchNorm)
+# The authors' mmcv `paramwise_cfg.custom_keys` key `norm` (decay_mult 0) matches their module names; outside the
+# backbone and the text encoder (whose keys match first) only the context decoder layers' LayerNorms `norm1-3` carry
+# it (their projections' LayerNorms are `Sequential` indices, the head's BatchNorms `bn`). Ours keep those names.
+AUTHORS_NO_DECAY_MODULE = re.compile(r"norm\d*")
+# Name endings of the parameters the `extended` grouping also trains without weight decay: the learnable contexts p
+# and gamma of the post-model prompting (Eq. 6).
+NO_WEIGHT_DECAY_PARAMETERS = ("context_embeddings", "gamma")
 
 
-def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
-    """Names of the parameters trained without weight decay: normalization layers, biases, contexts and gamma."""
+def _authors_no_weight_decay(model: nn.Module) -> set[str]:
+    """mmcv's grouping of the authors' configs: the LayerNorms named `norm<i>` outside the image encoder."""
+    image_encoder = {id(parameter) for parameter in model.base_model.image_encoder.parameters()}
+    names = set()
+    for module_name, module in model.named_modules():
+        if isinstance(module, nn.LayerNorm) and AUTHORS_NO_DECAY_MODULE.fullmatch(module_name.rpartition(".")[2]):
+            names.update(
+                f"{module_name}.{name}"
+                for name, parameter in module.named_parameters(recurse=False)
+                if id(parameter) not in image_encoder
+            )
+    return names
+
+
+def _extended_no_weight_decay(model: nn.Module) -> set[str]:
+    """Every normalization layer, every bias, the learnable contexts and gamma."""
     names = {name for name, _ in model.named_parameters() if name.endswith(("bias", *NO_WEIGHT_DECAY_PARAMETERS))}
     for module_name, module in model.named_modules():
         if isinstance(module, NORM_LAYERS):
@@ -26,16 +45,46 @@ def no_weight_decay_parameter_names(model: nn.Module) -> set[str]:
     return names
 
 
+# `--weight_decay_exemptions`: which parameters train without weight decay.
+WEIGHT_DECAY_EXEMPTIONS = {"authors": _authors_no_weight_decay, "extended": _extended_no_weight_decay}
+# What each grouping exempts, in words (model cards).
+WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS = {
+    "authors": "the LayerNorms of the vision-to-language decoder's layers (the authors' grouping)",
+    "extended": "normalization layers, biases, the learnable contexts and gamma",
+}
+
+
+def no_weight_decay_parameter_names(model: nn.Module, exemptions: str = "authors") -> set[str]:
+    """Names of the parameters trained without weight decay under `exemptions` ([`WEIGHT_DECAY_EXEMPTIONS`]):
+
+    - `"authors"` (default): as mmcv groups the authors' released configs (`custom_keys` `norm`: decay_mult 0 on
+      parameters whose name contains `norm`, unless `backbone` or `text_encoder` matched first): the LayerNorms of
+      the vision-to-language decoder's layers only. Biases, other norms, contexts and gamma decay.
+    - `"extended"`: every normalization layer (image encoder included), every bias, the contexts and gamma.
+    """
+    if exemptions not in WEIGHT_DECAY_EXEMPTIONS:
+        raise ValueError(
+            f"Unknown weight decay exemptions {exemptions!r}: pass one of {list(WEIGHT_DECAY_EXEMPTIONS)}."
+        )
+    return WEIGHT_DECAY_EXEMPTIONS[exemptions](model)
+
+
 def parameter_groups(
-    model: nn.Module, learning_rate: float, weight_decay: float, image_encoder_lr_multiplier: float
+    model: nn.Module,
+    learning_rate: float,
+    weight_decay: float,
+    image_encoder_lr_multiplier: float,
+    weight_decay_exemptions: str = "authors",
 ) -> list[dict]:
     """AdamW parameter groups of the paper's recipe, from the trainable (`requires_grad`) parameters only.
 
-    The frozen text encoder gets no group, hence no optimizer state. Each group holds `lr`, `weight_decay` and
-    `lr_multiplier`: the image encoder (`model.base_model.image_encoder`, CLIP backbone and pyramid) trains at
-    `image_encoder_lr_multiplier * learning_rate`, all else at `learning_rate`.
+    The frozen text encoder gets no group, hence no optimizer state (the authors' lr_mult 0). Each group holds `lr`,
+    `weight_decay` and `lr_multiplier`: the image encoder (`model.base_model.image_encoder`, CLIP backbone and
+    pyramid, the authors' `backbone`) trains at `image_encoder_lr_multiplier * learning_rate`, all else at
+    `learning_rate`; the parameters of [`no_weight_decay_parameter_names`]`(model, weight_decay_exemptions)` at
+    weight decay 0, all else at `weight_decay`.
     """
-    no_decay = no_weight_decay_parameter_names(model)
+    no_decay = no_weight_decay_parameter_names(model, weight_decay_exemptions)
     image_encoder = {id(parameter) for parameter in model.base_model.image_encoder.parameters()}
     groups: dict[tuple[float, bool], dict] = {}
     for name, parameter in model.named_parameters():
@@ -105,6 +154,8 @@ def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: in
 
 
 __all__ = [
+    "WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS",
+    "WEIGHT_DECAY_EXEMPTIONS",
     "no_weight_decay_parameter_names",
     "num_update_steps_per_epoch",
     "parameter_groups",

@@ -1,0 +1,71 @@
+"""Parameters and GFLOPs of each prompting variant on RN50 at 512x512 with the 150 ADE20K classes, against the
+paper's Table 2 (random weights: the cost does not depend on them).
+
+    PYTHONPATH=src python benchmarks/variants.py
+
+FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add) for one image through the whole
+segmenter, with and without the text tower (150 class prompts through 12 layers, about half of the total).
+"""
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation
+from denseclip_hf.configuration_denseclip import PROMPTING_TYPES
+
+# Table 2 (RN50, ADE20K, 512x512): prompting -> (row, mIoU, GFLOPs, params in M).
+PAPER_TABLE_2 = {
+    "language_only": ("CLIP + language prompt", 42.1, 269, 46.5),
+    "post_model": ("CLIP + language prompt + post-model V->L (DenseCLIP)", 43.5, 269, 50.2),
+}
+NUM_CLASSES, CROP = 150, 512
+
+
+def rn50_config(prompting_type: str) -> DenseClipConfig:
+    """The authors' RN50 ADE20K model: CLIP RN50 (text width 512, 12 layers), the default prompting settings."""
+    return DenseClipConfig(
+        vision_config={"model_type": "denseclip_resnet_vision", "image_size": CROP},
+        text_config=dict(hidden_size=512, intermediate_size=2048, num_hidden_layers=12, num_attention_heads=8),
+        projection_dim=1024,
+        id2label={label: f"class {label}" for label in range(NUM_CLASSES)},
+        class_token_ids=[[49406, 320, 49407, 0, 0]] * NUM_CLASSES,
+        prompting_type=prompting_type,
+    )
+
+
+def measure(prompting_type: str, crop: int = CROP) -> dict[str, float]:
+    """Parameters (M) and GFLOPs of one `crop` x `crop` image of the segmenter with `prompting_type`, in all and
+    without the frozen CLIP text tower (which the paper's counts leave out: its params match the rest exactly)."""
+    model = DenseClipForSemanticSegmentation(rn50_config(prompting_type)).eval()
+    parameters = sum(parameter.numel() for parameter in model.parameters()) / 1e6
+    text_parameters = sum(parameter.numel() for parameter in model.base_model.text_encoder.parameters()) / 1e6
+    counter = FlopCounterMode(display=False)
+    with torch.no_grad(), counter:
+        model(torch.randn(1, 3, crop, crop), test_mode="plain")
+    text_flops = sum(counter.get_flop_counts()["DenseClipForSemanticSegmentation.denseclip.text_encoder"].values())
+    flops = counter.get_total_flops()
+    return {
+        "params": parameters,
+        "params_without_text": parameters - text_parameters,
+        "gflops": flops / 1e9,
+        "gflops_without_text": (flops - text_flops) / 1e9,
+    }
+
+
+def main() -> None:
+    print(
+        "| prompting_type | paper row (Table 2) | params (M) | without text tower | paper | GFLOPs 512x512 | "
+        "without text tower | paper |"
+    )
+    print("|---|---|---|---|---|---|---|---|")
+    for prompting_type in PROMPTING_TYPES:
+        row, _, paper_flops, paper_params = PAPER_TABLE_2[prompting_type]
+        got = measure(prompting_type)
+        print(
+            f"| {prompting_type} | {row} | {got['params']:.1f} | {got['params_without_text']:.1f} | {paper_params} | "
+            f"{got['gflops']:.0f} | {got['gflops_without_text']:.0f} | {paper_flops} |"
+        )
+
+
+if __name__ == "__main__":
+    main()
