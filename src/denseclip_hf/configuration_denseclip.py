@@ -624,6 +624,11 @@ class DenseClipConfig(PreTrainedConfig):
     test_stride: int | list[int] | None = None
 
     def __post_init__(self, **kwargs):
+        if self.id2label is not None and not isinstance(self.id2label, dict):
+            raise TypeError(
+                f"DenseClipConfig: `id2label` must be a dict {{class id: class name}}, got "
+                f"{type(self.id2label).__name__}: use e.g. dict(enumerate(class_names))."
+            )
         self.upernet_pool_scales = list(self.upernet_pool_scales)
         super().__post_init__(**kwargs)
         if self.id2label is not None and not self.label2id:

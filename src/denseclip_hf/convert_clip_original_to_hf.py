@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from transformers import (
     CLIPConfig,
     CLIPModel,
@@ -411,13 +412,15 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
     archives you trust (OpenAI's download URLs embed the files' SHA256).
     """
     path = os.fspath(path)
-    if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
-
-        return load_file(path)
-    if _is_torchscript_archive(path):
-        return torch.jit.load(path, map_location="cpu").state_dict()
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"No checkpoint file at {path!r}: pass the path of the downloaded .pth/.pt file.")
     try:
+        if path.endswith(".safetensors"):
+            from safetensors.torch import load_file
+
+            return load_file(path)
+        if _is_torchscript_archive(path):
+            return torch.jit.load(path, map_location="cpu").state_dict()
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as error:
         raise ValueError(
@@ -425,6 +428,11 @@ def load_checkpoint_file(path: str | os.PathLike) -> Any:
             "trust the file, re-save just the tensors and plain data this converter needs, e.g. "
             "torch.save({'state_dict': checkpoint['state_dict'], 'meta': {'CLASSES': ..., 'PALETTE': ...}}, path). "
             f"PyTorch said: {error}"
+        ) from error
+    except (EOFError, KeyError, RuntimeError, SafetensorError, zipfile.BadZipFile) as error:
+        raise OSError(
+            f"{path!r} is not a readable checkpoint ({type(error).__name__}: {error}): it is probably truncated or "
+            "not a PyTorch/safetensors file; download it again."
         ) from error
 
 

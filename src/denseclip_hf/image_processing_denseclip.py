@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassFieldValidationError
 from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
 from transformers.image_processing_utils import BatchFeature
@@ -352,6 +353,7 @@ class DenseClipImageProcessor(PilBackend):
     do_pad = False
 
     def __init__(self, **kwargs: Unpack[DenseClipImageProcessorKwargs]) -> None:
+        check_size_setting(kwargs.get("size"))
         super().__init__(**kwargs)
         # The base class replaces `None` by the class default; `size_divisor=None` is a real setting (disabled).
         if "size_divisor" in kwargs and kwargs["size_divisor"] is None:
@@ -377,7 +379,13 @@ class DenseClipImageProcessor(PilBackend):
             them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
             arrays when `return_tensors=None`).
         """
-        return super().preprocess(images, segmentation_maps, **kwargs)
+        check_size_setting(kwargs.get("size"))
+        try:
+            return super().preprocess(images, segmentation_maps, **kwargs)
+        except StrictDataclassFieldValidationError as error:
+            # transformers validates the per-call settings with huggingface_hub's strict dataclasses, whose error is
+            # no TypeError; it names the setting and the accepted types.
+            raise TypeError(f"{error} See the DenseClipImageProcessor docstring for each setting's type.") from error
 
     def fetch_images(self, image_url_or_urls: Any) -> Any:
         """Open local image paths keeping their mode (16-bit, alpha, palette); URLs go through transformers.
@@ -405,6 +413,11 @@ class DenseClipImageProcessor(PilBackend):
         `size` defaults to this processor's setting, `size_divisor` to the one its `test_mode` applies to images
         without label maps (`self.size_divisor` under `"whole"`, none under `"slide"`); `None` disables the rounding.
         """
+        if height < 1 or width < 1:
+            raise ValueError(
+                f"Got an image of size (height={height}, width={width}): every image needs at least one pixel in "
+                "each direction; drop or repair empty images before processing."
+            )
         size = self.size if size is None else size
         size = SizeDict(**size) if isinstance(size, dict) else size
         if size_divisor is _FROM_SETTINGS:
@@ -658,22 +671,70 @@ class DenseClipImageProcessor(PilBackend):
         Returns:
             `list[torch.Tensor]`: `batch` int64 maps of shape `(height, width)` (the target size, if given).
         """
-        logits = outputs.logits
+        logits = getattr(outputs, "logits", None)
+        if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
+            raise TypeError(
+                "outputs must have `logits` of shape (batch, num_labels, height, width), e.g. the model's output; got "
+                f"{type(outputs).__name__} with logits {getattr(logits, 'shape', logits)!r}."
+            )
         if target_sizes is None:
             return list(logits.argmax(dim=1))
-        if isinstance(target_sizes, torch.Tensor):
-            target_sizes = target_sizes.tolist()
-        if len(target_sizes) != len(logits):
-            raise ValueError(
-                f"Got {len(target_sizes)} target sizes for a batch of {len(logits)} logits: pass one (height, width) "
-                "per image."
-            )
+        sizes = check_target_sizes(target_sizes, len(logits))
         maps = []
-        for image_logits, target_size in zip(logits, target_sizes, strict=True):
-            height, width = (int(side) for side in target_size)
+        for image_logits, (height, width) in zip(logits, sizes, strict=True):
             resized = F.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
             maps.append(resized[0].argmax(dim=0))
         return maps
+
+
+def check_size_setting(size: Any) -> None:
+    """The entry check of the `size` setting: an int > 0 (the shortest edge), a `(height, width)` pair of ints > 0,
+    or a dict of the supported keys with ints > 0; otherwise a `TypeError` / `ValueError` naming the accepted forms."""
+    if size is None or isinstance(size, (dict, SizeDict)):
+        values = [] if size is None else [value for value in dict(size).values() if value is not None]
+    elif isinstance(size, (list, tuple)) and len(size) == 2:
+        values = list(size)
+    elif isinstance(size, int) and not isinstance(size, bool):
+        values = [size]
+    else:
+        raise ValueError(f"Unsupported size {size!r} : use an int, (height, width) or {_SUPPORTED_SIZES}.")
+    if not all(isinstance(value, int) and not isinstance(value, bool) and value > 0 for value in values):
+        raise ValueError(
+            f"size={size!r}: every size must be a positive int; use an int, (height, width) or {_SUPPORTED_SIZES}."
+        )
+
+
+def check_target_sizes(target_sizes: Any, batch: int) -> list[tuple[int, int]]:
+    """The entry check of `post_process_semantic_segmentation(target_sizes=...)`: one `(height, width)` of positive
+    ints per image (a list of pairs or a `(batch, 2)` tensor); otherwise a `TypeError` / `ValueError`."""
+    if isinstance(target_sizes, torch.Tensor):
+        if target_sizes.is_floating_point():
+            raise TypeError(
+                f"target_sizes must hold integer (height, width) pairs, got a {target_sizes.dtype} tensor."
+            )
+        target_sizes = target_sizes.tolist()
+    if not isinstance(target_sizes, (list, tuple)):
+        raise TypeError(
+            f"target_sizes must be a list of (height, width) pairs or a (batch, 2) tensor, got "
+            f"{type(target_sizes).__name__}."
+        )
+    if len(target_sizes) != batch:
+        raise ValueError(
+            f"Got {len(target_sizes)} target sizes for a batch of {batch} logits: pass one (height, width) per image."
+        )
+    sizes = []
+    for size in target_sizes:
+        pair = tuple(size) if isinstance(size, (list, tuple, torch.Size)) else ()
+        if len(pair) != 2 or not all(
+            isinstance(side, (int, np.integer)) and not isinstance(side, bool) for side in pair
+        ):
+            raise TypeError(f"Each of target_sizes must be a (height, width) pair of ints, got {size!r}.")
+        if min(pair) < 1:
+            raise ValueError(
+                f"target_sizes must be positive (height, width) pairs, got {size!r}: pass the original image sizes."
+            )
+        sizes.append((int(pair[0]), int(pair[1])))
+    return sizes
 
 
 __all__ = ["MULTI_SCALE_RATIOS", "DenseClipImageProcessor", "scaled_size"]

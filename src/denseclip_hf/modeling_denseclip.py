@@ -26,14 +26,16 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
 import math
 import os
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field, fields
 from functools import partial
-from typing import ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
+from huggingface_hub.errors import StrictDataclassError
+from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     MODEL_FOR_BACKBONE_MAPPING,
@@ -196,6 +198,58 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
+def check_pixel_tensor(
+    pixel_values: Any, channels: int, minimum: int = PYRAMID_STRIDES[-1], purpose: str = ""
+) -> None:
+    """The entry check of every model input: a floating-point tensor `(batch, channels, height, width)` with both
+    sides at least `minimum` (default: the pyramid's coarsest stride); otherwise a `TypeError` / `ValueError` saying
+    what to pass. `purpose` (e.g. " for the test protocol") is named in the size error."""
+    if not isinstance(pixel_values, torch.Tensor):
+        raise TypeError(
+            f"pixel_values must be a torch.Tensor (batch, {channels}, height, width), got "
+            f"{type(pixel_values).__name__}: prepare images with DenseClipImageProcessor(return_tensors='pt')."
+        )
+    if not pixel_values.is_floating_point():
+        raise TypeError(
+            f"pixel_values must be a floating-point tensor of normalized images, got {pixel_values.dtype}: prepare "
+            "images with DenseClipImageProcessor (it rescales and normalizes them), or call `.float()`."
+        )
+    if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
+        raise ValueError(
+            f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}: "
+            "add a batch dimension with `pixel_values[None]` and pass channels first."
+        )
+    if pixel_values.shape[0] == 0 or min(pixel_values.shape[-2:]) < minimum:
+        raise ValueError(
+            f"pixel_values of shape {tuple(pixel_values.shape)} are too small{purpose}: the batch must not be empty "
+            f"and the height and width must be at least {minimum} pixels (the pyramid's coarsest stride); resize or "
+            "pad the images."
+        )
+
+
+def check_labels(labels: Any, batch: int, num_labels: int, ignore_index: int) -> torch.Tensor:
+    """The entry check of `labels`: an integer tensor `(batch, height, width)` of class ids in `0..num_labels-1` or
+    `ignore_index` (one min/max reduction); returns it as int64. Otherwise a `TypeError` / `ValueError`."""
+    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
+        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
+        raise TypeError(f"labels must be an integer tensor of class ids (torch.long), got {kind}.")
+    if labels.ndim != 3 or labels.shape[0] != batch or labels.numel() == 0:
+        raise ValueError(
+            f"labels must have shape (batch={batch}, height, width) with non-zero sides, got {tuple(labels.shape)}."
+        )
+    labels = labels.long()
+    valid = labels.masked_fill(labels == ignore_index, 0)
+    low, high = torch.stack(torch.aminmax(valid)).tolist()  # one reduction, one host sync
+    if low < 0 or high >= num_labels:
+        bad = torch.unique(valid[(valid < 0) | (valid >= num_labels)])[:10].tolist()
+        raise ValueError(
+            f"labels hold class ids {bad} outside the valid range 0..{num_labels - 1} ({num_labels} classes); "
+            f"mark pixels to ignore with semantic_loss_ignore_index={ignore_index}, or remap the label values "
+            "(e.g. reduce_labels for ADE20K)."
+        )
+    return labels
+
+
 class DenseClipConvNormAct(nn.Module):
     """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU."""
 
@@ -233,12 +287,9 @@ class DenseClipImageEncoder(nn.Module):
         self.num_channels: int = config.vision_config.num_channels
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
-        """A `ValueError` unless `pixel_values` is `(batch, num_channels, height, width)`."""
-        channels = self.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
+        """A `TypeError` unless `pixel_values` is a floating-point tensor, a `ValueError` unless it is
+        `(batch, num_channels, height, width)` with sides of at least the pyramid's coarsest stride."""
+        check_pixel_tensor(pixel_values, self.num_channels)
 
     def resize_position_embeddings(self, image_size: int) -> None:
         raise NotImplementedError
@@ -512,11 +563,6 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         self.check_pixel_values(pixel_values)
-        if min(pixel_values.shape[-2:]) < PYRAMID_STRIDES[-1]:
-            raise ValueError(
-                f"pixel_values height and width must be at least {PYRAMID_STRIDES[-1]} (the last stage has stride "
-                f"{PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
-            )
         return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
 
     def resize_position_embeddings(self, image_size: int) -> None:
@@ -1347,6 +1393,33 @@ _V0_1_0_BASE_MODEL_KEYS = {  # relative to DenseClipModel
 _V0_1_0_DECODER_KEYS = {r"^neck\.": "decoder.neck.", r"^decode_head\.": "decoder.head."}
 
 
+@contextmanager
+def clear_loading_errors(source: Any, kwargs: dict) -> Iterator[None]:
+    """The entry check of `from_pretrained` on a damaged folder: a local folder without `config.json` (when no
+    `config=` is given) is an `OSError` up front, instead of a model built from the default config failing on the
+    weights' shapes; a damaged `model.safetensors` (truncated, empty) is an `OSError` and a `config.json` value of
+    the wrong type a `TypeError`, both naming the file and the fix."""
+    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) and kwargs.get("config") is None:
+        subfolder = kwargs.get("subfolder") or ""
+        if not os.path.isfile(os.path.join(source, subfolder, "config.json")):
+            raise OSError(
+                f"{os.path.join(source, subfolder)} has no config.json: save the model with `save_pretrained`, or "
+                "pass `config=DenseClipConfig.from_pretrained(...)`."
+            )
+    try:
+        yield
+    except SafetensorError as error:
+        raise OSError(
+            f"The weights file (model.safetensors) of {source} is damaged ({error}): it was probably cut short by an "
+            "interrupted save or download; save or download the model again."
+        ) from error
+    except StrictDataclassError as error:
+        raise TypeError(
+            f"config.json of {source} holds a value of the wrong type: {error} Fix the value in config.json (or "
+            "save the config again with `DenseClipConfig.save_pretrained`)."
+        ) from error
+
+
 class DenseClipPreTrainedModel(PreTrainedModel):
     config: DenseClipConfig
     config_class = DenseClipConfig
@@ -1383,7 +1456,8 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             **_V0_1_0_DECODER_KEYS,
             **(key_mapping or {}),
         }
-        loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
+        with clear_loading_errors(args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs):
+            loaded = super().from_pretrained(*args, key_mapping=key_mapping, **kwargs)
         model = loaded[0] if isinstance(loaded, tuple) else loaded
         model.base_model.freeze_text_encoder()
         return loaded
@@ -1941,17 +2015,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         )
 
     def _check_protocol_input(self, pixel_values: torch.Tensor) -> None:
-        channels = self.config.vision_config.num_channels
-        if pixel_values.ndim != 4 or pixel_values.shape[1] != channels:
-            raise ValueError(
-                f"pixel_values must have shape (batch, {channels}, height, width), got {tuple(pixel_values.shape)}."
-            )
-        minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(self.config.vision_config))
-        if min(pixel_values.shape[-2:]) < minimum:
-            raise ValueError(
-                f"pixel_values of size {tuple(pixel_values.shape[-2:])} are too small for the test protocol: each "
-                f"side must be at least {minimum} pixels (the pyramid's coarsest stride)."
-            )
+        config = self.config
+        minimum = max(PYRAMID_STRIDES[-1], input_size_multiple(config.vision_config))
+        check_pixel_tensor(pixel_values, config.vision_config.num_channels, minimum, " for the test protocol")
 
     def _single_pass_logits(
         self, pixel_values: torch.Tensor, text_embeddings: torch.Tensor | None = None
@@ -1980,12 +2046,8 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Total, decode and (unweighted) identity loss for `labels` `(batch, H, W)`."""
-        if labels.ndim != 3 or labels.shape[0] != logits.shape[0]:
-            raise ValueError(
-                f"labels must have shape (batch={logits.shape[0]}, height, width), got {tuple(labels.shape)}."
-            )
         config = self.config
-        labels = labels.long()
+        labels = check_labels(labels, logits.shape[0], config.num_labels, config.semantic_loss_ignore_index)
         decode_loss = pixel_cross_entropy(logits, labels, config.semantic_loss_ignore_index, config.loss_reduction)
         # Eq. 7: the score map, sharpened by tau, is itself a low-resolution segmentation.
         identity_loss = pixel_cross_entropy(

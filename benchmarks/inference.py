@@ -1,0 +1,139 @@
+"""Inference speed of the default path (class text embeddings computed once) against the same model recomputing them
+on every forward and every window (the authors' segmentor), side by side in one run; GFLOPs and the FLOP floor.
+
+    PYTHONPATH=src python benchmarks/inference.py [--repeats 3] [--output benchmarks/results/inference.json]
+
+Full-size ViT-B/16 (at 512 and 640) and RN50 (at 512) with the 150 ADE20K classes and random weights, under
+`torch.no_grad` (as `predict_probabilities` and the pipeline run): one forward on a `size` x `size` image ("whole"),
+and the sliding-window protocol on a 512x683 image (the ADE20K shape) with the config's window. The two paths
+alternate, each timing is the median of `--repeats`; ratios are what to read (absolute times depend on the machine and
+its load). The FLOP floor is GFLOPs divided by the matmul throughput measured here: the time no implementation
+could beat on this machine.
+"""
+
+import argparse
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from configs import ade20k_config
+from torch.utils.flop_counter import FlopCounterMode
+
+from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf.file_utils import write_text_atomically
+
+SLIDE_IMAGE = (512, 683)
+MODELS = [("vit-b16", 512), ("vit-b16", 640), ("rn50", 512)]
+
+
+def recompute_text_every_forward(model: DenseClipForSemanticSegmentation) -> None:
+    """The authors' behaviour: the text tower runs on every forward (this instance only)."""
+    model.denseclip._can_cache_text_embeddings = lambda: False
+
+
+def matmul_gflops_per_second(size: int = 2048, repeats: int = 5) -> float:
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    start = time.perf_counter()
+    for _ in range(repeats):
+        a @ b
+    return 2 * size**3 * repeats / (time.perf_counter() - start) / 1e9
+
+
+def runs(model: DenseClipForSemanticSegmentation, size: int) -> dict:
+    """The measured calls: a whole-image forward and the sliding-window protocol."""
+    whole = torch.randn(1, 3, size, size)
+    slide = torch.randn(1, 3, *SLIDE_IMAGE)
+    height, width = SLIDE_IMAGE
+    return {
+        f"whole {size}x{size}": lambda: model(whole, test_mode="plain"),
+        f"slide {height}x{width}": lambda: model.predict_probabilities(slide, SLIDE_IMAGE, mode="slide"),
+    }
+
+
+def gflops(call) -> float:
+    counter = FlopCounterMode(display=False)
+    with counter:
+        call()
+    return counter.get_total_flops() / 1e9
+
+
+def seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
+def measure(encoder: str, size: int, repeats: int, floor_gflops_per_second: float) -> list[dict]:
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(ade20k_config(encoder, size)).eval()
+    authors = DenseClipForSemanticSegmentation(model.config).eval()
+    authors.load_state_dict(model.state_dict())
+    recompute_text_every_forward(authors)
+    rows = []
+    with torch.no_grad():
+        ours, theirs = runs(model, size), runs(authors, size)
+        for name in ours:
+            ours[name](), theirs[name]()  # warm-up (and the one text-tower run of the default path)
+            ours_times, theirs_times = [], []
+            for _ in range(repeats):  # alternating, so that load changes hit both alike
+                ours_times.append(seconds(ours[name]))
+                theirs_times.append(seconds(theirs[name]))
+            ours_gflops, theirs_gflops = gflops(ours[name]), gflops(theirs[name])
+            row = {
+                "model": f"{encoder} @ {size}",
+                "run": name,
+                "default_s": statistics.median(ours_times),
+                "recompute_text_s": statistics.median(theirs_times),
+                "default_gflops": ours_gflops,
+                "recompute_text_gflops": theirs_gflops,
+                "floor_s": ours_gflops / floor_gflops_per_second,
+            }
+            row["speedup"] = row["recompute_text_s"] / row["default_s"]
+            row["default_over_floor"] = row["default_s"] / row["floor_s"]
+            rows.append(row)
+            print(
+                f"{row['model']:>14} {name:>14}: default {row['default_s']:.2f} s, recomputing t "
+                f"{row['recompute_text_s']:.2f} s -> {row['speedup']:.2f}x; {ours_gflops:.0f} vs {theirs_gflops:.0f} "
+                f"GFLOPs; {row['default_over_floor']:.1f}x the FLOP floor",
+                flush=True,
+            )
+    return rows
+
+
+def markdown(rows: list[dict], floor: float) -> str:
+    lines = [
+        f"Matmul throughput (FLOP floor): {floor:.0f} GFLOP/s.",
+        "",
+        "| model | run | default (s) | recomputing t (s) | speed-up | GFLOPs default / recomputing "
+        "| default / floor |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for row in rows:
+        lines.append(
+            f"| {row['model']} | {row['run']} | {row['default_s']:.2f} | {row['recompute_text_s']:.2f} | "
+            f"{row['speedup']:.2f}x | {row['default_gflops']:.0f} / {row['recompute_text_gflops']:.0f} | "
+            f"{row['default_over_floor']:.1f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
+    args = parser.parse_args()
+    floor = matmul_gflops_per_second()
+    rows = [row for encoder, size in MODELS for row in measure(encoder, size, args.repeats, floor)]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops_per_s": floor}
+    result["rows"] = rows
+    write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
+    write_text_atomically(args.output.with_suffix(".md"), markdown(rows, floor))
+    print(markdown(rows, floor))
+
+
+if __name__ == "__main__":
+    main()
