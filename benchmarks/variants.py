@@ -4,7 +4,8 @@ paper's Table 2 (random weights: the cost does not depend on them).
     PYTHONPATH=src python benchmarks/variants.py
 
 FLOPs are counted by `torch.utils.flop_counter.FlopCounterMode` (2 per multiply-add) for one image through the whole
-segmenter, with and without the text tower (150 class prompts through 12 layers, about half of the total).
+segmenter, with and without the text tower (150 class prompts through 12 layers, about half of the total; the
+baseline, `prompting_type="none"`, has none).
 """
 
 import torch
@@ -15,6 +16,7 @@ from denseclip_hf.configuration_denseclip import PROMPTING_TYPES
 
 # Table 2 (RN50, ADE20K, 512x512): prompting -> (row, mIoU, GFLOPs, params in M).
 PAPER_TABLE_2 = {
+    "none": ("CLIP (+ Semantic FPN, no text)", 39.6, 249, 31.0),
     "language_only": ("CLIP + language prompt", 42.1, 269, 46.5),
     "post_model": ("CLIP + language prompt + post-model V->L (DenseCLIP)", 43.5, 269, 50.2),
 }
@@ -38,11 +40,13 @@ def measure(prompting_type: str, crop: int = CROP) -> dict[str, float]:
     without the frozen CLIP text tower (which the paper's counts leave out: its params match the rest exactly)."""
     model = DenseClipForSemanticSegmentation(rn50_config(prompting_type)).eval()
     parameters = sum(parameter.numel() for parameter in model.parameters()) / 1e6
-    text_parameters = sum(parameter.numel() for parameter in model.base_model.text_encoder.parameters()) / 1e6
+    text_encoder = model.base_model.text_encoder
+    text_parameters = sum(p.numel() for p in text_encoder.parameters()) / 1e6 if text_encoder is not None else 0.0
     counter = FlopCounterMode(display=False)
     with torch.no_grad(), counter:
         model(torch.randn(1, 3, crop, crop), test_mode="plain")
-    text_flops = sum(counter.get_flop_counts()["DenseClipForSemanticSegmentation.denseclip.text_encoder"].values())
+    text_counts = counter.get_flop_counts().get("DenseClipForSemanticSegmentation.denseclip.text_encoder", {})
+    text_flops = sum(text_counts.values())
     flops = counter.get_total_flops()
     return {
         "params": parameters,
