@@ -626,3 +626,15 @@ def test_baseline_has_no_text_to_embed_or_remove(tokenizer):
         model.remove_text_encoder()
     with pytest.raises(ValueError, match="do not pass text_embeddings"):
         model(torch.randn(1, 3, 64, 64), test_mode="plain", text_embeddings=torch.zeros(len(CLASS_NAMES), 24))
+
+
+def test_baseline_from_clip_takes_the_image_tower_alone(tiny_clip_dir):
+    """From CLIP, the baseline loads the image tower bit-exactly and leaves the text tower and projection out."""
+    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
+        tiny_clip_dir, id2label=dict(enumerate(CLASS_NAMES)), prompting_type="none"
+    )
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    own = model.base_model.image_encoder.vision_model.state_dict()
+    expected = {key: value for key, value in clip.vision_model.state_dict().items() if "post_layernorm" not in key}
+    assert_same_tensors(own, expected)
+    assert model.base_model.text_encoder is None

@@ -1282,12 +1282,17 @@ def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[d
     return id2label, tokenize_class_names([id2label[label] for label in range(len(id2label))], tokenizer, length)
 
 
-def check_clip_towers(loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...]) -> None:
+def check_clip_towers(
+    loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...], uses_text: bool = True
+) -> None:
     """Step 4: a `ValueError` unless every CLIP tower tensor (keys starting with `tower_prefixes`) was loaded and the
-    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`)."""
+    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`). A model whose
+    prompting uses no text (`uses_text=False`, the CLIP + Semantic FPN baseline) leaves CLIP's text tower and image
+    projection out: those tower tensors are not used."""
+    unused = () if uses_text else tower_prefixes
     problems = {
         "missing": sorted(key for key in loading_info["missing_keys"] if key.startswith(tower_prefixes)),
-        "unexpected": sorted(loading_info["unexpected_keys"]),
+        "unexpected": sorted(key for key in loading_info["unexpected_keys"] if not key.startswith(unused)),
         "mismatched": sorted(str(key) for key in loading_info["mismatched_keys"]),
     }
     if any(problems.values()):
@@ -1441,7 +1446,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             model, info = cls.from_pretrained(
                 **source.weights, config=config, key_mapping=clip_key_mapping, output_loading_info=True, **kwargs
             )
-        check_clip_towers(info, source, tuple(clip_key_mapping.values()))
+        check_clip_towers(info, source, tuple(clip_key_mapping.values()), model.base_model.prompting.uses_text)
         logger.info(
             f"Loaded the CLIP towers from {source.name!r}; {len(info['missing_keys'])} DenseCLIP tensors (contexts, "
             "context decoder, pyramid, decoder) are newly initialised."
