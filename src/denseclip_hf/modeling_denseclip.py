@@ -17,6 +17,9 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
+    │   │          or DenseClipLanguageOnlyPrompting   context_embeddings
+    │   │          or DenseClipNoTextPrompting         nothing (the baseline: no text_encoder, attention_pool,
+    │   │                                              visual_projection; the pyramid goes to the decoder as it is)
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
              or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
