@@ -61,8 +61,9 @@ def main(argv: list[str] | None = None) -> list[Path]:
         predictions.append(segmentation.label_map)
         figure = segmentation_figure(image, segmentation.label_map, names, palette)
         written.append(save_figure(figure, args.output_dir / f"{name}_segmentation.png"))
-        grid = score_map_grid(image, segmentation.score_map, names, top_k=min(args.top_k, len(names)))
-        written.append(save_figure(grid, args.output_dir / f"{name}_score_maps.png"))
+        if segmentation.score_map is not None:  # None for the CLIP + Semantic FPN baseline (no text)
+            grid = score_map_grid(image, segmentation.score_map, names, top_k=min(args.top_k, len(names)))
+            written.append(save_figure(grid, args.output_dir / f"{name}_score_maps.png"))
     grid = prediction_grid(list(images.values()), predictions, names, ground_truths=ground_truths, palette=palette)
     written.append(save_figure(grid, args.output_dir / "predictions.png"))
     for path in written:

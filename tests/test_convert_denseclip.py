@@ -5,6 +5,7 @@ with random weights: the state dict, the inputs at two sizes, every intermediate
 """
 
 import argparse
+import copy
 import functools
 import json
 import subprocess
@@ -25,7 +26,7 @@ from denseclip_hf import (
     DenseClipResNetConfig,
     convert_denseclip_checkpoint,
 )
-from denseclip_hf.convert_denseclip_original_to_hf import main
+from denseclip_hf.convert_denseclip_original_to_hf import AUTHORS_RESNET_CROP, main
 
 FAMILIES = ("vit", "rn")
 INPUTS = {"expected": "inputs.pixel_values", "expected_alt": "inputs.pixel_values_alt"}
@@ -283,3 +284,42 @@ def test_pickles_that_need_code_are_refused(tmp_path):
     torch.save(checkpoint, tmp_path / "with-objects.pth")
     with pytest.raises(ValueError, match=r"does not read, so it is not loaded.*re-save just the tensors"):
         convert_denseclip_checkpoint(tmp_path / "with-objects.pth", text_heads=2)
+
+
+def baseline_state_dict(family: str, score_map_level: int) -> dict[str, torch.Tensor]:
+    """An authors' CLIP + Semantic FPN baseline (`fpn_clip*`) made from a DenseCLIP fixture: no text encoder,
+    contexts, context decoder, gamma or attention pool, and an FPN whose score-map level reads the pyramid alone (the
+    score map's channels, concatenated last, cut from its lateral convolution)."""
+    without_text = ("text_encoder.", "context_decoder.", "contexts", "gamma", "backbone.attnpool.")
+    state_dict = {key: value for key, value in authors_state_dict(family).items() if not key.startswith(without_text)}
+    lateral = f"neck.lateral_convs.{score_map_level}.conv.weight"
+    num_classes = len(fixture(family)[1]["class_names"])
+    state_dict[lateral] = state_dict[lateral][:, :-num_classes].clone()
+    return state_dict
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_converts_the_clip_semantic_fpn_baseline(converted, family):
+    """A checkpoint without text becomes prompting_type="none" with every tensor used (strict load), and its logits
+    are those of the converted DenseCLIP's image encoder and decoder with the same (cut) FPN weights."""
+    denseclip = DenseClipForSemanticSegmentation.from_pretrained(converted[family]).eval()
+    level = denseclip.config.score_map_level
+    state_dict = baseline_state_dict(family, level)
+    names = fixture(family)[1]["class_names"]
+    options = {key: value for key, value in head_options(family).items() if key != "text_heads"}
+    model = convert_denseclip_checkpoint(state_dict, names, **options)
+    assert model.config.prompting_type == "none" and model.base_model.text_encoder is None
+    # The ResNet stores no positional grid without its attention pool: the crop is the authors' (512).
+    crop = AUTHORS_RESNET_CROP if family == "rn" else denseclip.config.test_crop_size
+    assert model.config.test_crop_size == model.config.vision_config.image_size == crop
+    assert not any("attention_pool" in key or "visual_projection" in key for key in model.state_dict())
+    decoder = copy.deepcopy(denseclip.decoder)
+    decoder.neck.lateral_convs[level].weight = torch.nn.Parameter(
+        denseclip.decoder.neck.lateral_convs[level].weight[:, : -len(names)]
+    )
+    pixel_values = fixture(family)[0][INPUTS["expected"]]
+    with torch.no_grad():
+        expected = decoder(denseclip.base_model.image_encoder(pixel_values).pyramid)
+        output = model(pixel_values, test_mode="plain")
+    assert output.score_map is None and output.text_embeddings is None
+    torch.testing.assert_close(output.logits, expected, **TOLERANCE)

@@ -88,6 +88,24 @@ def test_segment_matches_the_model_run_directly(model_folder):
     np.testing.assert_array_equal(np.asarray(heatmap), np.asarray(score_map_figure(image, score_map, CLASS_NAMES, 2)))
 
 
+def test_baseline_without_text_segments_with_no_score_map(tmp_path, tokenizer):
+    """The CLIP + Semantic FPN baseline has no score map: the demo gives the segmentation alone."""
+    folder = save_tiny_model(tmp_path, tokenizer, palette=PALETTE, prompting_type="none")
+    image = scene()
+    model = DenseClipForSemanticSegmentation.from_pretrained(folder).eval()
+    processor = DenseClipImageProcessor.from_pretrained(folder)
+    with torch.no_grad():
+        outputs = model(**processor(images=image, return_tensors="pt"))
+    label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0].numpy()
+    demo = SegmentationDemo.from_pretrained(folder)
+    segmentation = demo.segment(image)
+    np.testing.assert_array_equal(segmentation.label_map, label_map)
+    assert segmentation.score_map is None
+    overlay, heatmap = demo.pictures(image)
+    assert heatmap is None
+    np.testing.assert_array_equal(np.asarray(overlay)[:48, :72], expected_overlay(image, label_map))
+
+
 def test_default_model_is_where_the_default_training_run_saves(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     assert parse_training_args([]).checkpoints.output_dir == DEFAULT_MODEL

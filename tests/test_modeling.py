@@ -251,7 +251,7 @@ def test_every_configurable_choice_has_a_module():
         (
             "prompting_type",
             "prompt_tuning",
-            r"`prompting_type`=prompt_tuning must be one of \('post_model', 'language_only', 'pre_model'\)",
+            r"`prompting_type`=prompt_tuning must be one of \('post_model', 'language_only', 'pre_model', 'none'\)",
         ),
         ("decoder_type", "mask2former", r"`decoder_type`=mask2former must be one of \('semantic_fpn', 'upernet'\)"),
     ],
@@ -531,7 +531,10 @@ PROMPTING_PARAMETERS = {
     "post_model": {"context_embeddings", "gamma", "context_decoder"},
     "language_only": {"context_embeddings"},
     "pre_model": {"queries", "context_decoder", "context_projection"},
+    "none": set(),
 }
+# The promptings that use text (all but the CLIP + Semantic FPN baseline).
+TEXT_PROMPTINGS = [name for name in PROMPTING_PARAMETERS if name != "none"]
 
 
 @pytest.fixture(params=list(PROMPTING_PARAMETERS))
@@ -539,8 +542,10 @@ def prompting_config(request, tokenizer) -> DenseClipConfig:
     return tiny_config(tokenizer, prompting_type=request.param)
 
 
-def test_prompting_shapes_and_gradients_reach_exactly_its_parameters(prompting_config):
+@pytest.mark.parametrize("prompting_type", TEXT_PROMPTINGS)
+def test_prompting_shapes_and_gradients_reach_exactly_its_parameters(tokenizer, prompting_type):
     assert set(PROMPTING_PARAMETERS) == set(PROMPTING_TYPES)
+    prompting_config = tiny_config(tokenizer, prompting_type=prompting_type)
     model = make_model(prompting_config).train()
     out = model(torch.randn(2, 3, 64, 64), labels=torch.randint(0, len(CLASS_NAMES), (2, 64, 64)))
     assert out.text_embeddings.shape == (2, len(CLASS_NAMES), prompting_config.projection_dim)
@@ -599,3 +604,65 @@ def test_prompting_save_and_load_round_trip(prompting_config, tmp_path):
     pixel_values = torch.randn(2, 3, 64, 64)
     with torch.no_grad():
         torch.testing.assert_close(loaded(pixel_values).logits, model(pixel_values).logits, rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# The CLIP + Semantic FPN baseline (prompting_type="none"): no text at all
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def baseline_config(tokenizer, family) -> DenseClipConfig:
+    return tiny_config(tokenizer, vision_config=ENCODER_FAMILIES[family].vision_config, prompting_type="none")
+
+
+def test_baseline_builds_no_text_parts(baseline_config, family):
+    model = make_model(baseline_config)
+    assert model.base_model.text_encoder is None
+    assert model.base_model.pyramid_channels == ENCODER_FAMILIES[family].pyramid_channels
+    names = list(model.state_dict())
+    for part in ("text_encoder", "attention_pool", "visual_projection", "post_layernorm", "prompting"):
+        assert not [name for name in names if part in name], part
+
+
+def test_baseline_is_the_semantic_fpn_on_the_image_pyramid(baseline_config, family):
+    model = make_model(baseline_config)
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, len(CLASS_NAMES), (2, 64, 64))
+    with torch.no_grad():
+        out = model(pixel_values, labels=labels)
+        # Independently: the decoder on the image encoder's own pyramid, and the plain pixel cross-entropy.
+        expected = model.decoder(model.base_model.image_encoder(pixel_values).pyramid)
+    assert out.score_map is None and out.text_embeddings is None and out.identity_loss is None
+    assert out.logits.shape == (2, len(CLASS_NAMES), 16, 16)
+    torch.testing.assert_close(out.logits, expected)
+    upsampled = F.interpolate(out.logits, size=(64, 64), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(out.loss, F.cross_entropy(upsampled, labels))
+    torch.testing.assert_close(out.loss, out.decode_loss, rtol=0, atol=0)
+    model.train()
+    model(pixel_values, labels=labels).loss.backward()
+    for name, parameter in model.named_parameters():
+        assert parameter.requires_grad and parameter.grad is not None and parameter.grad.abs().sum() > 0, name
+    base = model.base_model(pixel_values)
+    assert base.score_map is base.global_embedding is base.dense_embedding is base.text_embeddings is None
+
+
+def test_baseline_has_no_text_to_embed_or_remove(tokenizer):
+    model = make_model(tiny_config(tokenizer, prompting_type="none"))
+    with pytest.raises(ValueError, match="uses no text"):
+        model.get_text_embeddings()
+    with pytest.raises(ValueError, match="no text tower to remove"):
+        model.remove_text_encoder()
+    with pytest.raises(ValueError, match="do not pass text_embeddings"):
+        model(torch.randn(1, 3, 64, 64), test_mode="plain", text_embeddings=torch.zeros(len(CLASS_NAMES), 24))
+
+
+def test_baseline_from_clip_takes_the_image_tower_alone(tiny_clip_dir):
+    """From CLIP, the baseline loads the image tower bit-exactly and leaves the text tower and projection out."""
+    model = DenseClipForSemanticSegmentation.from_clip_pretrained(
+        tiny_clip_dir, id2label=dict(enumerate(CLASS_NAMES)), prompting_type="none"
+    )
+    clip = CLIPModel.from_pretrained(tiny_clip_dir)
+    own = model.base_model.image_encoder.vision_model.state_dict()
+    expected = {key: value for key, value in clip.vision_model.state_dict().items() if "post_layernorm" not in key}
+    assert_same_tensors(own, expected)
+    assert model.base_model.text_encoder is None

@@ -79,6 +79,22 @@ def test_recipe_defaults_and_overrides(tmp_path):
     assert parse_training_args(flag).model.prompting_type == "language_only"
 
 
+@pytest.mark.parametrize(
+    "name, base, paper_miou",
+    [
+        ("ade20k-rn50-baseline", "ade20k-rn50", (39.6, 41.6)),
+        ("ade20k-rn101-baseline", "ade20k-rn101", (42.7, 44.3)),
+        ("ade20k-vit-b16-baseline", "ade20k-vit-b16", (49.4, 50.3)),
+    ],
+)
+def test_clip_semantic_fpn_baseline_recipes_are_the_denseclip_ones_without_text(tmp_path, name, base, paper_miou):
+    """Table 1's "CLIP + Semantic FPN" rows: the DenseCLIP recipe of the same backbone, with prompting_type "none"."""
+    baseline = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path)])
+    denseclip = parse_training_args(["--recipe", base, "--output_dir", str(tmp_path)])
+    assert baseline.to_flat_dict() == {**denseclip.to_flat_dict(), "prompting_type": "none", "recipe": name}
+    assert RECIPES[name].paper_miou == paper_miou
+
+
 def test_every_recipe_setting_is_one_flag_of_one_concern(tmp_path):
     """Each recipe setting is a flag of exactly one argument dataclass, left `None` there for the recipe to fill; a
     full parse gives every flag once, with the recipe's values where none was given."""

@@ -49,7 +49,7 @@ def chance_miou(num_eval_samples: int) -> float:
     return max(majority_class_miou, 1 / NUM_LABELS)
 
 
-@pytest.mark.parametrize("prompting_type", ["post_model", "language_only", "pre_model"])
+@pytest.mark.parametrize("prompting_type", ["post_model", "language_only", "pre_model", "none"])
 def test_default_run_learns(tmp_path, hub, prompting_type):
     """A shortened `accelerate launch examples/train_seg.py`, with each prompting: mIoU far above chance, a complete
     output folder, and `--push_to_hub` uploads that folder (to the loopback Hub, through the real client), which loads

@@ -25,7 +25,7 @@ _INTERPOLATION_MODES = ("bilinear", "bicubic")
 _LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
 # How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
 # (`decoder_type`). The modeling file maps each name to its module.
-PROMPTING_TYPES = ("post_model", "language_only", "pre_model")
+PROMPTING_TYPES = ("post_model", "language_only", "pre_model", "none")
 DECODER_TYPES = ("semantic_fpn", "upernet")
 # Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
 TEST_MODES = ("slide", "whole")
@@ -502,6 +502,10 @@ class DenseClipConfig(PreTrainedConfig):
             `"pre_model"` (Table 2 row 4, "pre-model V->L prompting"): N learnable queries q attend to [z_bar, z] in
             the context decoder (Eq. 4) and the visual contexts v_pre, projected to the text width, replace p; the
             text tower runs for every image (t per image, never cached; `gamma_init_value` unused).
+            `"none"` (Table 1 / Table 2 row 2, "CLIP + Semantic FPN", the authors' `fpn_clip*` configs): no text at
+            all, the CLIP image encoder fine-tuned under the Semantic FPN; the model builds no text encoder, no
+            attention pool (ResNet) or visual projection (ViT), makes no score map and has no identity loss (the text
+            settings, `score_map_level`, `temperature` and `identity_loss_weight` are unused).
         num_context_tokens (`int`, *optional*, defaults to 8):
             Number N of learnable context vectors p inserted after the start token (Eq. 3), or of learnable queries q
             (pre-model prompting, Eq. 4). Paper: 8.

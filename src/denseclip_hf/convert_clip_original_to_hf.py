@@ -297,9 +297,13 @@ def _infer_resnet_config(
     state_dict: dict[str, torch.Tensor], prefix: str, heads: int | None, hidden_act: str
 ) -> DenseClipResNetConfig:
     """A ResNet's `DenseClipResNetConfig` from tensor shapes (attention-pool heads default to `32 * width // 64`,
-    OpenAI's rule; `hidden_act` does not apply)."""
+    OpenAI's rule; `hidden_act` does not apply). A ResNet without the attention pool (the DenseCLIP authors'
+    `CLIPResNet`) has no positional grid: `image_size` keeps its default."""
     width = require_tensor(state_dict, f"{prefix}conv3.weight", "the ResNet stem width").shape[0]
-    positions = require_tensor(state_dict, f"{prefix}attnpool.positional_embedding", "the ResNet grid").shape[0]
+    grid_key = f"{prefix}attnpool.positional_embedding"
+    grid = (
+        {"image_size": 32 * _square_side(state_dict[grid_key].shape[0], 1, grid_key)} if grid_key in state_dict else {}
+    )
     return DenseClipResNetConfig(
         layers=[
             count_indexed(state_dict, re.escape(f"{prefix}layer{stage}.") + r"(\d+)\.", f"blocks of stage {stage}")
@@ -307,7 +311,7 @@ def _infer_resnet_config(
         ],
         width=width,
         attention_pool_heads=_heads(32 * width, heads, "The ResNet attention pool", "its heads (vision_heads)"),
-        image_size=32 * _square_side(positions, 1, f"{prefix}attnpool.positional_embedding"),
+        **grid,
     )
 
 
@@ -349,7 +353,7 @@ CLIP_IMAGE_TOWERS = {
         ),
         ClipImageTower(
             ClipResNetSettings.name,
-            "attnpool.positional_embedding",
+            "layer1.0.conv1.weight",
             clip_resnet_rules,
             _infer_resnet_config,
             "attnpool.c_proj.weight",

@@ -10,6 +10,9 @@ code are handled here, not in the model:
 - their ViT adds the class embedding to token 0 twice (as the token, and again on top of its position): the second
   copy is folded into row 0 of the positional embedding, since transformers' CLIP adds it once;
 - their ResNet attention pool hard-codes 32 heads (`attention_pool_heads=32`);
+- their CLIP + Semantic FPN baselines (`fpn_clipres50`, `fpn_clipres101`, `fpn_clipvit-b`: no `text_encoder.*`
+  keys) become `prompting_type="none"`; their ViT's unused `proj` / `ln_post` are dropped, their ResNet has no
+  attention pool (`CLIPResNet`), so its crop (512, the grid the others store) is the authors' config value;
 - mmcv's module names (`scale_heads.L.{0,2,4}` interleaved with upsampling, `neck.*.conv`, `conv_seg`, packed q/k/v,
   `(in, out)` projection matrices) become this package's.
 """
@@ -33,12 +36,14 @@ from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseC
 from .convert_clip_original_to_hf import (
     CLIP_IMAGE_TOWERS,
     NORM_TENSORS,
+    ClipImageTower,
     Rule,
     check_converted,
     clip_image_tower,
     clip_tower_rules,
     convert_keys,
     count_indexed,
+    drop,
     infer_clip_text_config,
     load_checkpoint_file,
     rename,
@@ -53,6 +58,8 @@ from .modeling_denseclip import CLIP_KEY_MAPPING, DenseClipForSemanticSegmentati
 # The authors' values of what checkpoints do not store.
 AUTHORS_RESNET_ATTENTION_POOL_HEADS = 32  # hard-coded in their `CLIPResNetWithAttention`
 AUTHORS_CONTEXT_DECODER_HEADS = 4
+# Their ResNet baselines' crop (`fpn_clipres*` configs), which a ResNet without an attention pool does not store.
+AUTHORS_RESNET_CROP = 512
 # Their test pipeline: mmseg `Resize(img_scale=(2048, crop), keep_ratio=True)`, the crop being the training size.
 AUTHORS_TEST_LONGEST_EDGE = 2048
 
@@ -88,6 +95,11 @@ class AuthorsImageTower:
     extra_rules: list[Rule] = dataclass_field(default_factory=list)  # their keys beyond CLIP's tower
     default_heads: int | None = None  # attention heads where they deviate from CLIP's rule
     fix: Callable[[dict[str, torch.Tensor]], None] | None = None  # applied to the converted tensors
+    # Their keys that a baseline without text (`prompting_type="none"`) holds but never uses.
+    unused_without_text: list[str] = dataclass_field(default_factory=list)
+    # The positional grid whose size is the training crop, and the crop of a checkpoint without it.
+    grid_key: str = "positional_embedding"
+    crop_without_grid: int | None = None
 
 
 def fold_repeated_class_embedding(converted: dict[str, torch.Tensor]) -> None:
@@ -103,17 +115,31 @@ AUTHORS_IMAGE_TOWERS = {
     ClipViTSettings.name: AuthorsImageTower(
         extra_rules=[(r"backbone\.fpn([1-4])\.(?:(\d)\.)?" + NORM_TENSORS, rename(_pyramid_level))],
         fix=fold_repeated_class_embedding,
+        unused_without_text=[r"backbone\.proj", r"backbone\.ln_post\.(weight|bias)"],
     ),
-    ClipResNetSettings.name: AuthorsImageTower(default_heads=AUTHORS_RESNET_ATTENTION_POOL_HEADS),
+    ClipResNetSettings.name: AuthorsImageTower(
+        default_heads=AUTHORS_RESNET_ATTENTION_POOL_HEADS,
+        grid_key="attnpool.positional_embedding",
+        crop_without_grid=AUTHORS_RESNET_CROP,
+    ),
 }
 
 
-def denseclip_rules(family: str) -> list[Rule]:
-    """Authors' keys -> `DenseClipForSemanticSegmentation` keys, for an image encoder `family` (`"vit"`/`"resnet"`)."""
+def has_text(state_dict: dict[str, torch.Tensor]) -> bool:
+    """Whether the checkpoint has a text side: DenseCLIP's do, the CLIP + Semantic FPN baselines' have no
+    `text_encoder.*` (nor contexts, context decoder or gamma)."""
+    return any(key.startswith("text_encoder.") for key in state_dict)
+
+
+def denseclip_rules(family: str, uses_text: bool = True) -> list[Rule]:
+    """Authors' keys -> `DenseClipForSemanticSegmentation` keys, for an image encoder `family` (`"vit"`/`"resnet"`);
+    without text (the baselines), the image tower's keys the model does not have are dropped."""
+    unused = [] if uses_text else [(pattern, drop) for pattern in AUTHORS_IMAGE_TOWERS[family].unused_without_text]
     layer = r"context_decoder\.decoder\.(\d+)\."
     decoder_layer = _CONTEXT_DECODER + r"layers.\1."
     clip_keys = {pattern: _MODEL + target for pattern, target in CLIP_KEY_MAPPING.items()}
     return [
+        *unused,
         *with_key_mapping(clip_tower_rules(CLIP_IMAGE_TOWERS[family], "backbone.", "text_encoder."), clip_keys),
         (r"contexts", _contexts),
         (r"gamma", rename(_PROMPTING + "gamma")),
@@ -135,8 +161,11 @@ def denseclip_rules(family: str) -> list[Rule]:
     ]
 
 
-def _score_map_level(state_dict: dict[str, torch.Tensor], pyramid_channels: list[int], num_classes: int) -> int:
-    """The pyramid level whose FPN lateral convolution reads `num_classes` extra channels: the score map's."""
+def _score_map_level(
+    state_dict: dict[str, torch.Tensor], pyramid_channels: list[int], num_classes: int
+) -> dict[str, int]:
+    """The pyramid level whose FPN lateral convolution reads `num_classes` extra channels: the score map's, as config
+    settings (none for `num_classes=0`, a baseline without text, whose FPN reads the pyramid alone)."""
     extra = [
         require_tensor(state_dict, f"neck.lateral_convs.{level}.conv.weight", "the score map level").shape[1]
         - channels
@@ -147,7 +176,37 @@ def _score_map_level(state_dict: dict[str, torch.Tensor], pyramid_channels: list
             f"The FPN lateral convolutions read {[c + e for c, e in zip(pyramid_channels, extra, strict=True)]} "
             f"channels: expected the pyramid's {pyramid_channels} with {num_classes} score-map channels on one level."
         )
-    return extra.index(num_classes)
+    return {"score_map_level": extra.index(num_classes)} if num_classes else {}
+
+
+def _text_settings(
+    state_dict: dict[str, torch.Tensor],
+    class_names: list[str],
+    tower: ClipImageTower,
+    text_heads: int | None,
+    context_decoder_heads: int,
+) -> dict[str, Any]:
+    """The config of the checkpoint's text side (text tower, contexts, context decoder, class token ids, embedding
+    size), from tensor shapes; `prompting_type="none"` for a checkpoint without text (`has_text`)."""
+    if not has_text(state_dict):
+        return {"prompting_type": "none"}
+    text_config = infer_clip_text_config(state_dict, "text_encoder.", text_heads, "quick_gelu")
+    num_contexts = require_tensor(state_dict, "contexts", "the number of contexts").shape[1]
+    name_length = text_config.max_position_embeddings - num_contexts
+    return {
+        "text_config": text_config.to_dict(),
+        "projection_dim": tower.projection_dim(state_dict, "backbone."),
+        "class_token_ids": tokenize_class_names(
+            class_names, CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH), name_length
+        ),
+        "num_context_tokens": num_contexts,
+        "class_name_token_length": name_length,
+        "context_decoder_layers": count_indexed(state_dict, r"context_decoder\.decoder\.(\d+)\.", "decoder layers"),
+        "context_decoder_hidden_size": require_tensor(
+            state_dict, "context_decoder.memory_proj.1.weight", "its width"
+        ).shape[0],
+        "context_decoder_heads": context_decoder_heads,
+    }
 
 
 def infer_config(
@@ -171,30 +230,20 @@ def infer_config(
     tower = clip_image_tower(state_dict, "backbone.")
     if vision_heads is None:
         vision_heads = AUTHORS_IMAGE_TOWERS[tower.family].default_heads
-    text_config = infer_clip_text_config(state_dict, "text_encoder.", text_heads, "quick_gelu")
     vision_config = tower.infer_config(state_dict, "backbone.", vision_heads, "quick_gelu")
+    quirks = AUTHORS_IMAGE_TOWERS[tower.family]
+    if f"backbone.{quirks.grid_key}" not in state_dict:
+        vision_config.image_size = quirks.crop_without_grid
     num_classes = require_tensor(state_dict, "decode_head.conv_seg.weight", "the number of classes").shape[0]
     if len(class_names) != num_classes:
         raise ValueError(f"Got {len(class_names)} class names for a checkpoint with {num_classes} classes.")
-    num_contexts = require_tensor(state_dict, "contexts", "the number of contexts").shape[1]
-    name_length = text_config.max_position_embeddings - num_contexts
     pyramid_channels = image_encoder_settings(vision_config).pyramid_channels()
+    score_channels = num_classes if has_text(state_dict) else 0
     return DenseClipConfig(
-        text_config=text_config.to_dict(),
         vision_config=vision_config.to_dict(),
-        projection_dim=tower.projection_dim(state_dict, "backbone."),
         id2label=dict(enumerate(class_names)),
-        class_token_ids=tokenize_class_names(
-            class_names, CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH), name_length
-        ),
-        num_context_tokens=num_contexts,
-        class_name_token_length=name_length,
-        context_decoder_layers=count_indexed(state_dict, r"context_decoder\.decoder\.(\d+)\.", "decoder layers"),
-        context_decoder_hidden_size=require_tensor(
-            state_dict, "context_decoder.memory_proj.1.weight", "its width"
-        ).shape[0],
-        context_decoder_heads=context_decoder_heads,
-        score_map_level=_score_map_level(state_dict, pyramid_channels, num_classes),
+        **_text_settings(state_dict, class_names, tower, text_heads, context_decoder_heads),
+        **_score_map_level(state_dict, pyramid_channels, score_channels),
         vision_feature_layers=vision_feature_layers,
         fpn_channels=require_tensor(state_dict, "neck.lateral_convs.0.conv.weight", "the FPN width").shape[0],
         decode_head_channels=require_tensor(
@@ -251,7 +300,7 @@ def convert_denseclip_checkpoint(
         loss_reduction=loss_reduction,
         palette=palette,
     )
-    converted = convert_keys(state_dict, denseclip_rules(config.image_encoder_family), source)
+    converted = convert_keys(state_dict, denseclip_rules(config.image_encoder_family, has_text(state_dict)), source)
     model = DenseClipForSemanticSegmentation(config)
     check_converted(converted, shapes_of(model), source)
     fix = AUTHORS_IMAGE_TOWERS[config.image_encoder_family].fix

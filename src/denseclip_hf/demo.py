@@ -36,10 +36,11 @@ DEFAULT_MODEL = "outputs/denseclip-synthetic"
 @dataclass
 class Segmentation:
     """One image's segmentation: `label_map` `(height, width)` int64 class ids at the image's size, and
-    `score_map` `(num_labels, h, w)` float32, the pixel-text cosine similarities at the image encoder's stride."""
+    `score_map` `(num_labels, h, w)` float32, the pixel-text cosine similarities at the image encoder's stride
+    (`None` for a model without text, `prompting_type="none"`, the CLIP + Semantic FPN baseline)."""
 
     label_map: np.ndarray
-    score_map: np.ndarray
+    score_map: np.ndarray | None
 
 
 class SegmentationDemo:
@@ -92,21 +93,26 @@ class SegmentationDemo:
         inputs = self.processor(images=image, return_tensors="pt").to(self.model.device)
         outputs = self.model(**inputs)
         label_map = self.processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
+        label_map = label_map.cpu().numpy()
+        if not self.model.base_model.prompting.uses_text:
+            return Segmentation(label_map=label_map, score_map=None)
         whole = self.processor(images=image, test_mode="whole", return_tensors="pt").to(self.model.device)
         score_map = self.model(**whole, test_mode="plain").score_map[0]
-        return Segmentation(label_map=label_map.cpu().numpy(), score_map=score_map.float().cpu().numpy())
+        return Segmentation(label_map=label_map, score_map=score_map.float().cpu().numpy())
 
     def pictures(
         self, image: ImageLike, class_name: str | None = None, legend: LegendMode = "present"
-    ) -> tuple[Image.Image, Image.Image]:
+    ) -> tuple[Image.Image, Image.Image | None]:
         """The segmentation overlay with its legend, and the score-map heatmap of `class_name` (default: the class
-        with the highest peak score)."""
+        with the highest peak score; `None` for a model without a score map)."""
         image = to_rgb_image(image)
         segmentation = self.segment(image)
         names = self.class_names
         overlay = segmentation_figure(
             image, segmentation.label_map, names, palette_for(self.model.config), legend=legend
         )
+        if segmentation.score_map is None:
+            return overlay, None
         shown = top_classes(segmentation.score_map, 1)[0] if class_name is None else class_name
         return overlay, score_map_figure(image, segmentation.score_map, names, shown)
 

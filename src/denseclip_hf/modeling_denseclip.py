@@ -17,7 +17,10 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     │   │              or DenseClipBackboneImageEncoder backbone (any transformers AutoBackbone), attention_pool
     │   ├── text_encoder: DenseClipTextEncoder         text_model (CLIPTextModel), text_projection; frozen
     │   ├── prompting: DenseClipPostModelPrompting     context_embeddings, context_decoder, gamma
-    │   │           or DenseClipPreModelPrompting      queries, context_decoder, context_projection
+    │   │          or DenseClipLanguageOnlyPrompting   context_embeddings
+    │   │          or DenseClipPreModelPrompting       queries, context_decoder, context_projection
+    │   │          or DenseClipNoTextPrompting         nothing (the baseline: no text_encoder, attention_pool,
+    │   │                                              visual_projection; the pyramid goes to the decoder as it is)
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
              or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
@@ -88,9 +91,10 @@ class DenseClipImageEncoderOutput(ModelOutput):
         pyramid (`tuple(torch.FloatTensor)`):
             4 feature maps `(batch, channels_i, height / stride, width / stride)` for strides 4, 8, 16 and 32.
         global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
-            The global image embedding z_bar (Eq. 1).
+            The global image embedding z_bar (Eq. 1); `None` from an encoder built with `needs_embeddings=False`.
         dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
-            The language-compatible feature map z (Eq. 1), not normalized; stride `patch_size` (ViT) or 32 (ResNet).
+            The language-compatible feature map z (Eq. 1), not normalized; stride `patch_size` (ViT) or 32 (ResNet);
+            `None` from an encoder built with `needs_embeddings=False`.
     """
 
     pyramid: tuple[torch.FloatTensor, ...] | None = None
@@ -111,7 +115,9 @@ class DenseClipModelOutput(ModelOutput):
             channels.
         score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
             Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT, 32 for
-            ResNet).
+            ResNet). `None` for a prompting without text (`prompting_type="none"`, the CLIP + Semantic FPN baseline),
+            whose pyramid is the image encoder's unchanged; `global_embedding`, `dense_embedding` and
+            `text_embeddings` are then `None` too.
         global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
             The global image embedding z_bar (Eq. 1).
         dense_embedding (`torch.FloatTensor` of shape `(batch, projection_dim, h, w)`):
@@ -276,14 +282,18 @@ class DenseClipImageEncoder(nn.Module):
     width / stride)` at strides 4, 8, 16, 32; the global embedding z_bar `(batch, D)`; the dense embedding z
     `(batch, D, h, w)` in the text embedding space (D = `config.projection_dim`). Bad input is a `ValueError`.
     `resize_position_embeddings(image_size)` stores the positional embedding for `image_size` x `image_size` inputs.
+    Built with `needs_embeddings=False` (a prompting without text, `DenseClipPrompting.uses_text`), an encoder builds
+    no projection into the text space (no attention pool, no visual projection) and returns only the pyramid
+    (z_bar and z `None`), as the authors' `CLIPResNet` of their `fpn_clip*` baselines.
 
     Each family's defaults (`pyramid_channels`, the score map's stride, feature layers) come from its
     `ImageEncoderSettings` in the configuration file; `IMAGE_ENCODERS` maps its name to the module.
     """
 
-    def __init__(self, config: DenseClipConfig):
+    def __init__(self, config: DenseClipConfig, needs_embeddings: bool = True):
         super().__init__()
         self.pyramid_channels: list[int] = config.image_encoder_settings.pyramid_channels()
+        self.needs_embeddings = needs_embeddings
         self.num_channels: int = config.vision_config.num_channels
 
     def check_pixel_values(self, pixel_values: torch.Tensor) -> None:
@@ -356,11 +366,15 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
     The pyramid is read from the patch tokens of `config.vision_feature_layers`, all `hidden_size` channels wide.
     """
 
-    def __init__(self, config: DenseClipConfig):
-        super().__init__(config)
+    def __init__(self, config: DenseClipConfig, needs_embeddings: bool = True):
+        super().__init__(config, needs_embeddings)
         vision_config = config.vision_config
         self.vision_model = CLIPVisionModel(vision_config)
-        self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
+        if needs_embeddings:
+            self.visual_projection = nn.Linear(vision_config.hidden_size, config.projection_dim, bias=False)
+        else:
+            # Nothing reads the final tokens' norm (the authors' baseline ViT has no projection either).
+            self.vision_model.post_layernorm = nn.Identity()
         self.pyramid = DenseClipViTPyramid(vision_config.hidden_size, vision_config.patch_size)
         self.feature_layers = list(config.vision_feature_layers)
         self.interpolation = config.position_embedding_interpolation
@@ -412,7 +426,8 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
             hidden_states = layer(hidden_states, None)
             if index in self.feature_layers:
                 features.append(hidden_states[:, 1:].transpose(1, 2).unflatten(2, (height, width)))
-
+        if not self.needs_embeddings:
+            return DenseClipImageEncoderOutput(pyramid=self.pyramid(features))
         # Eq. 1 (ViT): post_layernorm + projection of ALL final tokens; token 0 is z_bar, the others form z.
         embeddings = self.visual_projection(self.vision_model.post_layernorm(hidden_states))
         return DenseClipImageEncoderOutput(
@@ -517,9 +532,12 @@ class DenseClipAttentionPool(nn.Module):
 
 
 class DenseClipResNetVisionModel(nn.Module):
-    """CLIP's ModifiedResNet image tower: stem, 4 stages of bottlenecks (strides 4, 8, 16, 32), attention pool."""
+    """CLIP's ModifiedResNet image tower: stem, 4 stages of bottlenecks (strides 4, 8, 16, 32), attention pool (none
+    when `needs_embeddings=False`: the authors' `CLIPResNet`)."""
 
-    def __init__(self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str):
+    def __init__(
+        self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str, needs_embeddings: bool = True
+    ):
         super().__init__()
         self.stem = DenseClipResNetStem(config.num_channels, config.width)
         stages, in_channels = [], config.width
@@ -531,8 +549,12 @@ class DenseClipResNetVisionModel(nn.Module):
                 in_channels = out_channels
             stages.append(nn.Sequential(*blocks))
         self.stages = nn.ModuleList(stages)
-        self.attention_pool = DenseClipAttentionPool(
-            config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
+        self.attention_pool = (
+            DenseClipAttentionPool(
+                config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
+            )
+            if needs_embeddings
+            else None
         )
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
@@ -541,6 +563,8 @@ class DenseClipResNetVisionModel(nn.Module):
         for stage in self.stages:
             hidden_states = stage(hidden_states)
             pyramid.append(hidden_states)
+        if self.attention_pool is None:
+            return DenseClipImageEncoderOutput(pyramid=tuple(pyramid))
         global_embedding, dense_embedding = self.attention_pool(hidden_states)
         return DenseClipImageEncoderOutput(
             pyramid=tuple(pyramid), global_embedding=global_embedding, dense_embedding=dense_embedding
@@ -555,10 +579,10 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
     (`config.position_embedding_interpolation`).
     """
 
-    def __init__(self, config: DenseClipConfig):
-        super().__init__(config)
+    def __init__(self, config: DenseClipConfig, needs_embeddings: bool = True):
+        super().__init__(config, needs_embeddings)
         self.vision_model = DenseClipResNetVisionModel(
-            config.vision_config, config.projection_dim, config.position_embedding_interpolation
+            config.vision_config, config.projection_dim, config.position_embedding_interpolation, needs_embeddings
         )
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
@@ -569,10 +593,12 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
         _resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
 
 
-def _resize_attention_pool_grid(pool: DenseClipAttentionPool, image_size: int) -> None:
-    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32)."""
+def _resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: int) -> None:
+    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32); no pool, no grid."""
     if image_size % PYRAMID_STRIDES[-1]:
         raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
+    if pool is None:
+        return
     side = image_size // PYRAMID_STRIDES[-1]
     table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
     pool.position_embedding = nn.Parameter(table.clone())
@@ -592,16 +618,20 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
     Input `pixel_values` `(batch, 3, height, width)`, each side a multiple of 32.
     """
 
-    def __init__(self, config: DenseClipConfig):
-        super().__init__(config)
+    def __init__(self, config: DenseClipConfig, needs_embeddings: bool = True):
+        super().__init__(config, needs_embeddings)
         self.backbone = AutoBackbone.from_config(pyramid_backbone_config(config.vision_config))
         self._drop_unused_backbone_modules()
-        self.attention_pool = DenseClipAttentionPool(
-            self.pyramid_channels[-1],
-            config.backbone_attention_pool_heads,
-            config.backbone_attention_pool_image_size // PYRAMID_STRIDES[-1],
-            config.projection_dim,
-            config.position_embedding_interpolation,
+        self.attention_pool = (
+            DenseClipAttentionPool(
+                self.pyramid_channels[-1],
+                config.backbone_attention_pool_heads,
+                config.backbone_attention_pool_image_size // PYRAMID_STRIDES[-1],
+                config.projection_dim,
+                config.position_embedding_interpolation,
+            )
+            if needs_embeddings
+            else None
         )
 
     def _drop_unused_backbone_modules(self) -> None:
@@ -623,6 +653,8 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
             )
         dtype = next(self.backbone.parameters()).dtype
         pyramid = tuple(self.backbone(pixel_values.to(dtype)).feature_maps)
+        if self.attention_pool is None:
+            return DenseClipImageEncoderOutput(pyramid=pyramid)
         global_embedding, dense_embedding = self.attention_pool(pyramid[-1])
         return DenseClipImageEncoderOutput(
             pyramid=pyramid, global_embedding=global_embedding, dense_embedding=dense_embedding
@@ -899,11 +931,24 @@ class DenseClipPreModelPrompting(DenseClipPrompting):
         return text_embeddings.expand(image.global_embedding.shape[0], -1, -1)
 
 
+class DenseClipNoTextPrompting(DenseClipPrompting):
+    """No text at all: the CLIP + Semantic FPN baseline (Table 1, Table 2 row 2, the authors' `fpn_clip*` configs).
+    The model builds no text encoder and its image encoder no attention pool / visual projection; the decoder reads
+    the image encoder's pyramid unchanged (no score map, no identity loss). It has no parameters and is never
+    called."""
+
+    uses_text: ClassVar[bool] = False
+
+    def __init__(self, config: DenseClipConfig):
+        super().__init__()
+
+
 # The prompting of each `DenseClipConfig.prompting_type` (`PROMPTING_TYPES`).
 PROMPTINGS: dict[str, type[DenseClipPrompting]] = {
     "post_model": DenseClipPostModelPrompting,
     "language_only": DenseClipLanguageOnlyPrompting,
     "pre_model": DenseClipPreModelPrompting,
+    "none": DenseClipNoTextPrompting,
 }
 
 
@@ -1343,12 +1388,17 @@ def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[d
     return id2label, tokenize_class_names([id2label[label] for label in range(len(id2label))], tokenizer, length)
 
 
-def check_clip_towers(loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...]) -> None:
+def check_clip_towers(
+    loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...], uses_text: bool = True
+) -> None:
     """Step 4: a `ValueError` unless every CLIP tower tensor (keys starting with `tower_prefixes`) was loaded and the
-    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`)."""
+    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`). A model whose
+    prompting uses no text (`uses_text=False`, the CLIP + Semantic FPN baseline) leaves CLIP's text tower and image
+    projection out: those tower tensors are not used."""
+    unused = () if uses_text else tower_prefixes
     problems = {
         "missing": sorted(key for key in loading_info["missing_keys"] if key.startswith(tower_prefixes)),
-        "unexpected": sorted(loading_info["unexpected_keys"]),
+        "unexpected": sorted(key for key in loading_info["unexpected_keys"] if not key.startswith(unused)),
         "mismatched": sorted(str(key) for key in loading_info["mismatched_keys"]),
     }
     if any(problems.values()):
@@ -1530,7 +1580,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             model, info = cls.from_pretrained(
                 **source.weights, config=config, key_mapping=clip_key_mapping, output_loading_info=True, **kwargs
             )
-        check_clip_towers(info, source, tuple(clip_key_mapping.values()))
+        check_clip_towers(info, source, tuple(clip_key_mapping.values()), model.base_model.prompting.uses_text)
         logger.info(
             f"Loaded the CLIP towers from {source.name!r}; {len(info['missing_keys'])} DenseCLIP tensors (contexts, "
             "context decoder, pyramid, decoder) are newly initialised."
@@ -1628,7 +1678,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                     init.zeros_(linear.bias)
         elif isinstance(module, DenseClipTextEncoder):
             init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
-        elif isinstance(module, DenseClipViTImageEncoder):
+        elif isinstance(module, DenseClipViTImageEncoder) and module.needs_embeddings:
             init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
         elif isinstance(module, DenseClipAttentionPool):
             # CLIP's init: std embed_dim ** -0.5 for the positions and every projection.
@@ -1670,9 +1720,10 @@ class DenseClipModel(DenseClipPreTrainedModel):
 
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
-        self.image_encoder = IMAGE_ENCODERS[config.image_encoder_family](config)
-        self.text_encoder = None if config.text_encoder_removed else DenseClipTextEncoder(config)
         self.prompting = PROMPTINGS[config.prompting_type](config)
+        uses_text = self.prompting.uses_text
+        self.image_encoder = IMAGE_ENCODERS[config.image_encoder_family](config, needs_embeddings=uses_text)
+        self.text_encoder = DenseClipTextEncoder(config) if self.has_text_tower else None
         self.register_buffer(
             "class_token_ids",
             torch.tensor(config.class_token_ids) if config.class_token_ids is not None else None,
@@ -1694,11 +1745,18 @@ class DenseClipModel(DenseClipPreTrainedModel):
             self.text_encoder.requires_grad_(False)
 
     @property
+    def has_text_tower(self) -> bool:
+        """Whether the model has (or, being built, gets) the CLIP text tower: its prompting uses text and the tower was
+        not removed for deployment (`remove_text_encoder`)."""
+        return self.prompting.uses_text and not self.config.text_encoder_removed
+
+    @property
     def pyramid_channels(self) -> list[int]:
         """Channels of the 4 levels of `DenseClipModelOutput.pyramid`: the image encoder's, plus the `num_labels`
-        score-map channels on level `config.score_map_level`."""
+        score-map channels on level `config.score_map_level` (none for a prompting without text)."""
         channels = list(self.image_encoder.pyramid_channels)
-        channels[self.config.score_map_level] += self.config.num_labels
+        if self.prompting.uses_text:
+            channels[self.config.score_map_level] += self.config.num_labels
         return channels
 
     def resize_position_embeddings(self, image_size: int) -> None:
@@ -1726,6 +1784,11 @@ class DenseClipModel(DenseClipPreTrainedModel):
         `num_labels`. In eval mode the model's own t is computed once and reused until anything it is computed from
         changes (weights, contexts, class token ids, device or dtype); see `_text_embeddings_key`.
         """
+        if not self.prompting.uses_text:
+            raise ValueError(
+                f"prompting_type={self.config.prompting_type!r} (the CLIP + Semantic FPN baseline) uses no text: the "
+                "model has no class text embeddings. Build it with a prompting that uses text (e.g. 'post_model')."
+            )
         if self.text_encoder is None:
             if class_token_ids is not None:
                 raise ValueError(
@@ -1795,6 +1858,11 @@ class DenseClipModel(DenseClipPreTrainedModel):
         deletes the CLIP text tower, for deployment: a smaller model (ViT-B/16: 63 M parameters fewer) with the same
         outputs, which `save_pretrained` / `from_pretrained` keep (`config.text_encoder_removed`). Such a model cannot
         train (a `ValueError` in training mode) nor embed other class names."""
+        if not self.prompting.uses_text:
+            raise ValueError(
+                f"prompting_type={self.config.prompting_type!r} (the CLIP + Semantic FPN baseline) has no text tower "
+                "to remove."
+            )
         if self.text_encoder is None:
             raise ValueError("This model's text tower is already removed.")
         if self.prompting.contexts_depend_on_image:
@@ -1831,6 +1899,14 @@ class DenseClipModel(DenseClipPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         image = self.image_encoder(pixel_values)  # Eq. 1
+        hidden_states = image.pyramid if output_hidden_states else None
+        if not self.prompting.uses_text:
+            if text_embeddings is not None:
+                raise ValueError(
+                    f"prompting_type={self.config.prompting_type!r} (the CLIP + Semantic FPN baseline) uses no text: "
+                    "do not pass text_embeddings."
+                )
+            return DenseClipModelOutput(pyramid=image.pyramid, hidden_states=hidden_states)
         if text_embeddings is None:
             text_embeddings = self.get_text_embeddings(image)  # Eq. 3
         else:
@@ -1843,7 +1919,7 @@ class DenseClipModel(DenseClipPreTrainedModel):
             global_embedding=image.global_embedding,
             dense_embedding=image.dense_embedding,
             text_embeddings=text_embeddings,
-            hidden_states=image.pyramid if output_hidden_states else None,
+            hidden_states=hidden_states,
         )
 
 
@@ -2043,12 +2119,15 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         return protocol_logits(logits_fn, pixel_values, mode, crop_size, stride)
 
     def compute_loss(
-        self, logits: torch.Tensor, score_map: torch.Tensor, labels: torch.Tensor
-    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Total, decode and (unweighted) identity loss for `labels` `(batch, H, W)`."""
+        self, logits: torch.Tensor, score_map: torch.Tensor | None, labels: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """Total, decode and (unweighted) identity loss for `labels` `(batch, H, W)`; without a score map (a
+        prompting without text) the total is the decode loss and the identity loss `None`."""
         config = self.config
         labels = check_labels(labels, logits.shape[0], config.num_labels, config.semantic_loss_ignore_index)
         decode_loss = pixel_cross_entropy(logits, labels, config.semantic_loss_ignore_index, config.loss_reduction)
+        if score_map is None:
+            return decode_loss, decode_loss, None
         # Eq. 7: the score map, sharpened by tau, is itself a low-resolution segmentation.
         identity_loss = pixel_cross_entropy(
             score_map / config.temperature, labels, config.semantic_loss_ignore_index, config.loss_reduction
