@@ -1388,6 +1388,27 @@ def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[d
     return id2label, tokenize_class_names([id2label[label] for label in range(len(id2label))], tokenizer, length)
 
 
+def clip_denseclip_config(
+    source: ClipSource, vision_config: PreTrainedConfig, id2label: dict[int, str], tokenizer, settings: dict
+) -> DenseClipConfig:
+    """The `DenseClipConfig` of a model built on a CLIP checkpoint: its text tower and projection width,
+    `vision_config` (CLIP's own or a backbone's), the classes tokenized with the checkpoint's tokenizer (or
+    `tokenizer`), and `settings`."""
+    id2label, class_token_ids = tokenize_labels(
+        id2label,
+        load_clip_tokenizer(source, tokenizer),
+        settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
+    )
+    return DenseClipConfig(
+        text_config=source.text_config.to_dict(),
+        vision_config=vision_config.to_dict(),
+        projection_dim=source.projection_dim,
+        id2label=id2label,
+        class_token_ids=class_token_ids,
+        **settings,
+    )
+
+
 def check_clip_towers(
     loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...], uses_text: bool = True
 ) -> None:
@@ -1562,19 +1583,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             hidden_act=hidden_act,
             **hub_kwargs,
         )
-        id2label, class_token_ids = tokenize_labels(
-            id2label,
-            load_clip_tokenizer(source, tokenizer),
-            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
-        )
-        config = DenseClipConfig(
-            text_config=source.text_config.to_dict(),
-            vision_config=source.vision_config.to_dict(),
-            projection_dim=source.projection_dim,
-            id2label=id2label,
-            class_token_ids=class_token_ids,
-            **settings,
-        )
+        config = clip_denseclip_config(source, source.vision_config, id2label, tokenizer, settings)
         clip_key_mapping = cls._base_model_key_mapping(CLIP_KEY_MAPPING)
         with _without_load_report():
             model, info = cls.from_pretrained(
@@ -1616,19 +1625,7 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         output_loading_info = kwargs.pop("output_loading_info", False)
         backbone_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
         source = resolve_clip_source(clip_name_or_path, text_heads=text_heads, hidden_act=hidden_act, **hub_kwargs)
-        id2label, class_token_ids = tokenize_labels(
-            id2label,
-            load_clip_tokenizer(source, tokenizer),
-            settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
-        )
-        config = DenseClipConfig(
-            text_config=source.text_config.to_dict(),
-            vision_config=backbone_config.to_dict(),
-            projection_dim=source.projection_dim,
-            id2label=id2label,
-            class_token_ids=class_token_ids,
-            **settings,
-        )
+        config = clip_denseclip_config(source, backbone_config, id2label, tokenizer, settings)
         text_key_mapping = cls._base_model_key_mapping(
             {pattern: target for pattern, target in CLIP_KEY_MAPPING.items() if target.startswith("text_encoder.")}
         )
