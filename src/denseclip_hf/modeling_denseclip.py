@@ -1799,23 +1799,20 @@ class DenseClipModel(DenseClipPreTrainedModel):
                     "tower (the folder saved before `remove_text_encoder`), then remove it again."
                 )
             return self.class_text_embeddings
-        if class_token_ids is not None:
-            device = self.text_encoder.text_projection.weight.device
-            return self.text_encoder(class_token_ids.to(device), self.prompting.text_contexts(image))
-        if self.class_token_ids is None:
+        if class_token_ids is None and self.class_token_ids is None:
             raise ValueError(
                 "This model has no class token ids: build it with `DenseClipForSemanticSegmentation."
                 "from_clip_pretrained(..., id2label=...)` or set `config.class_token_ids` with "
                 "`denseclip_hf.tokenize_class_names`."
             )
-        if not self._can_cache_text_embeddings():
-            self._text_embeddings_cache = None
-            return self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
+        if class_token_ids is not None or not self._can_cache_text_embeddings():
+            token_ids = self.class_token_ids if class_token_ids is None else class_token_ids.to(self.device)
+            return self.text_encoder(token_ids, self.prompting.text_contexts(image))
         key = self._text_embeddings_key()
         if self._text_embeddings_cache is None or self._text_embeddings_cache[0] != key:
             # Computed outside any `torch.inference_mode` of the caller, so that the cached tensor is a normal one.
             with torch.inference_mode(False), torch.no_grad():
-                text_embeddings = self.text_encoder(self.class_token_ids, self.prompting.text_contexts())
+                text_embeddings = self.text_encoder(self.class_token_ids, self.prompting.text_contexts(image))
             self._text_embeddings_cache = (key, text_embeddings)
         return self._text_embeddings_cache[1]
 
