@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import torch
+from authors import behave_as_the_authors
 from configs import ade20k_config
 from torch.utils.flop_counter import FlopCounterMode
 
@@ -27,16 +28,6 @@ from denseclip_hf.file_utils import write_text_atomically
 
 SLIDE_IMAGE = (512, 683)
 MODELS = [("vit-b16", 512), ("vit-b16", 640), ("rn50", 512)]
-
-
-def behave_as_the_authors(model: DenseClipForSemanticSegmentation) -> None:
-    """The authors' segmentor (this instance only): the text tower runs on every forward, and the sliding-window
-    protocol runs one forward per window (theirs loops over the crops; ours batches them)."""
-    model.denseclip._can_cache_text_embeddings = lambda: False
-    single_pass = model._single_pass_logits
-    model._single_pass_logits = lambda pixel_values, text_embeddings=None: torch.cat(
-        [single_pass(window[None], text_embeddings) for window in pixel_values]
-    )
 
 
 def matmul_gflops_per_second(size: int = 2048, repeats: int = 5) -> float:

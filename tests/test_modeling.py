@@ -346,6 +346,48 @@ def test_text_encoder_reproduces_clip_prompt(tiny_clip_dir, tokenizer):
     torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
 
 
+def full_causal_text_tower(text_encoder, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
+    """Every position of every prompt `[SOT, contexts, name ids[1:]]` through the CLIP layers with a causal mask,
+    pooled at the end token (the authors' text encoder): `contexts` `(prompts, N, width)` -> `(prompts, D)`."""
+    text_model = text_encoder.text_model
+    tokens = text_model.embeddings.token_embedding(class_token_ids)
+    hidden_states = torch.cat([tokens[:, :1], contexts, tokens[:, 1:]], dim=1)
+    length = hidden_states.shape[1]
+    hidden_states = hidden_states + text_model.embeddings.position_embedding.weight[:length]
+    mask = torch.full((length, length), float("-inf")).triu(1)[None, None]
+    for layer in text_model.encoder.layers:
+        hidden_states = layer(hidden_states, mask)
+    hidden_states = text_model.final_layer_norm(hidden_states)
+    end = (class_token_ids == text_model.config.eos_token_id).int().argmax(-1) + contexts.shape[1]
+    return text_encoder.text_projection(hidden_states[torch.arange(len(end)), end])
+
+
+@pytest.mark.parametrize("per_image", [False, True])
+def test_text_encoder_shares_the_prompt_prefix_exactly(tokenizer, per_image):
+    """The tower runs [SOT, contexts] once and stops after the longest name: the same embeddings and context
+    gradients as every position of every prompt (names of 1 to 3 tokens, padded)."""
+    names = ["wall", "traffic light", "chest of drawers", "sky", "kitchen island"]
+    config = tiny_config(tokenizer, names)
+    encoder = DenseClipModel(config).eval().text_encoder
+    ids = torch.tensor(config.class_token_ids)
+    assert len(set((ids == config.text_config.eos_token_id).int().argmax(-1).tolist())) == 3  # varied lengths
+    shape = (config.num_context_tokens, config.text_config.hidden_size)
+    contexts = torch.randn((3, *shape) if per_image else shape, requires_grad=True)
+    ours = encoder(ids, contexts)
+    grouped = contexts if per_image else contexts[None]
+    reference = torch.stack(
+        [full_causal_text_tower(encoder, ids, group.expand(len(names), -1, -1)) for group in grouped]
+    )
+    torch.testing.assert_close(ours, reference if per_image else reference[0], atol=1e-5, rtol=1e-5)
+    (gradient,) = torch.autograd.grad((ours * torch.arange(ours.numel()).view_as(ours)).sum(), contexts)
+    (expected,) = torch.autograd.grad((reference * torch.arange(reference.numel()).view_as(reference)).sum(), contexts)
+    torch.testing.assert_close(gradient, expected, atol=1e-4, rtol=1e-4)
+    other = ids.clone()
+    other[1, 0] = ids[0, 1]
+    with pytest.raises(ValueError, match="same start token"):
+        encoder(other, contexts)
+
+
 @pytest.mark.parametrize("size", [(64, 64), (96, 48)])
 def test_global_embedding_is_clip_image_embedding(tiny_clip_dir, size):
     """z_bar equals CLIP's image embedding (bicubic position interpolation matches `interpolate_pos_encoding`)."""

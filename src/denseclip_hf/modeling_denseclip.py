@@ -55,7 +55,6 @@ from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
-from transformers.masking_utils import create_causal_mask
 from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
@@ -693,7 +692,14 @@ IMAGE_ENCODERS: dict[str, type[DenseClipImageEncoder]] = {
 
 
 class DenseClipTextEncoder(nn.Module):
-    """CLIP text tower that reads `[SOT, p_1..p_N, name tokens, EOT]`: N learnable contexts after the start token."""
+    """CLIP text tower that reads `[SOT, p_1..p_N, name tokens, EOT]`: N learnable contexts after the start token.
+
+    The tower is causal and only the end token's output is read, which allows two exact savings over running every
+    position of every prompt (the authors' code): the start token and the contexts, the same in every class's prompt,
+    run once (their keys and values shared by all classes, as a key-value cache would), and positions after the
+    longest name's end token are not computed. With the authors' 13 positions (N = 8) and names of up to 3 tokens the
+    tower computes 9 + 4 K instead of 13 K positions for K classes.
+    """
 
     def __init__(self, config: DenseClipConfig):
         super().__init__()
@@ -703,37 +709,87 @@ class DenseClipTextEncoder(nn.Module):
     def forward(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
         """`class_token_ids` `(classes, length)` and `contexts` `(N, hidden)` -> text embeddings `(classes, D)`.
 
-        Contexts per image, `(batch, N, hidden)`, give text embeddings per image, `(batch, classes, D)`: the
-        `batch * classes` prompts run through the tower as one batch.
+        Contexts per image, `(batch, N, hidden)`, give text embeddings per image, `(batch, classes, D)`.
         """
-        num_classes = class_token_ids.shape[0]
         if contexts.dim() == 2:
-            return self._encode(class_token_ids, contexts.unsqueeze(0).expand(num_classes, -1, -1))
-        batch = contexts.shape[0]
-        text_embeddings = self._encode(
-            class_token_ids.repeat(batch, 1), contexts.repeat_interleave(num_classes, dim=0)
-        )
-        return text_embeddings.view(batch, num_classes, -1)
+            return self._encode(class_token_ids, contexts.unsqueeze(0))[0]
+        return self._encode(class_token_ids, contexts)
 
     def _encode(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
-        """`class_token_ids` `(prompts, length)` and `contexts` `(prompts, N, hidden)` -> `(prompts, D)`."""
+        """`class_token_ids` `(classes, length)` and `contexts` `(groups, N, hidden)` -> `(groups, classes, D)`."""
+        if bool((class_token_ids[:, 0] != class_token_ids[0, 0]).any()):
+            raise ValueError(
+                "Every class prompt must start with the same start token (SOT): tokenize the class names with "
+                "`denseclip_hf.tokenize_class_names`."
+            )
         text_model = self.text_model
-        token_embeddings = text_model.embeddings.token_embedding(class_token_ids)
-        num_prompts = token_embeddings.shape[0]
-        contexts = contexts.to(token_embeddings.dtype)
-        # Eq. 3: [p, e_k], with the start token kept in front as in the authors' code.
-        inputs_embeds = torch.cat([token_embeddings[:, :1], contexts, token_embeddings[:, 1:]], dim=1)
-        hidden_states = text_model.embeddings(inputs_embeds=inputs_embeds)
-        causal_mask = create_causal_mask(
-            config=text_model.config, inputs_embeds=hidden_states, attention_mask=None, cache=None
+        groups, num_contexts = contexts.shape[:2]
+        num_classes = class_token_ids.shape[0]
+        # Index of each name's end token; nothing after the longest name's end token can change any output.
+        end_indices = (class_token_ids == text_model.config.eos_token_id).int().argmax(-1)
+        name_length = int(end_indices.max()) + 1
+        token_embeddings = text_model.embeddings.token_embedding(class_token_ids[:, :name_length])
+        positions = text_model.embeddings.position_embedding.weight
+        prefix_length = 1 + num_contexts
+        # Eq. 3: [SOT, p, e_k], with the start token kept in front as in the authors' code.
+        prefix = (
+            torch.cat([token_embeddings[:1, :1].expand(groups, 1, -1), contexts.to(token_embeddings.dtype)], dim=1)
+            + positions[:prefix_length]
         )
-        hidden_states = text_model.encoder(
-            inputs_embeds=hidden_states, attention_mask=causal_mask, is_causal=True
-        ).last_hidden_state
+        names = token_embeddings[:, 1:] + positions[prefix_length : prefix_length + name_length - 1]
+        names = names.repeat(groups, 1, 1)
+        for layer in text_model.encoder.layers:
+            prefix, names = _shared_prefix_layer(layer, prefix, names, self.training)
+        # Each prompt's positions after the contexts: the last context's output, then the name tokens'.
+        hidden_states = torch.cat([prefix[:, -1:].repeat_interleave(num_classes, dim=0), names], dim=1)
         hidden_states = text_model.final_layer_norm(hidden_states)
-        end_positions = (class_token_ids == text_model.config.eos_token_id).int().argmax(-1) + contexts.shape[1]
-        pooled = hidden_states[torch.arange(num_prompts, device=hidden_states.device), end_positions]
-        return self.text_projection(pooled)
+        prompts = torch.arange(groups * num_classes, device=hidden_states.device)
+        pooled = hidden_states[prompts, end_indices.repeat(groups)]
+        return self.text_projection(pooled).view(groups, num_classes, -1)
+
+
+def _shared_prefix_layer(
+    layer: nn.Module, prefix: torch.Tensor, names: torch.Tensor, training: bool
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One pre-norm CLIP text layer (causal self-attention, MLP) over prompts that share their first positions.
+
+    `prefix` `(groups, P, hidden)`: the shared positions of each group of prompts; `names` `(groups * classes, S,
+    hidden)`: the positions after them, group by group. The prefix attends causally to itself; each prompt's later
+    positions attend to its group's whole prefix and causally to their own prompt, as in the full causal sequence.
+    """
+    attention = layer.self_attn
+    groups, prefix_length = prefix.shape[:2]
+    prompts_per_group, name_length = names.shape[0] // groups, names.shape[1]
+    dropout = attention.dropout if training else 0.0
+
+    def heads(states: torch.Tensor) -> torch.Tensor:
+        return states.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2)
+
+    def per_prompt(states: torch.Tensor) -> torch.Tensor:
+        return states.repeat_interleave(prompts_per_group, dim=0)
+
+    normed_prefix, normed_names = layer.layer_norm1(prefix), layer.layer_norm1(names)
+    prefix_keys, prefix_values = attention.k_proj(normed_prefix), attention.v_proj(normed_prefix)
+    attended_prefix = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed_prefix)),
+        heads(prefix_keys),
+        heads(prefix_values),
+        dropout_p=dropout,
+        is_causal=True,
+    )
+    keys = torch.cat([per_prompt(prefix_keys), attention.k_proj(normed_names)], dim=1)
+    values = torch.cat([per_prompt(prefix_values), attention.v_proj(normed_names)], dim=1)
+    mask = torch.ones(name_length, prefix_length + name_length, dtype=torch.bool, device=names.device)
+    attended_names = F.scaled_dot_product_attention(
+        heads(attention.q_proj(normed_names)),
+        heads(keys),
+        heads(values),
+        attn_mask=mask.tril(prefix_length),
+        dropout_p=dropout,
+    )
+    prefix = prefix + attention.out_proj(attended_prefix.transpose(1, 2).flatten(2))
+    names = names + attention.out_proj(attended_names.transpose(1, 2).flatten(2))
+    return prefix + layer.mlp(layer.layer_norm2(prefix)), names + layer.mlp(layer.layer_norm2(names))
 
 
 def tokenize_class_names(class_names: list[str], tokenizer, length: int) -> list[list[int]]:
