@@ -18,7 +18,13 @@ from denseclip_hf import (
     tokenize_class_names,
 )
 from denseclip_hf.configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES
-from denseclip_hf.modeling_denseclip import DECODERS, PROMPTINGS, drop_path, pixel_cross_entropy
+from denseclip_hf.modeling_denseclip import (
+    DECODERS,
+    PROMPTINGS,
+    UpsampledCrossEntropy,
+    drop_path,
+    pixel_cross_entropy,
+)
 
 
 def comparable(config: DenseClipConfig) -> dict:
@@ -290,6 +296,35 @@ def test_pixel_cross_entropy_upsamples_logits_to_labels():
     upsampled = F.interpolate(logits, size=(16, 16), mode="bilinear", align_corners=False)
     expected = F.cross_entropy(upsampled, labels)
     torch.testing.assert_close(pixel_cross_entropy(logits, labels, 255, "mean_non_ignored"), expected)
+
+
+@pytest.mark.parametrize("label_size", [(16, 20), (4, 5)])
+def test_upsampled_cross_entropy_has_the_values_and_gradients_of_the_plain_loss(label_size):
+    """The memory-lean loss (no full-resolution logits kept for the backward pass) against `F.cross_entropy` on the
+    resized logits: per-pixel values, and gradients for an arbitrary weighting of the pixels."""
+    torch.manual_seed(0)
+    logits = torch.randn(2, 7, 4, 5, requires_grad=True)
+    labels = torch.randint(0, 7, (2, *label_size))
+    labels[0, :2] = 255
+    weights = torch.rand(2, *label_size)
+    ours = UpsampledCrossEntropy.apply(logits, labels, 255)
+    (ours_gradient,) = torch.autograd.grad((ours * weights).sum(), logits)
+    resized = F.interpolate(logits, size=label_size, mode="bilinear", align_corners=False)
+    expected = F.cross_entropy(resized, labels, ignore_index=255, reduction="none")
+    (expected_gradient,) = torch.autograd.grad((expected * weights).sum(), logits)
+    torch.testing.assert_close(ours, expected, atol=1e-6, rtol=1e-5)
+    torch.testing.assert_close(ours_gradient, expected_gradient, atol=1e-6, rtol=1e-5)
+    assert (ours[0, :2] == 0).all()
+
+
+def test_upsampled_cross_entropy_keeps_the_dtype_of_bfloat16_logits():
+    logits = torch.randn(1, 3, 4, 4, dtype=torch.bfloat16, requires_grad=True)
+    labels = torch.randint(0, 3, (1, 8, 8))
+    losses = UpsampledCrossEntropy.apply(logits, labels, 255)
+    losses.sum().backward()
+    assert losses.dtype == torch.float32 and logits.grad.dtype == torch.bfloat16
+    resized = F.interpolate(logits.detach().float(), size=(8, 8), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(losses, F.cross_entropy(resized, labels, reduction="none"))
 
 
 def test_score_map_is_cosine_similarity():

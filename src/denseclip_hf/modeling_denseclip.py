@@ -1170,11 +1170,56 @@ def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index
 
     `reduction="mean_non_ignored"` averages over labelled pixels; `"mean_all_pixels"` over all pixels (mmseg 0.x).
     """
-    logits = _resize(logits, labels.shape[-2:]).float()
-    losses = F.cross_entropy(logits, labels, ignore_index=ignore_index, reduction="none")
+    losses = UpsampledCrossEntropy.apply(logits, labels, ignore_index)
     if reduction == "mean_all_pixels":
         return losses.mean()
     return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
+
+
+def _classes_last(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+    """`(batch, classes, h, w)` -> float32 logits bilinearly resized to `size`, classes last `(batch, H, W, classes)`:
+    resized in channels-last memory, so that each pixel's classes are one contiguous row (1.5x faster to soft-max on
+    CPU than the channel dimension of a `(batch, classes, H, W)` tensor)."""
+    logits = logits.float().contiguous(memory_format=torch.channels_last)
+    return _resize(logits, size).permute(0, 2, 3, 1)
+
+
+class UpsampledCrossEntropy(torch.autograd.Function):
+    """Per-pixel cross-entropy of logits `(batch, classes, h, w)` bilinearly resized to `labels` `(batch, H, W)` ->
+    losses `(batch, H, W)`, 0 where `labels == ignore_index`; the values and gradients of `F.cross_entropy` on the
+    resized logits.
+
+    The full-resolution logits (ADE20K: 150 x 512 x 512 floats, 157 MB per image and loss) are not kept for the
+    backward pass: it keeps the small logits and each pixel's log-normalizer, recomputes the resize one image at a
+    time, and forms the gradient softmax - one-hot in place.
+    """
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
+        ignored = labels == ignore_index
+        targets = labels.masked_fill(ignored, 0).unsqueeze(-1)
+        losses, log_normalizers = [], []
+        for image in range(logits.shape[0]):
+            rows = _classes_last(logits[image : image + 1], labels.shape[-2:])
+            log_normalizers.append(rows.logsumexp(-1))
+            losses.append(log_normalizers[-1] - rows.gather(-1, targets[image : image + 1]).squeeze(-1))
+        ctx.save_for_backward(logits, targets, ignored, torch.cat(log_normalizers))
+        return torch.cat(losses).masked_fill_(ignored, 0)
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        logits, targets, ignored, log_normalizers = ctx.saved_tensors
+        grad_losses = grad_losses.masked_fill(ignored, 0).unsqueeze(-1)
+        gradients = []
+        for image in range(logits.shape[0]):
+            with torch.enable_grad():
+                leaf = logits[image : image + 1].detach().requires_grad_()
+                rows = _classes_last(leaf, targets.shape[1:3])
+            one = slice(image, image + 1)
+            grad_rows = (rows.detach() - log_normalizers[one].unsqueeze(-1)).exp_()  # softmax
+            grad_rows.scatter_add_(-1, targets[one], torch.full(targets[one].shape, -1.0, device=grad_rows.device))
+            gradients.append(torch.autograd.grad(rows, leaf, grad_rows.mul_(grad_losses[one]))[0])
+        return torch.cat(gradients), None, None
 
 
 def detection_targets(
