@@ -4,7 +4,8 @@ package's default against the same model computing as the authors' segmentor (`a
     PYTHONPATH=src python benchmarks/training.py [--rounds 2] [--output benchmarks/results/training.json]
 
 Each run is a fresh process (so that its peak resident memory is its own): AdamW over the recipe's parameter groups
-(for the authors' behaviour plus the text tower at learning rate 0, their `lr_mult=0.0`), the losses of the paper
+(the training script's `build_optimizer`, fused; for the authors' behaviour torch's default AdamW, as mmcv builds
+it, with the text tower at learning rate 0, their `lr_mult=0.0`), the losses of the paper
 (decode + identity), forward, backward and step. The first step allocates the optimizer state and is not timed; the
 median of the next `--steps` is. The two paths alternate process by process for `--rounds` rounds, so that load
 changes hit both alike; ratios are what to read. Peak memory is the process's maximum resident set size.
@@ -25,7 +26,7 @@ from configs import NUM_CLASSES, ade20k_config
 
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.file_utils import write_text_atomically
-from denseclip_hf.training.optimization import parameter_groups
+from denseclip_hf.training.optimization import build_optimizer, parameter_groups
 from denseclip_hf.training.recipes import RECIPES
 
 ENCODERS = {"vit-b16": "ade20k-vit-b16", "rn50": "ade20k-rn50"}
@@ -37,10 +38,13 @@ def one_run(encoder: str, path: str, steps: int) -> dict:
     recipe = RECIPES[ENCODERS[encoder]]
     torch.manual_seed(0)
     model = DenseClipForSemanticSegmentation(ade20k_config(encoder, CROP)).train()
-    groups = parameter_groups(model, recipe.learning_rate, recipe.weight_decay, recipe.image_encoder_lr_multiplier)
-    if path == "authors":
+    settings = (recipe.learning_rate, recipe.weight_decay, recipe.image_encoder_lr_multiplier)
+    if path == "authors":  # mmcv's optimizer builder: torch's AdamW with its defaults
+        groups = parameter_groups(model, *settings)
         groups.append({"params": behave_as_the_authors(model), "lr": 0.0, "weight_decay": 0.0})
-    optimizer = torch.optim.AdamW(groups)
+        optimizer = torch.optim.AdamW(groups)
+    else:  # what `examples/train_seg.py` builds
+        optimizer = build_optimizer(model, *settings)
     pixel_values = torch.randn(BATCH, 3, CROP, CROP)
     labels = torch.randint(0, NUM_CLASSES, (BATCH, CROP, CROP))
     times = []

@@ -1,6 +1,7 @@
 """The paper's optimizer and schedule: mmcv's poly learning rate with warmup, AdamW parameter groups."""
 
 import collections
+import copy
 import dataclasses
 import json
 import logging
@@ -15,7 +16,12 @@ from denseclip_hf.convert_clip_original_to_hf import convert_keys
 from denseclip_hf.convert_denseclip_original_to_hf import denseclip_rules, infer_config
 from denseclip_hf.training.arguments import OptimizationArguments, parse_training_args
 from denseclip_hf.training.model_loading import convert_batchnorm_for_launch, uses_sync_batchnorm
-from denseclip_hf.training.optimization import WEIGHT_DECAY_EXEMPTIONS, parameter_groups, poly_schedule_with_warmup
+from denseclip_hf.training.optimization import (
+    WEIGHT_DECAY_EXEMPTIONS,
+    build_optimizer,
+    parameter_groups,
+    poly_schedule_with_warmup,
+)
 from denseclip_hf.training.recipes import RECIPES
 
 
@@ -132,6 +138,26 @@ def test_extended_weight_decay_exemptions(tokenizer):
     optimizer.step()
     frozen = [parameter for parameter in model.base_model.text_encoder.parameters()]
     assert all(not parameter.requires_grad and parameter not in optimizer.state for parameter in frozen)
+
+
+@pytest.mark.parametrize("device_type, fused", [("cpu", True), ("mps", None)])
+def test_build_optimizer_takes_the_fused_kernel_with_the_same_update(tokenizer, device_type, fused):
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(tiny_config(tokenizer))
+    reference = copy.deepcopy(model)
+    optimizer = build_optimizer(model, 1e-3, 1e-4, 0.1, device_type=device_type)
+    assert optimizer.defaults["fused"] is fused
+    expected = torch.optim.AdamW(parameter_groups(reference, 1e-3, 1e-4, 0.1), foreach=False)
+    assert [group["lr"] for group in optimizer.param_groups] == [group["lr"] for group in expected.param_groups]
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    for _ in range(2):
+        for net, opt in ((model, optimizer), (reference, expected)):
+            torch.manual_seed(1)  # the same dropout masks
+            net(pixel_values, labels=labels).loss.backward()
+            opt.step()
+            opt.zero_grad()
+    for (name, parameter), other in zip(model.named_parameters(), reference.parameters(), strict=True):
+        torch.testing.assert_close(parameter, other, atol=1e-6, rtol=1e-5, msg=name)
 
 
 def test_unknown_weight_decay_exemptions_are_refused(tokenizer):

@@ -1190,25 +1190,26 @@ class UpsampledCrossEntropy(torch.autograd.Function):
     resized logits.
 
     The full-resolution logits (ADE20K: 150 x 512 x 512 floats, 157 MB per image and loss) are not kept for the
-    backward pass: it keeps the small logits and each pixel's log-normalizer, recomputes the resize one image at a
-    time, and forms the gradient softmax - one-hot in place.
+    backward pass: it keeps the small logits, recomputes the resize one image at a time and forms the gradient
+    softmax - one-hot in place.
     """
 
     @staticmethod
     def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
         ignored = labels == ignore_index
         targets = labels.masked_fill(ignored, 0).unsqueeze(-1)
-        losses, log_normalizers = [], []
-        for image in range(logits.shape[0]):
-            rows = _classes_last(logits[image : image + 1], labels.shape[-2:])
-            log_normalizers.append(rows.logsumexp(-1))
-            losses.append(log_normalizers[-1] - rows.gather(-1, targets[image : image + 1]).squeeze(-1))
-        ctx.save_for_backward(logits, targets, ignored, torch.cat(log_normalizers))
-        return torch.cat(losses).masked_fill_(ignored, 0)
+        losses = [
+            -_classes_last(logits[image : image + 1], labels.shape[-2:])
+            .log_softmax(-1)
+            .gather(-1, targets[image : image + 1])
+            for image in range(logits.shape[0])
+        ]
+        ctx.save_for_backward(logits, targets, ignored)
+        return torch.cat(losses).squeeze(-1).masked_fill_(ignored, 0)
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, targets, ignored, log_normalizers = ctx.saved_tensors
+        logits, targets, ignored = ctx.saved_tensors
         grad_losses = grad_losses.masked_fill(ignored, 0).unsqueeze(-1)
         gradients = []
         for image in range(logits.shape[0]):
@@ -1216,7 +1217,7 @@ class UpsampledCrossEntropy(torch.autograd.Function):
                 leaf = logits[image : image + 1].detach().requires_grad_()
                 rows = _classes_last(leaf, targets.shape[1:3])
             one = slice(image, image + 1)
-            grad_rows = (rows.detach() - log_normalizers[one].unsqueeze(-1)).exp_()  # softmax
+            grad_rows = rows.detach().softmax(-1)
             grad_rows.scatter_add_(-1, targets[one], torch.full(targets[one].shape, -1.0, device=grad_rows.device))
             gradients.append(torch.autograd.grad(rows, leaf, grad_rows.mul_(grad_losses[one]))[0])
         return torch.cat(gradients), None, None

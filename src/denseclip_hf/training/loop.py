@@ -43,7 +43,7 @@ from .launch import check_launch, configure_logging
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
 from .model_loading import convert_batchnorm_for_launch, load_model
-from .optimization import num_update_steps_per_epoch, parameter_groups, poly_schedule_with_warmup
+from .optimization import build_optimizer, num_update_steps_per_epoch, poly_schedule_with_warmup
 from .repository import STAGING_DIR_NAME, publish_repository
 from .transforms import SegmentationAugmentation
 
@@ -214,16 +214,13 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     train_dataloader, eval_dataloader = build_dataloaders(
         args, data, image_processor, model.config.semantic_loss_ignore_index
     )
-    optimizer = torch.optim.AdamW(
-        parameter_groups(
-            model,
-            optimization.learning_rate,
-            optimization.weight_decay,
-            optimization.image_encoder_lr_multiplier,
-            optimization.weight_decay_exemptions,
-        ),
-        lr=optimization.learning_rate,
-        weight_decay=optimization.weight_decay,
+    optimizer = build_optimizer(
+        model,
+        optimization.learning_rate,
+        optimization.weight_decay,
+        optimization.image_encoder_lr_multiplier,
+        optimization.weight_decay_exemptions,
+        accelerator.device.type,
     )
     model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
         model, optimizer, train_dataloader, eval_dataloader

@@ -1,0 +1,104 @@
+"""The evaluation script's speed options (`--bf16`, `--torch_compile`) against the default float32 eager path, side
+by side in one run: one whole-image forward of the full-size models (150 ADE20K classes, random weights).
+
+    PYTHONPATH=src python benchmarks/options.py [--repeats 3] [--options bf16 compile]
+        [--output benchmarks/results/options.json]
+
+`bf16`: the forward under `torch.autocast(dtype=torch.bfloat16)` (as `accelerate`'s bf16 mixed precision runs it).
+`compile`: the model's parts compiled as `examples/evaluate_seg.py --torch_compile` does (inductor); the first call,
+which compiles, is reported apart. Each row gives the speed-up over float32 eager and the largest difference of the
+class probabilities (the softmax of the logits) from it.
+"""
+
+import argparse
+import copy
+import json
+import statistics
+import time
+from pathlib import Path
+
+import torch
+from configs import ade20k_config
+
+from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf.file_utils import write_text_atomically
+from denseclip_hf.training.evaluation_job import compile_model
+
+MODELS = [("vit-b16", 512), ("rn50", 512)]
+
+
+def variants(model: DenseClipForSemanticSegmentation, options: list[str]) -> dict:
+    """The calls to compare: name -> function of the pixel values returning logits."""
+    calls = {"float32": lambda pixel_values: model(pixel_values, test_mode="plain").logits}
+    if "bf16" in options:
+
+        def bf16(pixel_values):
+            with torch.autocast("cpu", dtype=torch.bfloat16):
+                return model(pixel_values, test_mode="plain").logits
+
+        calls["bf16 autocast"] = bf16
+    if "compile" in options:
+        compiled = copy.deepcopy(model)
+        compile_model(compiled, "inductor", None)
+        calls["torch.compile"] = lambda pixel_values: compiled(pixel_values, test_mode="plain").logits
+    return calls
+
+
+def measure(encoder: str, size: int, repeats: int, options: list[str]) -> list[dict]:
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(ade20k_config(encoder, size)).eval()
+    pixel_values = torch.randn(1, 3, size, size)
+    rows = []
+    with torch.no_grad():
+        calls = variants(model, options)
+        first, probabilities = {}, {}
+        for name, call in calls.items():
+            start = time.perf_counter()
+            probabilities[name] = call(pixel_values).float().softmax(1)
+            first[name] = time.perf_counter() - start
+        times = {name: [] for name in calls}
+        for _ in range(repeats):  # alternating, so that load changes hit all alike
+            for name, call in calls.items():
+                start = time.perf_counter()
+                call(pixel_values)
+                times[name].append(time.perf_counter() - start)
+    baseline = statistics.median(times["float32"])
+    for name in calls:
+        row = {
+            "model": f"{encoder} @ {size}",
+            "option": name,
+            "seconds": statistics.median(times[name]),
+            "first_call_s": first[name],
+            "max_probability_difference": (probabilities[name] - probabilities["float32"]).abs().max().item(),
+        }
+        row["speedup"] = baseline / row["seconds"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--options", nargs="+", choices=["bf16", "compile"], default=["bf16", "compile"])
+    parser.add_argument("--output", type=Path, default=Path("benchmarks/results/options.json"))
+    args = parser.parse_args()
+    rows = [row for encoder, size in MODELS for row in measure(encoder, size, args.repeats, args.options)]
+    lines = [
+        "| model | option | whole forward (s) | speed-up | first call (s) | max probability difference |",
+        "|---|---|---|---|---|---|",
+    ]
+    lines += [
+        f"| {row['model']} | {row['option']} | {row['seconds']:.2f} | {row['speedup']:.2f}x | "
+        f"{row['first_call_s']:.1f} | {row['max_probability_difference']:.1e} |"
+        for row in rows
+    ]
+    args.output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
+    write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
+    write_text_atomically(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()
