@@ -136,10 +136,15 @@ def test_save_load_and_remote_code(tokenizer, tmp_path):
         model.save_pretrained(tmp_path / backbone)
         loaded = DenseClipForSemanticSegmentation.from_pretrained(tmp_path / backbone).eval()
         assert type(loaded.config.vision_config) is type(BACKBONES[backbone][0])
+        saved, restored = model.state_dict(), loaded.state_dict()
+        assert saved.keys() == restored.keys()
+        assert all(torch.equal(saved[key], restored[key]) for key in saved)
+        # Outputs to float rounding: the kernels of Swin's and ConvNeXt's layers may take another path for weights
+        # read from the file (another memory alignment), which changes the last bits (seen: 2e-7).
         with torch.no_grad():
             expected[backbone] = model(pixel_values, test_mode="plain").logits
             torch.testing.assert_close(
-                loaded(pixel_values, test_mode="plain").logits, expected[backbone], rtol=0, atol=0
+                loaded(pixel_values, test_mode="plain").logits, expected[backbone], rtol=1e-5, atol=1e-6
             )
     torch.save({"x": pixel_values, "y": expected}, tmp_path / "io.pt")
     run_without_denseclip_hf(
@@ -153,7 +158,8 @@ def test_save_load_and_remote_code(tokenizer, tmp_path):
             model = AutoModelForSemanticSegmentation.from_pretrained(folder, trust_remote_code=True)
             assert type(model).__module__.startswith("transformers_modules"), type(model).__module__
             with torch.no_grad():
-                torch.testing.assert_close(model.eval()(io["x"], test_mode="plain").logits, logits, rtol=0, atol=0)
+                got = model.eval()(io["x"], test_mode="plain").logits
+                torch.testing.assert_close(got, logits, rtol=1e-5, atol=1e-6)
         assert "denseclip_hf" not in sys.modules
         """,
         tmp_path,
