@@ -1,8 +1,14 @@
-"""Full-size DenseCLIP configs of the authors' ADE20K models (random weights: speed and size do not depend on them)."""
+"""What the benchmark scripts share: full-size DenseCLIP configs of the authors' ADE20K models (random weights: speed
+and size do not depend on them), and the writer of their results."""
 
+import json
+from pathlib import Path
+
+import torch
 from transformers import CLIPTokenizer
 
 from denseclip_hf import CLIP_TOKENIZER_PATH, DenseClipConfig, tokenize_class_names
+from denseclip_hf.file_utils import write_text_atomically
 from denseclip_hf.training.data import ADE20K_CLASS_NAMES
 
 NUM_CLASSES = len(ADE20K_CLASS_NAMES)
@@ -27,3 +33,13 @@ def ade20k_config(encoder: str, image_size: int, **settings) -> DenseClipConfig:
         class_token_ids=tokenize_class_names(list(ADE20K_CLASS_NAMES), tokenizer, 5),
         **settings,
     )
+
+
+def save_results(output: Path, rows: list[dict], markdown: str, **metadata) -> None:
+    """Writes `output` (JSON: torch version, threads, `metadata`, `rows`) and the `markdown` table beside it (`.md`),
+    atomically, and prints the table."""
+    output.parent.mkdir(parents=True, exist_ok=True)
+    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), **metadata, "rows": rows}
+    write_text_atomically(output, json.dumps(result, indent=2) + "\n")
+    write_text_atomically(output.with_suffix(".md"), markdown)
+    print(markdown)

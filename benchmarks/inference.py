@@ -13,18 +13,16 @@ implementation could beat on this machine.
 """
 
 import argparse
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
 from authors import behave_as_the_authors
-from configs import ade20k_config
+from configs import ade20k_config, save_results
 from torch.utils.flop_counter import FlopCounterMode
 
 from denseclip_hf import DenseClipForSemanticSegmentation
-from denseclip_hf.file_utils import write_text_atomically
 
 SLIDE_IMAGE = (512, 683)
 MODELS = [("vit-b16", 512), ("vit-b16", 640), ("rn50", 512)]
@@ -126,12 +124,7 @@ def main() -> None:
     args = parser.parse_args()
     floor = matmul_gflops_per_second()
     rows = [row for encoder, size in MODELS for row in measure(encoder, size, args.repeats, floor)]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "matmul_gflops_per_s": floor}
-    result["rows"] = rows
-    write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
-    write_text_atomically(args.output.with_suffix(".md"), markdown(rows, floor))
-    print(markdown(rows, floor))
+    save_results(args.output, rows, markdown(rows, floor), matmul_gflops_per_s=floor)
 
 
 if __name__ == "__main__":

@@ -12,16 +12,14 @@ class probabilities (the softmax of the logits) from it.
 
 import argparse
 import copy
-import json
 import statistics
 import time
 from pathlib import Path
 
 import torch
-from configs import ade20k_config
+from configs import ade20k_config, save_results
 
 from denseclip_hf import DenseClipForSemanticSegmentation
-from denseclip_hf.file_utils import write_text_atomically
 from denseclip_hf.training.evaluation_job import compile_model
 
 MODELS = [("vit-b16", 512), ("rn50", 512)]
@@ -93,11 +91,7 @@ def main() -> None:
         f"{row['first_call_s']:.1f} | {row['max_probability_difference']:.1e} |"
         for row in rows
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rows": rows}
-    write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
-    write_text_atomically(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.output, rows, "\n".join(lines) + "\n")
 
 
 if __name__ == "__main__":

@@ -22,10 +22,9 @@ from pathlib import Path
 
 import torch
 from authors import behave_as_the_authors
-from configs import NUM_CLASSES, ade20k_config
+from configs import NUM_CLASSES, ade20k_config, save_results
 
 from denseclip_hf import DenseClipForSemanticSegmentation
-from denseclip_hf.file_utils import write_text_atomically
 from denseclip_hf.training.optimization import build_optimizer, parameter_groups
 from denseclip_hf.training.recipes import RECIPES
 
@@ -94,11 +93,7 @@ def main() -> None:
         f"{row['default_peak_rss_gib']:.1f} | {row['authors_peak_rss_gib']:.1f} | {row['memory_ratio']:.2f}x |"
         for row in rows
     ]
-    args.output.parent.mkdir(parents=True, exist_ok=True)
-    result = {"torch": torch.__version__, "threads": torch.get_num_threads(), "rounds": args.rounds, "rows": rows}
-    write_text_atomically(args.output, json.dumps(result, indent=2) + "\n")
-    write_text_atomically(args.output.with_suffix(".md"), "\n".join(lines) + "\n")
-    print("\n".join(lines))
+    save_results(args.output, rows, "\n".join(lines) + "\n", rounds=args.rounds)
 
 
 if __name__ == "__main__":

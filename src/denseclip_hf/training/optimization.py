@@ -120,7 +120,7 @@ def build_optimizer(
 ) -> torch.optim.AdamW:
     """The paper's AdamW over `parameter_groups(...)`, for training on `device_type`: PyTorch's fused implementation
     where the device has one (`FUSED_ADAMW_DEVICES`; one kernel for all parameters: on a 2-core CPU its step over
-    ViT-B/16's 105 M trainable parameters is about 10x faster than the default multi-tensor one, with the same
+    ViT-B/16's trainable parameters is 3.9x faster than the default one, `benchmarks/components.py`; the same
     update), the default elsewhere."""
     groups = parameter_groups(model, learning_rate, weight_decay, image_encoder_lr_multiplier, weight_decay_exemptions)
     fused = device_type in FUSED_ADAMW_DEVICES
