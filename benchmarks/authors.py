@@ -8,7 +8,9 @@ run here): the baseline of the side-by-side benchmarks. It changes one instance 
   `lr_mult=0.0`), where this package freezes them (`requires_grad=False`).
 - Losses: cross-entropy over the class dimension of `(batch, classes, H, W)` logits (mmseg's), where this package
   soft-maxes with the classes last (`pixel_cross_entropy`).
-- Sliding windows: one forward per window, where this package batches the windows of an image.
+- Test protocol: mmseg's `slide_inference` / `inference` (one forward per window, each window's logits padded to the
+  image and added, softmax over dimension 1 of channels-first logits), where this package batches the windows of an
+  image and keeps full-resolution logits in channels-last memory.
 """
 
 from functools import partial
@@ -68,8 +70,43 @@ def behave_as_the_authors(model: DenseClipForSemanticSegmentation) -> list[nn.Pa
     text_encoder.requires_grad_(True)
     denseclip._can_cache_text_embeddings = lambda: False
     model.compute_loss = partial(authors_loss, model)
-    single_pass = model._single_pass_logits
-    model._single_pass_logits = lambda pixel_values, text_embeddings=None: torch.cat(
-        [single_pass(window[None], text_embeddings) for window in pixel_values]
-    )
+    model.predict_probabilities = partial(authors_predict_probabilities, model)
     return list(text_encoder.parameters())
+
+
+def authors_slide_logits(model: DenseClipForSemanticSegmentation, pixel_values: torch.Tensor) -> torch.Tensor:
+    """mmseg's `slide_inference` without rescale: `(batch, classes, H, W)`."""
+    _, (crop_height, crop_width), (stride_height, stride_width) = model._test_protocol("slide")
+    height, width = pixel_values.shape[-2:]
+    rows = max(height - crop_height + stride_height - 1, 0) // stride_height + 1
+    columns = max(width - crop_width + stride_width - 1, 0) // stride_width + 1
+    summed = pixel_values.new_zeros(pixel_values.shape[0], model.config.num_labels, height, width)
+    coverage = pixel_values.new_zeros(pixel_values.shape[0], 1, height, width)
+    for row in range(rows):
+        for column in range(columns):
+            bottom, right = (
+                min(row * stride_height + crop_height, height),
+                min(column * stride_width + crop_width, width),
+            )
+            top, left = max(bottom - crop_height, 0), max(right - crop_width, 0)
+            crop = pixel_values[:, :, top:bottom, left:right]
+            logits = F.interpolate(
+                model._single_pass_logits(crop), size=crop.shape[-2:], mode="bilinear", align_corners=False
+            )
+            summed += F.pad(logits, (left, width - right, top, height - bottom))
+            coverage[:, :, top:bottom, left:right] += 1
+    return summed / coverage
+
+
+def authors_predict_probabilities(
+    model: DenseClipForSemanticSegmentation, pixel_values: torch.Tensor, output_size: tuple[int, int], mode: str
+) -> torch.Tensor:
+    """mmseg's `inference(rescale=True)` of one input, without flip: slide or whole logits, bilinearly resized to
+    `output_size`, soft-maxed over dimension 1."""
+    if mode == "slide":
+        logits = authors_slide_logits(model, pixel_values)
+    else:
+        logits = F.interpolate(
+            model._single_pass_logits(pixel_values), size=pixel_values.shape[-2:], mode="bilinear", align_corners=False
+        )
+    return F.interpolate(logits, size=output_size, mode="bilinear", align_corners=False).softmax(1)
