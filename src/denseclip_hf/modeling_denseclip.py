@@ -1334,7 +1334,12 @@ def slide_logits(
     ]
     crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
     window_logits = _resize(_channels_last(logits_fn(crops)), window).unflatten(0, (len(corners), batch))
-    summed = window_logits.new_zeros(batch, height, width, window_logits.shape[2]).permute(0, 3, 1, 2)
+    summed = torch.empty(
+        (batch, window_logits.shape[2], height, width),
+        dtype=window_logits.dtype,
+        device=window_logits.device,
+        memory_format=torch.channels_last,
+    ).zero_()
     coverage = window_logits.new_zeros(1, 1, height, width)
     for (top, left), logits in zip(corners, window_logits, strict=True):
         summed[..., top : top + window[0], left : left + window[1]] += logits
