@@ -180,6 +180,29 @@ def test_slide_logits_average_each_pixel_over_the_windows_covering_it(size, crop
     np.testing.assert_allclose(ours.numpy(), expected, rtol=1e-6, atol=1e-6)
 
 
+def test_slide_logits_backpropagate_like_windows_summed_one_by_one():
+    """The in-place, channels-last accumulation keeps autograd working: the gradient equals that of a plain
+    channels-first loop over the windows (one `logits_fn` call and one new tensor per window, float32 as ours)."""
+    generator = torch.Generator().manual_seed(2)
+    pixel_values = torch.randn(2, 3, 50, 77, generator=generator, dtype=torch.float64, requires_grad=True)
+    weights = torch.randn(2, 3, 50, 77, generator=generator)
+    logits_fn = _quarter_resolution_logits()
+    ours = slide_logits(logits_fn, pixel_values, (32, 24), (20, 24))
+    assert ours.is_contiguous(memory_format=torch.channels_last)
+    (ours_grad,) = torch.autograd.grad((ours * weights).sum(), pixel_values)
+
+    reference_input = pixel_values.detach().clone().requires_grad_(True)
+    total, coverage = 0, torch.zeros(50, 77)
+    for top in (0, 18):
+        for left in (0, 24, 48, 53):
+            crop_logits = logits_fn(reference_input[..., top : top + 32, left : left + 24]).float()
+            resized = F.interpolate(crop_logits, size=(32, 24), mode="bilinear", align_corners=False)
+            total = total + F.pad(resized, (left, 77 - 24 - left, top, 50 - 32 - top))
+            coverage[top : top + 32, left : left + 24] += 1
+    (reference_grad,) = torch.autograd.grad((total / coverage * weights).sum(), reference_input)
+    torch.testing.assert_close(ours_grad, reference_grad, rtol=1e-5, atol=1e-6)
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # The processor's multi-scale inputs
 # ---------------------------------------------------------------------------------------------------------------------

@@ -2155,7 +2155,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
                 `(height, width)`). Default: `config.test_mode`, `config.test_crop_size`, `config.test_stride`.
 
         Returns:
-            `torch.FloatTensor` `(batch, num_labels, *output_size)`, float32, summing to 1 over the classes.
+            `torch.FloatTensor` `(batch, num_labels, *output_size)`, float32, summing to 1 over the classes. Its
+            memory is channels-last (each pixel's class probabilities contiguous, which makes the per-pixel softmax
+            and `argmax(1)` fast); `.contiguous()` gives the usual layout where an operation needs it.
         """
         inputs = [pixel_values] if isinstance(pixel_values, torch.Tensor) else list(pixel_values)
         if not inputs or not all(isinstance(item, torch.Tensor) and item.ndim == 4 for item in inputs):
