@@ -1,10 +1,13 @@
-"""The evaluation script's speed options (`--bf16`, `--torch_compile`) against the default float32 eager path, side
-by side in one run: one whole-image forward of the full-size models (150 ADE20K classes, random weights).
+"""The evaluation script's speed options (`--bf16`, `--channels_last`, `--torch_compile`) against the default float32
+eager path, side by side in one run: one whole-image forward of the full-size models (150 ADE20K classes, random
+weights).
 
-    PYTHONPATH=src python benchmarks/options.py [--repeats 3] [--options bf16 compile]
+    PYTHONPATH=src python benchmarks/options.py [--repeats 3] [--options bf16 channels_last compile]
         [--output benchmarks/results/options.json]
 
 `bf16`: the forward under `torch.autocast(dtype=torch.bfloat16)` (as `accelerate`'s bf16 mixed precision runs it).
+`channels_last`: the model's 4-d weights in channels-last memory (`model.to(memory_format=torch.channels_last)`, as
+`--channels_last` does), so that its convolutions run channels-last.
 `compile`: the model's parts compiled as `examples/evaluate_seg.py --torch_compile` does (inductor); the first call,
 which compiles, is reported apart. Each row gives the speed-up over float32 eager and the largest difference of the
 class probabilities (the softmax of the logits) from it.
@@ -23,6 +26,7 @@ from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.training.evaluation_job import compile_model
 
 MODELS = [("vit-b16", 512), ("rn50", 512)]
+OPTIONS = ["bf16", "channels_last", "compile"]
 
 
 def variants(model: DenseClipForSemanticSegmentation, options: list[str]) -> dict:
@@ -35,6 +39,9 @@ def variants(model: DenseClipForSemanticSegmentation, options: list[str]) -> dic
                 return model(pixel_values, test_mode="plain").logits
 
         calls["bf16 autocast"] = bf16
+    if "channels_last" in options:
+        channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
+        calls["channels-last weights"] = lambda pixel_values: channels_last(pixel_values, test_mode="plain").logits
     if "compile" in options:
         compiled = copy.deepcopy(model)
         compile_model(compiled, "inductor", None)
@@ -78,7 +85,7 @@ def measure(encoder: str, size: int, repeats: int, options: list[str]) -> list[d
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--options", nargs="+", choices=["bf16", "compile"], default=["bf16", "compile"])
+    parser.add_argument("--options", nargs="+", choices=OPTIONS, default=OPTIONS)
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/options.json"))
     args = parser.parse_args()
     rows = [row for encoder, size in MODELS for row in measure(encoder, size, args.repeats, args.options)]

@@ -80,9 +80,12 @@ def numpy_metrics(predictions: list[np.ndarray], labels: list[np.ndarray]) -> di
     }
 
 
-def direct_predictions(model_dir: Path, examples, **protocol) -> list[np.ndarray]:
-    """`predict_probabilities(...).argmax(1)` of each example on its own, with the saved processor."""
-    model = DenseClipForSemanticSegmentation.from_pretrained(model_dir).eval()
+def direct_predictions(
+    model_dir: Path, examples, memory_format: torch.memory_format = torch.contiguous_format, **protocol
+) -> list[np.ndarray]:
+    """`predict_probabilities(...).argmax(1)` of each example on its own, with the saved processor and the model's
+    weights in `memory_format`."""
+    model = DenseClipForSemanticSegmentation.from_pretrained(model_dir).eval().to(memory_format=memory_format)
     processor = DenseClipImageProcessor.from_pretrained(model_dir)
     scale_ratios = protocol.pop("scale_ratios", None)
     predictions = []
@@ -130,7 +133,7 @@ def test_metrics_equal_a_numpy_confusion_matrix_of_predict_probabilities(model_d
     }
     assert written["model_name_or_path"] == str(model_dir) and written["revision"] is None
     assert written["commit_hash"] is None and written["eval_samples"] == 5 and written["num_processes"] == 1
-    assert written["mixed_precision"] == "no" and written["torch_compile"] is False
+    assert written["mixed_precision"] == "no" and written["torch_compile"] is False and not written["channels_last"]
     assert written["dataset"]["source"] == "synthetic" and written["eval_runtime_seconds"] > 0
     report = (output_dir / "eval_results.md").read_text()
     for name in SYNTHETIC_CLASS_NAMES:
@@ -183,6 +186,29 @@ def test_bf16_and_torch_compile(model_dir, tmp_path):
         predictions = direct_predictions(model_dir, examples)
     assert_metrics_equal(results, numpy_metrics(predictions, [np.asarray(ex["label"]) for ex in examples]))
     assert results["mixed_precision"] == "bf16" and results["torch_compile"] is True
+
+
+def test_channels_last(model_dir, tmp_path, monkeypatch):
+    """--channels_last evaluates with every convolution weight in channels-last memory: the metrics of the same model
+    converted by hand, and the setting is recorded."""
+    evaluated = []
+
+    def evaluate(model, *args, **kwargs):
+        evaluated.append([module.weight for module in model.modules() if isinstance(module, torch.nn.Conv2d)])
+        return original_evaluate(model, *args, **kwargs)
+
+    original_evaluate = evaluation_job.evaluate
+    monkeypatch.setattr(evaluation_job, "evaluate", evaluate)
+    argv = ["--model_name_or_path", str(model_dir), "--max_eval_samples", "2", "--output_dir", str(tmp_path)]
+    results = run_evaluation([*argv, "--channels_last", "--num_visualized_images", "0"])
+    (weights,) = evaluated
+    assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in weights)
+    assert any(not weight.is_contiguous() for weight in weights)  # 1x1 kernels are both; the 3x3 ones changed
+    examples = list(load_synthetic_dataset("validation", 2))
+    predictions = direct_predictions(model_dir, examples, memory_format=torch.channels_last)
+    assert_metrics_equal(results, numpy_metrics(predictions, [np.asarray(ex["label"]) for ex in examples]))
+    assert results["channels_last"] is True
+    assert "channels-last weights: True" in (tmp_path / "eval_results.md").read_text()
 
 
 def _free_port() -> int:
