@@ -1,5 +1,5 @@
 """What the benchmark scripts share: full-size DenseCLIP configs of the authors' ADE20K models (random weights: speed
-and size do not depend on them), and the writer of their results."""
+and size do not depend on them), the bf16 autocast of the `--bf16` runs, and the writer of their results."""
 
 import json
 from pathlib import Path
@@ -33,6 +33,16 @@ def ade20k_config(encoder: str, image_size: int, **settings) -> DenseClipConfig:
         class_token_ids=tokenize_class_names(list(ADE20K_CLASS_NAMES), tokenizer, 5),
         **settings,
     )
+
+
+def under_bf16_autocast(call):
+    """`call` run under CPU bfloat16 autocast, as `accelerate`'s bf16 mixed precision (`--bf16`) runs the model."""
+
+    def run(*args):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return call(*args)
+
+    return run
 
 
 def save_results(output: Path, rows: list[dict], markdown: str, **metadata) -> None:

@@ -24,7 +24,7 @@ from pathlib import Path
 
 import torch
 from authors import behave_as_the_authors
-from configs import ade20k_config, save_results
+from configs import ade20k_config, save_results, under_bf16_autocast
 from torch.utils.flop_counter import FlopCounterMode
 
 from denseclip_hf import DenseClipForSemanticSegmentation
@@ -67,14 +67,6 @@ def seconds(call) -> float:
     return time.perf_counter() - start
 
 
-def under_bf16_autocast(call):
-    def run():
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            return call()
-
-    return run
-
-
 def measure(
     encoder: str, size: int, repeats: int, floor_gflops_per_second: float, default_with: list[str]
 ) -> list[dict]:
@@ -104,7 +96,6 @@ def measure(
             row = {
                 "model": f"{encoder} @ {size}",
                 "run": name,
-                "default_with": default_with,
                 "default_s": statistics.median(ours_times),
                 "authors_s": statistics.median(theirs_times),
                 "default_gflops": ours_gflops,
@@ -124,10 +115,10 @@ def measure(
     return rows
 
 
-def markdown(rows: list[dict], floor: float) -> str:
+def markdown(rows: list[dict], floor: float, default_with: list[str]) -> str:
     lines = [
         f"Matmul throughput (FLOP floor): {floor:.0f} GFLOP/s. Default path with: "
-        f"{', '.join(rows[0]['default_with']) or 'nothing (float32, contiguous weights)'}.",
+        f"{', '.join(default_with) or 'nothing (float32, contiguous weights)'}.",
         "",
         "| model | run | default (s) | as the authors (s) | speed-up | GFLOPs default / as the authors "
         "| default / floor | max output difference |",
@@ -150,10 +141,11 @@ def main() -> None:
     parser.add_argument("--output", type=Path, default=Path("benchmarks/results/inference.json"))
     args = parser.parse_args()
     floor = matmul_gflops_per_second()
-    rows = [
-        row for model in args.models for row in measure(*MODELS[model], args.repeats, floor, sorted(args.default_with))
-    ]
-    save_results(args.output, rows, markdown(rows, floor), matmul_gflops_per_s=floor)
+    default_with = sorted(args.default_with)
+    rows = [row for model in args.models for row in measure(*MODELS[model], args.repeats, floor, default_with)]
+    save_results(
+        args.output, rows, markdown(rows, floor, default_with), matmul_gflops_per_s=floor, default_with=default_with
+    )
 
 
 if __name__ == "__main__":

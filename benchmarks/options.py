@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 import torch
-from configs import ade20k_config, save_results
+from configs import ade20k_config, save_results, under_bf16_autocast
 
 from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.training.evaluation_job import compile_model
@@ -33,12 +33,7 @@ def variants(model: DenseClipForSemanticSegmentation, options: list[str]) -> dic
     """The calls to compare: name -> function of the pixel values returning logits."""
     calls = {"float32": lambda pixel_values: model(pixel_values, test_mode="plain").logits}
     if "bf16" in options:
-
-        def bf16(pixel_values):
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                return model(pixel_values, test_mode="plain").logits
-
-        calls["bf16 autocast"] = bf16
+        calls["bf16 autocast"] = under_bf16_autocast(calls["float32"])
     if "channels_last" in options:
         channels_last = copy.deepcopy(model).to(memory_format=torch.channels_last)
         calls["channels-last weights"] = lambda pixel_values: channels_last(pixel_values, test_mode="plain").logits
