@@ -9,6 +9,7 @@ This module imports nothing from `denseclip_hf`: it is also shipped next to save
 """
 
 import os
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -191,6 +192,54 @@ def _array_image_to_rgb(
         # Integer data is now in the 8-bit range (opaque = 255); float data keeps the caller's range.
         return _composite_on_white(array, full_scale if is_float else 255.0)
     raise ValueError(f"An image array has {channels} channels: expected 1 (grey), 3 (RGB) or 4 (RGBA).")
+
+
+def _image_to_channels_first(
+    image: Any, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None, full_scale: float
+) -> np.ndarray:
+    """One PIL image, NumPy array or torch tensor -> `(3, height, width)` array in the 8-bit value range (uint8, or
+    float32 for 16-bit/float data); `full_scale` is the opaque alpha value of float arrays."""
+    if isinstance(image, Image.Image):
+        rgb = _pil_image_to_rgb(image) if do_convert_rgb else np.asarray(image)
+        if rgb.ndim == 2:
+            rgb = rgb[..., None]
+    else:
+        rgb = _array_image_to_rgb(_to_numpy(image), input_data_format, full_scale, do_convert_rgb)
+    if rgb.shape[-1] != 3:
+        raise ValueError(
+            f"An image has {rgb.shape[-1]} channel(s) but do_convert_rgb=False: pass RGB images or set "
+            "do_convert_rgb=True to convert grey, alpha and palette images."
+        )
+    return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+
+
+def _fetch_images_keeping_mode(image_url_or_urls: Any, fetch_remote: Callable[[Any], Any]) -> Any:
+    """Open local image paths (nested lists too) keeping their mode, EXIF orientation applied; anything else goes
+    to `fetch_remote` (transformers' `fetch_images`: URLs, and images passed through)."""
+    if isinstance(image_url_or_urls, (list, tuple)):
+        return [_fetch_images_keeping_mode(item, fetch_remote) for item in image_url_or_urls]
+    if isinstance(image_url_or_urls, str) and os.path.isfile(image_url_or_urls):
+        with Image.open(image_url_or_urls) as image:
+            image.load()
+            return ImageOps.exif_transpose(image)
+    return fetch_remote(image_url_or_urls)
+
+
+def _size_rule(height: int, width: int, size: SizeDict) -> tuple[int, int]:
+    """Output `(height, width)` of the `size` setting for an input of `(height, width)` (may be 0 for extreme aspect
+    ratios): a fixed `height`/`width`, or mmcv's keep-ratio rule `scale = min(shortest_edge / short side,
+    longest_edge / long side)` (either bound alone too), each side `int(side * scale + 0.5)` in float64."""
+    if size.height and size.width:
+        return size.height, size.width
+    if size.shortest_edge or size.longest_edge:
+        scales = []
+        if size.shortest_edge:
+            scales.append(size.shortest_edge / min(height, width))
+        if size.longest_edge:
+            scales.append(size.longest_edge / max(height, width))
+        scale = min(scales)
+        return int(height * scale + 0.5), int(width * scale + 0.5)
+    raise ValueError(f"Unsupported size {dict(size)}: use {_SUPPORTED_SIZES}.")
 
 
 def _label_map_to_array(segmentation_map: Any, index: int) -> np.ndarray:
@@ -393,13 +442,7 @@ class DenseClipImageProcessor(PilBackend):
         transformers' `load_image` converts to RGB right away, which clips 16-bit data and drops alpha; local files
         are opened here instead (EXIF orientation applied) so `process_image` converts them properly.
         """
-        if isinstance(image_url_or_urls, (list, tuple)):
-            return [self.fetch_images(item) for item in image_url_or_urls]
-        if isinstance(image_url_or_urls, str) and os.path.isfile(image_url_or_urls):
-            with Image.open(image_url_or_urls) as image:
-                image.load()
-                return ImageOps.exif_transpose(image)
-        return super().fetch_images(image_url_or_urls)
+        return _fetch_images_keeping_mode(image_url_or_urls, super().fetch_images)
 
     def get_resize_output_size(
         self,
@@ -422,18 +465,7 @@ class DenseClipImageProcessor(PilBackend):
         size = SizeDict(**size) if isinstance(size, dict) else size
         if size_divisor is _FROM_SETTINGS:
             size_divisor = self.size_divisor if self.test_mode == "whole" else None
-        if size.height and size.width:
-            new_height, new_width = size.height, size.width
-        elif size.shortest_edge or size.longest_edge:
-            scales = []
-            if size.shortest_edge:
-                scales.append(size.shortest_edge / min(height, width))
-            if size.longest_edge:
-                scales.append(size.longest_edge / max(height, width))
-            scale = min(scales)
-            new_height, new_width = int(height * scale + 0.5), int(width * scale + 0.5)
-        else:
-            raise ValueError(f"Unsupported size {dict(size)} for DenseClipImageProcessor: use {_SUPPORTED_SIZES}.")
+        new_height, new_width = _size_rule(height, width, size)
         if size_divisor:
             new_height = _round_to_multiple(new_height, size_divisor)
             new_width = _round_to_multiple(new_width, size_divisor)
@@ -456,19 +488,8 @@ class DenseClipImageProcessor(PilBackend):
         do_convert_rgb = self.do_convert_rgb if do_convert_rgb is None else do_convert_rgb
         do_rescale = self.do_rescale if do_rescale is None else do_rescale
         rescale_factor = self.rescale_factor if rescale_factor is None else rescale_factor
-        if isinstance(image, Image.Image):
-            rgb = _pil_image_to_rgb(image) if do_convert_rgb else np.asarray(image)
-            if rgb.ndim == 2:
-                rgb = rgb[..., None]
-        else:
-            full_scale = 1.0 / rescale_factor if do_rescale else 1.0
-            rgb = _array_image_to_rgb(_to_numpy(image), input_data_format, full_scale, do_convert_rgb)
-        if rgb.shape[-1] != 3:
-            raise ValueError(
-                f"An image has {rgb.shape[-1]} channel(s) but do_convert_rgb=False: pass RGB images or set "
-                "do_convert_rgb=True to convert grey, alpha and palette images."
-            )
-        return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
+        full_scale = 1.0 / rescale_factor if do_rescale else 1.0
+        return _image_to_channels_first(image, do_convert_rgb, input_data_format, full_scale)
 
     def resize(
         self,
