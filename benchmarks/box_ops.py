@@ -12,6 +12,7 @@ import argparse
 import math
 import statistics
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -35,7 +36,7 @@ def as_rois(boxes: torch.Tensor) -> torch.Tensor:
     return torch.cat([boxes.new_zeros(len(boxes), 1), boxes], 1)
 
 
-def calls(generator: torch.Generator) -> dict[str, tuple[str, callable]]:
+def calls(generator: torch.Generator) -> dict[str, tuple[str, Callable[[], object]]]:
     """Row name -> (case, call)."""
     boxes = random_boxes(generator, 5000, 16, 400)
     scores = torch.rand(5000, generator=generator)

@@ -448,12 +448,22 @@ def test_multi_level_roi_align_pools_each_roi_from_its_level():
     output = multi_level_roi_align(features, rois, 7, [4, 8, 16, 32])
     levels = map_roi_levels(rois, 4)
     assert len(levels.unique()) == 4
-    for n, level in enumerate(levels.tolist()):
-        expected = roi_align(features[level], rois[n : n + 1], 7, 1 / 2 ** (level + 2))
-        torch.testing.assert_close(output[n : n + 1], expected, rtol=0, atol=1e-6)
+    for level in range(4):
+        expected = roi_align(features[level], rois[levels == level], 7, 1 / 2 ** (level + 2))
+        torch.testing.assert_close(output[levels == level], expected, rtol=0, atol=0)
     torch.testing.assert_close(
         multi_level_roi_align(features[:1], rois, 7, [4]), roi_align(features[0], rois, 7, 0.25)
     )
+
+
+def test_a_nan_roi_pools_zeros():
+    # mmdet's extractor leaves its row at zero (no level matches a NaN); here it goes to level 0 and pools zeros.
+    features = [torch.randn(1, 2, 16, 16), torch.randn(1, 2, 8, 8)]
+    rois = torch.tensor([[0.0, math.nan, 1, 5, 5], [0, 1, 1, 30, 30]])
+    assert map_roi_levels(rois, 2).tolist() == [0, 0]
+    output = multi_level_roi_align(features, rois, 2, [4, 8])
+    assert output[0].abs().max() == 0 and output[1].abs().max() > 0
+    assert roi_align(features[0], rois[:1], 2, 0.25).abs().max() == 0
 
 
 # ------------------------------------------------------------------------------------------------------ mask paste

@@ -246,30 +246,36 @@ def _check_nms_input(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: f
         raise ValueError(f"`iou_threshold` must be a number in [0, 1], got {iou_threshold!r}.")
 
 
-def _overlap_ranges(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """For boxes with x extents `[x1, x2]` `(N,)`: `(by_x1, first, end)` where `by_x1` lists the boxes by increasing
-    x1 and every box `j` that overlaps box `i` with a positive width sits at a position of `by_x1` in
-    `[first[i], end[i])`. The boxes split into runs along x1 that no box spans (a run starts where x1 reaches the
-    largest x2 before it); `first[i]` starts box i's run and `end[i]` ends the boxes with `x1 < x2[i]`."""
-    x1_sorted, by_x1 = x1.sort()
-    reach = x2[by_x1].cummax(0).values
-    starts = torch.ones_like(by_x1, dtype=torch.bool)
-    starts[1:] = x1_sorted[1:] >= reach[:-1]
-    run_start = torch.arange(len(x1), device=x1.device)[starts][starts.cumsum(0) - 1]
-    first = torch.empty_like(by_x1)
-    first[by_x1] = run_start
-    return by_x1, first, torch.searchsorted(x1_sorted, x2, side="left")
-
-
 def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
-    """`values[index]` for a 1-D `values` (as `index_select`: one thread up to far more indices than `values[index]`,
-    whose thread sync is costly on a busy CPU)."""
-    return values.index_select(0, index.reshape(-1)).view(index.shape)
+    """`values[index]` along dim 0 (as `index_select`, which stays on one thread up to far more indices than
+    `values[index]`: a thread sync per operation is costly on a busy CPU)."""
+    return values.index_select(0, index.reshape(-1)).view(*index.shape, *values.shape[1:])
+
+
+def _select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values[mask]` for same-shape `values` and bool `mask` (one thread, as `_take`)."""
+    return values.reshape(-1).index_select(0, mask.reshape(-1).nonzero().view(-1))
 
 
 def _any_row(matrix: torch.Tensor) -> torch.Tensor:
     """`matrix.any(0)` of a non-empty bool `(k, m)` matrix (as uint8: an order of magnitude faster on CPU)."""
     return matrix.view(torch.uint8).amax(0).bool()
+
+
+def _x_runs(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes with x extents `[x1, x2]` `(N,)` split into runs along x that no box spans (in increasing x1, a run starts
+    where x1 reaches the largest x2 before it): boxes of different runs never overlap with a positive width. Returns
+    `(by_x1, first, end)`: the boxes by increasing x1, and for each box the positions `[first, end)` of its run in
+    `by_x1`."""
+    x1_sorted, by_x1 = x1.sort()
+    reach = _take(x2, by_x1).cummax(0).values
+    starts = torch.ones_like(by_x1, dtype=torch.bool)
+    starts[1:] = x1_sorted[1:] >= reach[:-1]
+    bounds = torch.cat([starts.nonzero().view(-1), by_x1.new_tensor([len(x1)])])
+    run = starts.cumsum(0) - 1
+    first = torch.empty_like(by_x1).scatter_(0, by_x1, _take(bounds, run))
+    end = torch.empty_like(by_x1).scatter_(0, by_x1, _take(bounds, run + 1))
+    return by_x1, first, end
 
 
 def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
@@ -282,21 +288,20 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     bit for bit.
 
     Vectorised: ranked boxes are taken `NMS_BLOCK` at a time; the greedy pass inside a block is solved on its
-    suppression matrix, and the block's kept boxes then remove the later boxes they suppress, tested either against
-    every later box still in, or (when cheaper, as for the class-offset boxes of `batched_nms`) only against the
-    boxes they can overlap in x (`_overlap_ranges`)."""
+    suppression matrix, and the block's kept boxes then remove the later boxes they suppress: every later box still
+    in, or (when fewer, as for the class-offset boxes of `batched_nms`) the boxes of their own x-runs (`_x_runs`).
+    Pairs are tested in tiles of at most `NMS_TILE`."""
     _check_nms_input(boxes, scores, iou_threshold)
     count = boxes.shape[0]
     order = scores.sort(descending=True)[1]
     if count == 0:
         return order
     device = boxes.device
-    ranked = boxes[order]
+    ranked = _take(boxes, order)
     coordinates = [column.contiguous() for column in ranked.unbind(1)]
     areas = _areas(ranked)
     threshold = torch.tensor(iou_threshold, dtype=torch.float32, device=device)
-    by_x1, first, end = _overlap_ranges(coordinates[0], coordinates[2])
-    reach = (end - first).clamp(min=0)
+    by_x1, first, end = _x_runs(coordinates[0], coordinates[2])
 
     def exceeds(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
         """IoU of the ranked boxes `rows` and `columns` (index tensors, broadcast) above the threshold."""
@@ -310,7 +315,7 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
     kept = []
     for start in range(0, count, NMS_BLOCK):
         stop = min(start + NMS_BLOCK, count)
-        candidates = torch.arange(start, stop, device=device)[~removed[start:stop]]
+        candidates = _select(torch.arange(start, stop, device=device), ~removed[start:stop])
         if len(candidates) == 0:
             continue
         # The greedy pass inside the block as a fixed point: a box is kept when no kept box ranked before it
@@ -322,21 +327,21 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torc
             if torch.equal(update, survivors):
                 break
             survivors = update
-        rows = candidates[survivors]
+        rows = _select(candidates, survivors)
         kept.append(rows)
-        # The block's kept boxes remove the later boxes they suppress, in tiles of at most NMS_TILE pairs.
-        later = torch.arange(stop, count, device=device)[~removed[stop:]]
-        width, tile = int(_take(reach, rows).max()), max(1, NMS_TILE // len(rows))
-        if width < len(later):  # only the boxes each kept box can overlap in x
-            for steps_ in torch.arange(width, device=device).split(tile):
-                positions = _take(first, rows)[:, None] + steps_
+        later = _select(torch.arange(stop, count, device=device), ~removed[stop:])
+        row_first = _take(first, rows)
+        width, tile = int((_take(end, rows) - row_first).max()), max(1, NMS_TILE // len(rows))
+        if width < len(later):  # the boxes of the kept boxes' x-runs
+            for offsets in torch.arange(width, device=device).split(tile):
+                positions = row_first[:, None] + offsets
                 columns = _take(by_x1, positions.clamp(max=count - 1))
                 hits = exceeds(rows[:, None], columns) & (positions < _take(end, rows)[:, None]) & (columns >= stop)
-                removed[columns[hits]] = True
+                removed.index_fill_(0, _select(columns, hits), True)
         else:
             for columns in later.split(tile):
-                removed[columns[_any_row(exceeds(rows[:, None], columns[None, :]))]] = True
-    return order[torch.cat(kept)]
+                removed.index_fill_(0, _select(columns, _any_row(exceeds(rows[:, None], columns[None, :]))), True)
+    return _take(order, torch.cat(kept))
 
 
 def batched_nms(
@@ -363,16 +368,19 @@ def batched_nms(
     boxes_for_nms = boxes + offsets[:, None]
     if boxes.shape[0] < split_threshold:
         keep = nms(boxes_for_nms, scores, iou_threshold)
-        kept_scores = scores[keep]
+        kept_scores = _take(scores, keep)
     else:
+        # Per class, its rows in increasing order (mmcv: `(idxs == idx).nonzero()`).
+        by_class = torch.argsort(idxs, stable=True)
+        counts = torch.unique_consecutive(_take(idxs, by_class), return_counts=True)[1]
         selected = torch.zeros_like(scores, dtype=torch.bool)
-        for idx in torch.unique(idxs):
-            rows = (idxs == idx).nonzero().view(-1)
-            selected[rows[nms(boxes_for_nms[rows], scores[rows], iou_threshold)]] = True
+        for rows in by_class.split(counts.tolist()):
+            class_keep = nms(_take(boxes_for_nms, rows), _take(scores, rows), iou_threshold)
+            selected.index_fill_(0, _take(rows, class_keep), True)
         keep = selected.nonzero().view(-1)
-        kept_scores, order = scores[keep].sort(descending=True)
-        keep = keep[order]
-    return torch.cat([boxes[keep], kept_scores[:, None]], dim=-1), keep
+        kept_scores, order = _take(scores, keep).sort(descending=True)
+        keep = _take(keep, order)
+    return torch.cat([_take(boxes, keep), kept_scores[:, None]], dim=-1), keep
 
 
 # ---------------------------------------------------------------------------------------------------------- RoIs
@@ -392,7 +400,7 @@ def _axis_bands(
     number of cells (at least 1) that the widest bin of each RoI touches."""
     count, device, dtype = start.shape[0], start.device, start.dtype
     samples = int(grid.max())
-    if samples == 0:
+    if samples <= 0:
         return (
             start.new_zeros(count, pooled, dtype=torch.long),
             start.new_zeros(count, pooled, 1),
@@ -535,9 +543,9 @@ def _bags(
         bag_weights = weights_y[roi, :, None, :span_y, None] * weights_x[roi, None, :, None, :span_x]
         size = pooled_h * pooled_w * span_y * span_x
         positions = base[group, None] + torch.arange(size, device=device)
-        cells[positions] = bag_cells.reshape(len(roi), size)
-        weights[positions] = bag_weights.reshape(len(roi), size)
-        offsets[group] = base[group, None] + torch.arange(0, size, span_y * span_x, device=device)
+        cells.index_copy_(0, positions.view(-1), bag_cells.reshape(-1))
+        weights.index_copy_(0, positions.view(-1), bag_weights.reshape(-1))
+        offsets.index_copy_(0, group, base[group, None] + torch.arange(0, size, span_y * span_x, device=device))
     return cells, weights, offsets.view(-1)
 
 
@@ -548,7 +556,8 @@ def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56
     _check_boxes(rois, "rois", width=5)
     scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
     levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
-    return levels.clamp(min=0, max=num_levels - 1).long()
+    # Clamped after `.long()`, unlike mmdet: a NaN RoI goes to level 0 (and pools zeros there) instead of nowhere.
+    return levels.long().clamp(min=0, max=num_levels - 1)
 
 
 def multi_level_roi_align(
@@ -562,20 +571,21 @@ def multi_level_roi_align(
 ) -> torch.Tensor:
     """mmdet `SingleRoIExtractor` (`RoIAlign` layers): each RoI is pooled from the level `map_roi_levels` gives it
     (`features[l] (B, C, H_l, W_l)` with `spatial_scale = 1 / strides[l]`); `(N, 5)` RoIs -> `(N, C, PH, PW)`
-    (channels-last memory, as `roi_align`), zero-initialised and filled level by level. One level: plain
-    `roi_align`. Channels-last `features` save `roi_align` a copy of each level per call."""
+    (channels-last memory, as `roi_align`), filled level by level (every RoI gets a level: mmdet's zero
+    initialisation never shows). One level: plain `roi_align`. Channels-last `features` save `roi_align` a copy of
+    each level per call."""
     if not features or len(features) != len(strides):
         raise ValueError(f"Got {len(features)} feature levels for {len(strides)} strides: give one stride per level.")
     if len(features) == 1:
         return roi_align(features[0], rois, output_size, 1 / strides[0], sampling_ratio, aligned)
     pooled_h, pooled_w = _pair(output_size, "output_size")
     levels = map_roi_levels(rois, len(features), finest_scale)
-    output = features[0].new_zeros(rois.shape[0], pooled_h, pooled_w, features[0].shape[1])
+    output = features[0].new_empty(rois.shape[0], pooled_h, pooled_w, features[0].shape[1])  # every RoI has a level
     for level, (feature, stride) in enumerate(zip(features, strides, strict=True)):
         indices = (levels == level).nonzero().view(-1)
         if len(indices):
             pooled = roi_align(feature, rois[indices], output_size, 1 / stride, sampling_ratio, aligned)
-            output[indices] = pooled.permute(0, 2, 3, 1)
+            output.index_copy_(0, indices, pooled.permute(0, 2, 3, 1))
     return output.permute(0, 3, 1, 2)
 
 
