@@ -1,0 +1,634 @@
+"""Box and RoI operations of mmdet 2.28.2 / mmcv-full 1.7.2 in plain PyTorch, exact to their CPU kernels: anchors
+(non-legacy `AnchorGenerator`), `DeltaXYWHBBoxCoder`, `bbox_overlaps`, `nms` / `batched_nms`, `RoIAlign`
+(`aligned=True`, adaptive sampling), `SingleRoIExtractor`'s level mapping and the detectron2-style mask paste of
+`FCNMaskHead`.
+
+Boxes are `(x1, y1, x2, y2)` in pixels, float32, with no `+1` anywhere (mmdet 2.x's non-legacy convention). RoIs are
+`(batch_index, x1, y1, x2, y2)`. Shipped as remote code with saved models: imports torch and math only.
+"""
+
+import math
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+# mmdet's `wh_ratio_clip=16 / 1000`: decoded log-width/height deltas are clamped to +-|log(16/1000)|.
+MAX_LOG_RATIO = abs(math.log(16 / 1000))
+# Rows of the suppression matrix computed at once by `nms` (the greedy pass works block by block), in tiles of at
+# most NMS_TILE pairs: torch runs smaller elementwise operations on one thread, which avoids a thread sync per
+# operation (costly on a busy CPU).
+NMS_BLOCK = 128
+NMS_TILE = 1 << 15
+# `roi_align` pools RoIs in groups whose sample bands differ by less than this factor per axis, at most this many
+# weighted feature terms at a time.
+BAND_GROWTH = 1.25
+ROI_ALIGN_TERMS = 1 << 22
+
+
+def _check_boxes(boxes: torch.Tensor, name: str, width: int = 4) -> None:
+    if not isinstance(boxes, torch.Tensor):
+        raise ValueError(f"`{name}` must be a torch.Tensor, got {type(boxes).__name__}.")
+    if boxes.dim() != 2 or boxes.shape[1] != width:
+        raise ValueError(f"`{name}` must have shape (N, {width}), got {tuple(boxes.shape)}.")
+    if not boxes.is_floating_point():
+        raise ValueError(f"`{name}` must be a floating-point tensor (float32 as mmdet computes), got {boxes.dtype}.")
+
+
+def _check_length(tensor: torch.Tensor, name: str, length: int, of: str) -> None:
+    if not isinstance(tensor, torch.Tensor) or tensor.dim() != 1 or tensor.shape[0] != length:
+        shape = tuple(tensor.shape) if isinstance(tensor, torch.Tensor) else type(tensor).__name__
+        raise ValueError(f"`{name}` must be a 1-D tensor with one entry per row of `{of}` ({length}), got {shape}.")
+
+
+def _pair(value: int | Sequence[int], name: str) -> tuple[int, int]:
+    pair = (value, value) if isinstance(value, int) else tuple(value)
+    if len(pair) != 2 or not all(isinstance(v, int) and v > 0 for v in pair):
+        raise ValueError(f"`{name}` must be a positive int or a (height, width) pair of them, got {value!r}.")
+    return pair
+
+
+# --------------------------------------------------------------------------------------------------------- anchors
+
+
+class AnchorGenerator:
+    """mmdet's non-legacy `AnchorGenerator` (`mmdet/core/anchor/anchor_generator.py`): per level a square base size
+    equal to its stride, anchors centred at `(x * stride, y * stride)` (centre offset 0), no `+1`.
+
+    Give either `scales` (the RPN: `[8]`) or `octave_base_scale` and `scales_per_octave` (RetinaNet: 4 and 3, scales
+    `octave_base_scale * 2 ** (i / scales_per_octave)` computed in float64, then stored as float32 as mmdet does).
+    Anchor `a` of a cell is `ratio_index * len(scales) + scale_index` (ratios outer, scales inner: mmdet's
+    `scale_major=True`).
+    """
+
+    def __init__(
+        self,
+        strides: Sequence[int],
+        ratios: Sequence[float],
+        scales: Sequence[float] | None = None,
+        octave_base_scale: float | None = None,
+        scales_per_octave: int | None = None,
+    ) -> None:
+        if not strides or not all(isinstance(stride, int) and stride > 0 for stride in strides):
+            raise ValueError(f"`strides` must be a non-empty list of positive ints, got {strides!r}.")
+        if not ratios or not all(ratio > 0 for ratio in ratios):
+            raise ValueError(f"`ratios` must be a non-empty list of positive numbers, got {ratios!r}.")
+        if (scales is None) == (octave_base_scale is None or scales_per_octave is None):
+            raise ValueError("Give either `scales` or both `octave_base_scale` and `scales_per_octave`.")
+        if scales is None:
+            scales = [octave_base_scale * 2 ** (i / scales_per_octave) for i in range(scales_per_octave)]
+        if not scales or not all(scale > 0 for scale in scales):
+            raise ValueError(f"Anchor scales must be positive, got {list(scales)!r}.")
+        self.strides = list(strides)
+        self.ratios = torch.tensor(list(ratios), dtype=torch.float32)
+        self.scales = torch.tensor(list(scales), dtype=torch.float32)
+        self.base_anchors = [self._base_anchors(stride) for stride in self.strides]
+
+    @property
+    def num_base_anchors(self) -> int:
+        """Anchors per feature-map cell (the same on every level)."""
+        return len(self.ratios) * len(self.scales)
+
+    def _base_anchors(self, base_size: int) -> torch.Tensor:
+        """(A, 4) anchors of one level centred at 0, float32 as mmdet's `gen_single_level_base_anchors`."""
+        h_ratios = torch.sqrt(self.ratios)
+        w_ratios = 1 / h_ratios
+        widths = (base_size * w_ratios[:, None] * self.scales[None, :]).view(-1)
+        heights = (base_size * h_ratios[:, None] * self.scales[None, :]).view(-1)
+        return torch.stack([-0.5 * widths, -0.5 * heights, 0.5 * widths, 0.5 * heights], dim=-1)
+
+    def _check_sizes(self, featmap_sizes: Sequence[Sequence[int]]) -> None:
+        if len(featmap_sizes) != len(self.strides):
+            raise ValueError(f"Got {len(featmap_sizes)} feature-map sizes for {len(self.strides)} anchor strides.")
+
+    def grid_anchors(
+        self, featmap_sizes: Sequence[Sequence[int]], device: torch.device | str | None = None
+    ) -> list[torch.Tensor]:
+        """Anchors of every level: for a level of size `(H, W)` a float32 `(H * W * A, 4)` tensor, rows ordered
+        `(y, x, a)`, anchor `a` of cell `(y, x)` = base anchor `a` shifted by `(x * stride, y * stride)`."""
+        self._check_sizes(featmap_sizes)
+        levels = []
+        for (height, width), stride, base in zip(featmap_sizes, self.strides, self.base_anchors, strict=True):
+            shift_x = torch.arange(width, device=device).to(torch.float32) * stride
+            shift_y = torch.arange(height, device=device).to(torch.float32) * stride
+            shift_yy, shift_xx = torch.meshgrid(shift_y, shift_x, indexing="ij")
+            shifts = torch.stack([shift_xx, shift_yy, shift_xx, shift_yy], dim=-1).view(-1, 1, 4)
+            levels.append((base.to(device)[None] + shifts).view(-1, 4))
+        return levels
+
+    def valid_flags(
+        self,
+        featmap_sizes: Sequence[Sequence[int]],
+        pad_shape: Sequence[int],
+        device: torch.device | str | None = None,
+    ) -> list[torch.Tensor]:
+        """Per level a bool `(H * W * A,)` tensor (rows as `grid_anchors`): True for the anchors of cells inside one
+        image's own padded size `pad_shape = (pad_h, pad_w[, 3])` of a larger batch grid, i.e. cells with
+        `x < ceil(pad_w / stride)` and `y < ceil(pad_h / stride)` (mmdet `valid_flags`; with `allowed_border=-1`
+        these are the `inside_flags` of training)."""
+        self._check_sizes(featmap_sizes)
+        pad_h, pad_w = pad_shape[:2]
+        levels = []
+        for (height, width), stride in zip(featmap_sizes, self.strides, strict=True):
+            valid_y = torch.arange(height, device=device) < min(math.ceil(pad_h / stride), height)
+            valid_x = torch.arange(width, device=device) < min(math.ceil(pad_w / stride), width)
+            valid = valid_y[:, None, None] & valid_x[None, :, None]
+            levels.append(valid.expand(height, width, self.num_base_anchors).reshape(-1))
+        return levels
+
+
+# ---------------------------------------------------------------------------------------------------- box coding
+
+
+def encode_deltas(
+    proposals: torch.Tensor,
+    targets: torch.Tensor,
+    means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+) -> torch.Tensor:
+    """mmdet `DeltaXYWHBBoxCoder.encode` (`bbox2delta`): `(N, 4)` proposals and `(N, 4)` target boxes to `(N, 4)`
+    deltas `((gx - px) / pw, (gy - py) / ph, log(gw / pw), log(gh / ph))`, then `(delta - means) / stds`; centres
+    `(x1 + x2) / 2`, sizes `x2 - x1` (no +1), computed in float32."""
+    _check_boxes(proposals, "proposals")
+    _check_boxes(targets, "targets")
+    if proposals.shape[0] != targets.shape[0]:
+        raise ValueError(f"`proposals` ({proposals.shape[0]}) and `targets` ({targets.shape[0]}) differ in length.")
+    proposals, targets = proposals.float(), targets.float()
+    px, py = (proposals[:, 0] + proposals[:, 2]) * 0.5, (proposals[:, 1] + proposals[:, 3]) * 0.5
+    pw, ph = proposals[:, 2] - proposals[:, 0], proposals[:, 3] - proposals[:, 1]
+    gx, gy = (targets[:, 0] + targets[:, 2]) * 0.5, (targets[:, 1] + targets[:, 3]) * 0.5
+    gw, gh = targets[:, 2] - targets[:, 0], targets[:, 3] - targets[:, 1]
+    deltas = torch.stack([(gx - px) / pw, (gy - py) / ph, torch.log(gw / pw), torch.log(gh / ph)], dim=-1)
+    return deltas.sub_(deltas.new_tensor(means)[None]).div_(deltas.new_tensor(stds)[None])
+
+
+def decode_deltas(
+    rois: torch.Tensor,
+    deltas: torch.Tensor,
+    means: Sequence[float] = (0.0, 0.0, 0.0, 0.0),
+    stds: Sequence[float] = (1.0, 1.0, 1.0, 1.0),
+    max_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """mmdet `DeltaXYWHBBoxCoder.decode` (`delta2bbox`, the 2-D path): `(N, 4)` boxes and `(N, 4 * K)` deltas
+    (class-specific when K > 1: each box is decoded with each class's 4 deltas) to `(N, 4 * K)` boxes.
+
+    `d = deltas * stds + means`; `dw, dh` clamped to `[-MAX_LOG_RATIO, MAX_LOG_RATIO]` (|log(16/1000)|, both
+    directions); centre `p + pwh * dxy`, size `pwh * exp(dwh)`, corners `centre -+ size / 2`. With `max_shape =
+    (h, w[, 3])` (the resized, unpadded image) x is clipped to `[0, w]` and y to `[0, h]` (no -1)."""
+    _check_boxes(rois, "rois")
+    if not isinstance(deltas, torch.Tensor) or deltas.dim() != 2 or deltas.shape[1] % 4 or deltas.shape[1] == 0:
+        shape = tuple(deltas.shape) if isinstance(deltas, torch.Tensor) else type(deltas).__name__
+        raise ValueError(f"`deltas` must have shape (N, 4 * num_classes), got {shape}.")
+    if deltas.shape[0] != rois.shape[0]:
+        raise ValueError(f"`rois` ({rois.shape[0]}) and `deltas` ({deltas.shape[0]}) differ in length.")
+    num_boxes, num_classes = deltas.shape[0], deltas.shape[1] // 4
+    if num_boxes == 0:
+        return deltas
+    deltas = deltas.reshape(-1, 4)
+    denormalised = deltas * deltas.new_tensor(stds).view(1, -1) + deltas.new_tensor(means).view(1, -1)
+    dxy, dwh = denormalised[:, :2], denormalised[:, 2:]
+    rois = rois.repeat(1, num_classes).reshape(-1, 4)
+    pxy = (rois[:, :2] + rois[:, 2:]) * 0.5
+    pwh = rois[:, 2:] - rois[:, :2]
+    dwh = dwh.clamp(min=-MAX_LOG_RATIO, max=MAX_LOG_RATIO)
+    gxy = pxy + pwh * dxy
+    gwh = pwh * dwh.exp()
+    boxes = torch.cat([gxy - gwh * 0.5, gxy + gwh * 0.5], dim=-1)
+    if max_shape is not None:
+        boxes[:, 0::2].clamp_(min=0, max=max_shape[1])
+        boxes[:, 1::2].clamp_(min=0, max=max_shape[0])
+    return boxes.reshape(num_boxes, -1)
+
+
+# ------------------------------------------------------------------------------------------------ overlaps, NMS
+
+
+def _intersections(boxes1: Sequence[torch.Tensor], boxes2: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Intersection areas `max(0, min(x2) - max(x1)) * max(0, min(y2) - max(y1))` of boxes given as 4 coordinate
+    tensors each (`x1, y1, x2, y2`, broadcast against each other), float32 in the order of mmcv's CPU NMS kernel and
+    mmdet's `bbox_overlaps`."""
+    x1, y1, x2, y2 = boxes1
+    u1, v1, u2, v2 = boxes2
+    width = torch.minimum(x2, u2).sub_(torch.maximum(x1, u1)).clamp_(min=0)
+    height = torch.minimum(y2, v2).sub_(torch.maximum(y1, v1)).clamp_(min=0)
+    return width.mul_(height)
+
+
+def _areas(boxes: torch.Tensor) -> torch.Tensor:
+    return (boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])
+
+
+def box_iou(boxes1: torch.Tensor, boxes2: torch.Tensor, mode: str = "iou", eps: float = 1e-6) -> torch.Tensor:
+    """mmdet `bbox_overlaps(boxes1, boxes2, mode)` (not aligned): `(N, 4)` x `(M, 4)` -> `(N, M)` overlaps.
+
+    `mode="iou"`: `inter / max(area1 + area2 - inter, eps)`; `mode="iof"` (intersection over foreground, the area of
+    `boxes1`): `inter / max(area1, eps)`. Areas `(x2 - x1) * (y2 - y1)`, no +1."""
+    _check_boxes(boxes1, "boxes1")
+    _check_boxes(boxes2, "boxes2")
+    if mode not in ("iou", "iof"):
+        raise ValueError(f"`mode` must be 'iou' or 'iof', got {mode!r}.")
+    if boxes1.shape[0] == 0 or boxes2.shape[0] == 0:
+        return boxes1.new_zeros(boxes1.shape[0], boxes2.shape[0])
+    overlap = _intersections(boxes1.T[:, :, None], boxes2.T[:, None, :])
+    area1 = _areas(boxes1)
+    union = area1[:, None] + _areas(boxes2)[None, :] - overlap if mode == "iou" else area1[:, None]
+    return overlap / torch.maximum(union, union.new_tensor([eps]))
+
+
+def _check_nms_input(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> None:
+    _check_boxes(boxes, "boxes")
+    _check_length(scores, "scores", boxes.shape[0], "boxes")
+    if boxes.dtype != torch.float32 or scores.dtype != torch.float32:
+        raise ValueError(
+            f"`boxes` and `scores` must be float32 (mmcv's nms kernel), got {boxes.dtype}, {scores.dtype}."
+        )
+    if not isinstance(iou_threshold, (int, float)) or not 0 <= iou_threshold <= 1:
+        raise ValueError(f"`iou_threshold` must be a number in [0, 1], got {iou_threshold!r}.")
+
+
+def _take(values: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """`values[index]` along dim 0 (as `index_select`, which stays on one thread up to far more indices than
+    `values[index]`: a thread sync per operation is costly on a busy CPU)."""
+    return values.index_select(0, index.reshape(-1)).view(*index.shape, *values.shape[1:])
+
+
+def _select(values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """`values[mask]` for same-shape `values` and bool `mask` (one thread, as `_take`)."""
+    return values.reshape(-1).index_select(0, mask.reshape(-1).nonzero().view(-1))
+
+
+def _any_row(matrix: torch.Tensor) -> torch.Tensor:
+    """`matrix.any(0)` of a non-empty bool `(k, m)` matrix (as uint8: an order of magnitude faster on CPU)."""
+    return matrix.view(torch.uint8).amax(0).bool()
+
+
+def _x_runs(x1: torch.Tensor, x2: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Boxes with x extents `[x1, x2]` `(N,)` split into runs along x that no box spans (in increasing x1, a run starts
+    where x1 reaches the largest x2 before it): boxes of different runs never overlap with a positive width. Returns
+    `(by_x1, first, end)`: the boxes by increasing x1, and for each box the positions `[first, end)` of its run in
+    `by_x1`."""
+    x1_sorted, by_x1 = x1.sort()
+    reach = _take(x2, by_x1).cummax(0).values
+    starts = torch.ones_like(by_x1, dtype=torch.bool)
+    starts[1:] = x1_sorted[1:] >= reach[:-1]
+    bounds = torch.cat([starts.nonzero().view(-1), by_x1.new_tensor([len(x1)])])
+    run = starts.cumsum(0) - 1
+    first = torch.empty_like(by_x1).scatter_(0, by_x1, _take(bounds, run))
+    end = torch.empty_like(by_x1).scatter_(0, by_x1, _take(bounds, run + 1))
+    return by_x1, first, end
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float) -> torch.Tensor:
+    """mmcv `nms(boxes, scores, iou_threshold)` (offset 0) exactly as its CPU kernel: `(N, 4)` float32 boxes, `(N,)`
+    float32 scores -> `(K,)` int64 indices of the kept boxes, by decreasing score.
+
+    Order = `scores.sort(descending=True)` (torch's unstable sort: equal scores are ordered as torch orders them);
+    greedily, a box is dropped when `inter / (area_i + area_j - inter) > float32(iou_threshold)` for a kept box `i`
+    ranked before it, with the kernel's float32 operations in its order (areas without +1), so borderline cases match
+    bit for bit.
+
+    Vectorised: ranked boxes are taken `NMS_BLOCK` at a time; the greedy pass inside a block is solved on its
+    suppression matrix, and the block's kept boxes then remove the later boxes they suppress: every later box still
+    in, or (when fewer, as for the class-offset boxes of `batched_nms`) the boxes of their own x-runs (`_x_runs`).
+    Pairs are tested in tiles of at most `NMS_TILE`."""
+    _check_nms_input(boxes, scores, iou_threshold)
+    count = boxes.shape[0]
+    order = scores.sort(descending=True)[1]
+    if count == 0:
+        return order
+    device = boxes.device
+    ranked = _take(boxes, order)
+    coordinates = [column.contiguous() for column in ranked.unbind(1)]
+    areas = _areas(ranked)
+    threshold = torch.tensor(iou_threshold, dtype=torch.float32, device=device)
+    by_x1, first, end = _x_runs(coordinates[0], coordinates[2])
+
+    def exceeds(rows: torch.Tensor, columns: torch.Tensor) -> torch.Tensor:
+        """IoU of the ranked boxes `rows` and `columns` (index tensors, broadcast) above the threshold."""
+        overlap = _intersections([_take(c, rows) for c in coordinates], [_take(c, columns) for c in coordinates])
+        union = (_take(areas, rows) + _take(areas, columns)).sub_(overlap)
+        return overlap.div_(union) > threshold
+
+    removed = torch.zeros(count, dtype=torch.bool, device=device)
+    steps = torch.arange(NMS_BLOCK, device=device)
+    upper = steps[:, None] < steps[None, :]
+    kept = []
+    for start in range(0, count, NMS_BLOCK):
+        stop = min(start + NMS_BLOCK, count)
+        candidates = _select(torch.arange(start, stop, device=device), ~removed[start:stop])
+        if len(candidates) == 0:
+            continue
+        # The greedy pass inside the block as a fixed point: a box is kept when no kept box ranked before it
+        # suppresses it (position p is final after p rounds; usually a few rounds suffice).
+        suppresses = exceeds(candidates[:, None], candidates[None, :]) & upper[: len(candidates), : len(candidates)]
+        survivors = torch.ones(len(candidates), dtype=torch.bool, device=device)
+        while True:
+            update = ~_any_row(suppresses & survivors[:, None])
+            if torch.equal(update, survivors):
+                break
+            survivors = update
+        rows = _select(candidates, survivors)
+        kept.append(rows)
+        later = _select(torch.arange(stop, count, device=device), ~removed[stop:])
+        row_first = _take(first, rows)
+        width, tile = int((_take(end, rows) - row_first).max()), max(1, NMS_TILE // len(rows))
+        if width < len(later):  # the boxes of the kept boxes' x-runs
+            for offsets in torch.arange(width, device=device).split(tile):
+                positions = row_first[:, None] + offsets
+                columns = _take(by_x1, positions.clamp(max=count - 1))
+                hits = exceeds(rows[:, None], columns) & (positions < _take(end, rows)[:, None]) & (columns >= stop)
+                removed.index_fill_(0, _select(columns, hits), True)
+        else:
+            for columns in later.split(tile):
+                removed.index_fill_(0, _select(columns, _any_row(exceeds(rows[:, None], columns[None, :]))), True)
+    return _take(order, torch.cat(kept))
+
+
+def batched_nms(
+    boxes: torch.Tensor,
+    scores: torch.Tensor,
+    idxs: torch.Tensor,
+    iou_threshold: float,
+    split_threshold: int = 10000,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """mmcv `batched_nms(boxes, scores, idxs, dict(type='nms', iou_threshold=...))`: NMS within each class `idxs`.
+
+    `(N, 4)` float32 boxes, `(N,)` float32 scores, `(N,)` integer classes -> `(dets (K, 5), keep (K,))`: `dets` =
+    original boxes of the kept rows with their score, `keep` their indices, by decreasing score. Classes are separated
+    by offsetting the boxes by `idx * (boxes.max() + 1)` (float32); below `split_threshold` boxes ONE `nms` runs on
+    the offset boxes, otherwise one `nms` per class (on the offset boxes too), the kept rows then re-sorted with
+    `sort(descending=True)`. The two paths can order equal scores differently, as mmcv's do."""
+    _check_nms_input(boxes, scores, iou_threshold)
+    _check_length(idxs, "idxs", boxes.shape[0], "boxes")
+    if idxs.is_floating_point() or idxs.dtype == torch.bool:
+        raise ValueError(f"`idxs` must be an integer tensor of class indices, got {idxs.dtype}.")
+    if boxes.shape[0] == 0:
+        return boxes.new_zeros(0, 5), torch.zeros(0, dtype=torch.long, device=boxes.device)
+    offsets = idxs.to(boxes) * (boxes.max() + torch.tensor(1).to(boxes))
+    boxes_for_nms = boxes + offsets[:, None]
+    if boxes.shape[0] < split_threshold:
+        keep = nms(boxes_for_nms, scores, iou_threshold)
+        kept_scores = _take(scores, keep)
+    else:
+        # Per class, its rows in increasing order (mmcv: `(idxs == idx).nonzero()`).
+        by_class = torch.argsort(idxs, stable=True)
+        counts = torch.unique_consecutive(_take(idxs, by_class), return_counts=True)[1]
+        selected = torch.zeros_like(scores, dtype=torch.bool)
+        for rows in by_class.split(counts.tolist()):
+            class_keep = nms(_take(boxes_for_nms, rows), _take(scores, rows), iou_threshold)
+            selected.index_fill_(0, _take(rows, class_keep), True)
+        keep = selected.nonzero().view(-1)
+        kept_scores, order = _take(scores, keep).sort(descending=True)
+        keep = _take(keep, order)
+    return torch.cat([_take(boxes, keep), kept_scores[:, None]], dim=-1), keep
+
+
+# ---------------------------------------------------------------------------------------------------------- RoIs
+
+
+def _axis_bands(
+    start: torch.Tensor, bin_size: torch.Tensor, grid: torch.Tensor, pooled: int, length: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The bilinear samples of mmcv's RoIAlign along one axis (rows or columns) for N RoIs, summed per bin over the
+    cells they touch.
+
+    Sample `i` of bin `p` sits at `start + p * bin + (i + 0.5) * bin / grid` (the kernel's order), for
+    `i < grid` of its RoI. Samples outside `[-1, length]` count as 0; the others are clamped to >= 0 and interpolate
+    between cell `low = int(y)` (weight `1 - ly`) and `low + 1` (weight `ly = y - low`), except from the last cell
+    on, where both are `length - 1` (and `ly = 0`). Returns `(first, weights, lengths)`: bin `p` of RoI `n` puts
+    weight `weights[n, p, k]` on cell `first[n, p] + k`, `first (N, P)`, `weights (N, P, L)`, and `lengths (N,)` the
+    number of cells (at least 1) that the widest bin of each RoI touches."""
+    count, device, dtype = start.shape[0], start.device, start.dtype
+    samples = int(grid.max())
+    if samples <= 0:
+        return (
+            start.new_zeros(count, pooled, dtype=torch.long),
+            start.new_zeros(count, pooled, 1),
+            grid.new_ones(count),
+        )
+    steps = torch.arange(samples, dtype=dtype, device=device) + 0.5
+    bins = torch.arange(pooled, dtype=dtype, device=device)
+    start, bin_size, grid = start[:, None, None], bin_size[:, None, None], grid[:, None, None]
+    position = (start + bins[:, None] * bin_size) + (steps * bin_size) / grid.to(dtype)
+    counted = (torch.arange(samples, device=device) < grid) & (position >= -1) & (position <= length)
+    position = position.clamp(min=0)
+    low = position.long()
+    last = low >= length - 1
+    low = low.clamp(max=length - 1)
+    high = torch.where(last, low, low + 1)
+    high_weight = torch.where(last, 0.0, position - low).masked_fill_(~counted, 0)
+    low_weight = (1 - high_weight).masked_fill_(~counted, 0)
+    first = torch.where(counted, low, torch.iinfo(torch.long).max).amin(2)
+    end = torch.where(counted, high, -1).amax(2) + 1
+    first = torch.where(end > 0, first, 0)
+    lengths = (end - first).clamp(min=1)
+    span = int(lengths.max())
+    weights = torch.zeros(count, pooled, span, dtype=dtype, device=device)
+    weights.scatter_add_(2, (low - first[:, :, None]).clamp(0, span - 1), low_weight)
+    weights.scatter_add_(2, (high - first[:, :, None]).clamp(0, span - 1), high_weight)
+    return first, weights, lengths.amax(1)
+
+
+def roi_align(
+    features: torch.Tensor,
+    rois: torch.Tensor,
+    output_size: int | Sequence[int],
+    spatial_scale: float,
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+) -> torch.Tensor:
+    """mmcv `RoIAlign(output_size, spatial_scale, sampling_ratio, pool_mode='avg', aligned)` (its CPU kernel):
+    `features (B, C, H, W)`, `rois (N, 5)` rows `(batch_index, x1, y1, x2, y2)` in image pixels -> `(N, C, PH, PW)`
+    (in channels-last memory: `.permute(0, 2, 3, 1)` of it is contiguous).
+
+    A RoI maps to `x * spatial_scale - 0.5` (`aligned=True`; no shift and sizes at least 1 when False), is split
+    into `PH x PW` bins, and each bin averages `gh x gw` bilinear samples at the centres of a regular sub-grid:
+    `gh = ceil(roi_h / PH)`, `gw = ceil(roi_w / PW)` per RoI (adaptive) when `sampling_ratio` is 0, else
+    `sampling_ratio`; the sum is divided by `max(gh * gw, 1)`. Samples outside `[-1, H] x [-1, W]` count as 0, the
+    others are clamped to the map (see `_axis_bands`); zero-size RoIs give 0. Negative sizes (x2 < x1) are an error
+    with `aligned=True`, as in mmcv.
+
+    The bilinear weights factor into rows and columns: a bin is the weighted sum of the feature vectors in the band
+    of rows and columns its samples touch, computed as one `embedding_bag` over the channels-last feature rows (a
+    copy of `features` unless it is channels-last already). RoIs are grouped by band size (classes growing by
+    `BAND_GROWTH`), at most `ROI_ALIGN_TERMS` weighted terms at a time. Differentiable w.r.t. `features` (not
+    `rois`, as mmcv's op)."""
+    if not isinstance(features, torch.Tensor) or features.dim() != 4 or not features.is_floating_point():
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"`features` must be a floating-point (B, C, H, W) tensor, got {shape}.")
+    _check_boxes(rois, "rois", width=5)
+    if rois.device != features.device:
+        raise ValueError(f"`rois` ({rois.device}) and `features` ({features.device}) must be on the same device.")
+    pooled_h, pooled_w = _pair(output_size, "output_size")
+    if not isinstance(sampling_ratio, int) or sampling_ratio < 0:
+        raise ValueError(f"`sampling_ratio` must be an int >= 0 (0: adaptive), got {sampling_ratio!r}.")
+    batch, channels, height, width = features.shape
+    count = rois.shape[0]
+    if count == 0:
+        return features.new_zeros(0, pooled_h, pooled_w, channels).permute(0, 3, 1, 2)
+    # The kernel computes in the features' type: float64 for float64, float32 otherwise (mmcv: the type itself).
+    rois = rois.detach().to(torch.float64 if features.dtype == torch.float64 else torch.float32)
+    batch_index = rois[:, 0].long()
+    if bool(((batch_index < 0) | (batch_index >= batch)).any()):
+        raise ValueError(f"`rois[:, 0]` must be batch indices in [0, {batch}), got {rois[:, 0].unique().tolist()}.")
+    offset = 0.5 if aligned else 0.0
+    scale = torch.tensor(spatial_scale, dtype=torch.float32).to(rois.dtype)  # mmcv takes a C++ float
+    start = rois[:, 1:3] * scale - offset
+    size = (rois[:, 3:5] * scale - offset) - start
+    if aligned and bool((size < 0).any()):
+        bad = rois[(size < 0).any(1)][:3].tolist()
+        raise ValueError(f"RoIs must have x2 >= x1 and y2 >= y1 (aligned RoIAlign), got e.g. {bad}.")
+    if not aligned:
+        size = size.clamp(min=1)
+    pooled = torch.tensor([pooled_w, pooled_h], dtype=rois.dtype, device=rois.device)
+    bins = size / pooled
+    if sampling_ratio > 0:
+        grids = torch.full((count, 2), sampling_ratio, dtype=torch.long, device=rois.device)
+    else:
+        grids = torch.ceil(size / pooled).long()
+    divisor = (grids[:, 0] * grids[:, 1]).clamp(min=1).to(rois.dtype)
+    first_column, weights_x, lengths_x = _axis_bands(start[:, 0], bins[:, 0], grids[:, 0], pooled_w, width)
+    first_row, weights_y, lengths_y = _axis_bands(start[:, 1], bins[:, 1], grids[:, 1], pooled_h, height)
+    weights_y = weights_y / divisor[:, None, None]
+
+    # Each bin is a bag of (cell, weight) terms, padded with zero weights to the widest bin of its RoI's group (RoIs
+    # of similar band sizes: classes growing by BAND_GROWTH); runs of consecutive RoIs within the term budget.
+    classes = [
+        torch.ceil(torch.log(lengths.float()) / math.log(BAND_GROWTH)).long() for lengths in (lengths_y, lengths_x)
+    ]
+    keys = classes[0] * (int(classes[1].max()) + 1) + classes[1]
+    spans = torch.stack([lengths_y, lengths_x], 1)
+    for key in keys.unique().tolist():
+        spans[keys == key] = spans[keys == key].amax(0)
+    terms = pooled_h * pooled_w * spans[:, 0] * spans[:, 1]
+    ends = terms.cumsum(0)
+    flat = features.permute(0, 2, 3, 1).contiguous().view(batch * height * width, channels)
+    outputs, begin = [], 0
+    while begin < count:
+        limit = ends[begin] - terms[begin] + ROI_ALIGN_TERMS
+        end = max(begin + 1, int(torch.searchsorted(ends, limit, right=True)))
+        run = torch.arange(begin, end, device=rois.device)
+        bags = _bags(run, spans[run], (first_row, weights_y, height), (first_column, weights_x, width), batch_index)
+        pooled_run = F.embedding_bag(bags[0], flat, bags[2], mode="sum", per_sample_weights=bags[1].to(features.dtype))
+        outputs.append(pooled_run.view(end - begin, pooled_h, pooled_w, channels))
+        begin = end
+    return (outputs[0] if len(outputs) == 1 else torch.cat(outputs)).permute(0, 3, 1, 2)
+
+
+def _bags(
+    rois: torch.Tensor,
+    spans: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor, int],
+    columns: tuple[torch.Tensor, torch.Tensor, int],
+    batch_index: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The `embedding_bag` terms of RoIs `rois (n,)` (consecutive), bins padded to `spans (n, 2)` rows x columns:
+    `(cells, weights, offsets)`; `cells` index the `(B * H * W)` channels-last feature rows, bin `(r, p, q)` sums
+    `weights * rows` over `[offsets[i], offsets[i + 1])`, `i = (r * PH + p) * PW + q`. `rows` and `columns` are
+    `_axis_bands`' `(first, weights, ...)` with the map's height / width."""
+    (first_y, weights_y, height), (first_x, weights_x, width) = rows, columns
+    pooled_h, pooled_w, device = first_y.shape[1], first_x.shape[1], rois.device
+    sizes = pooled_h * pooled_w * spans[:, 0] * spans[:, 1]
+    base = sizes.cumsum(0) - sizes  # each RoI's first term
+    cells = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
+    weights = torch.empty(len(cells), dtype=weights_y.dtype, device=device)
+    offsets = torch.empty(len(rois), pooled_h * pooled_w, dtype=torch.long, device=device)
+    for span_y, span_x in spans.unique(dim=0).tolist():
+        group = ((spans[:, 0] == span_y) & (spans[:, 1] == span_x)).nonzero().view(-1)
+        roi = rois[group]
+        cells_y = (first_y[roi, :, None] + torch.arange(span_y, device=device)).clamp(max=height - 1)
+        cells_x = (first_x[roi, :, None] + torch.arange(span_x, device=device)).clamp(max=width - 1)
+        row_cells = (batch_index[roi, None, None] * height + cells_y) * width  # (n, PH, span_y)
+        bag_cells = row_cells[:, :, None, :, None] + cells_x[:, None, :, None, :]  # (n, PH, PW, span_y, span_x)
+        bag_weights = weights_y[roi, :, None, :span_y, None] * weights_x[roi, None, :, None, :span_x]
+        size = pooled_h * pooled_w * span_y * span_x
+        positions = base[group, None] + torch.arange(size, device=device)
+        cells.index_copy_(0, positions.view(-1), bag_cells.reshape(-1))
+        weights.index_copy_(0, positions.view(-1), bag_weights.reshape(-1))
+        offsets.index_copy_(0, group, base[group, None] + torch.arange(0, size, span_y * span_x, device=device))
+    return cells, weights, offsets.view(-1)
+
+
+def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56) -> torch.Tensor:
+    """mmdet `SingleRoIExtractor.map_roi_levels`: `(N, 5)` RoIs -> `(N,)` int64 pyramid level
+    `floor(log2(sqrt(w * h) / finest_scale + 1e-6))` clamped to `[0, num_levels - 1]` (float32; with 56 and 4 levels:
+    below 112 px level 0, [112, 224) 1, [224, 448) 2, above 3)."""
+    _check_boxes(rois, "rois", width=5)
+    scale = torch.sqrt((rois[:, 3] - rois[:, 1]) * (rois[:, 4] - rois[:, 2]))
+    levels = torch.floor(torch.log2(scale / finest_scale + 1e-6))
+    # Clamped after `.long()`, unlike mmdet: a NaN RoI goes to level 0 (and pools zeros there) instead of nowhere.
+    return levels.long().clamp(min=0, max=num_levels - 1)
+
+
+def multi_level_roi_align(
+    features: Sequence[torch.Tensor],
+    rois: torch.Tensor,
+    output_size: int | Sequence[int],
+    strides: Sequence[int],
+    sampling_ratio: int = 0,
+    aligned: bool = True,
+    finest_scale: float = 56,
+) -> torch.Tensor:
+    """mmdet `SingleRoIExtractor` (`RoIAlign` layers): each RoI is pooled from the level `map_roi_levels` gives it
+    (`features[l] (B, C, H_l, W_l)` with `spatial_scale = 1 / strides[l]`); `(N, 5)` RoIs -> `(N, C, PH, PW)`
+    (channels-last memory, as `roi_align`), filled level by level (every RoI gets a level: mmdet's zero
+    initialisation never shows). One level: plain `roi_align`. Channels-last `features` save `roi_align` a copy of
+    each level per call."""
+    if not features or len(features) != len(strides):
+        raise ValueError(f"Got {len(features)} feature levels for {len(strides)} strides: give one stride per level.")
+    if len(features) == 1:
+        return roi_align(features[0], rois, output_size, 1 / strides[0], sampling_ratio, aligned)
+    pooled_h, pooled_w = _pair(output_size, "output_size")
+    levels = map_roi_levels(rois, len(features), finest_scale)
+    output = features[0].new_empty(rois.shape[0], pooled_h, pooled_w, features[0].shape[1])  # every RoI has a level
+    for level, (feature, stride) in enumerate(zip(features, strides, strict=True)):
+        indices = (levels == level).nonzero().view(-1)
+        if len(indices):
+            pooled = roi_align(feature, rois[indices], output_size, 1 / stride, sampling_ratio, aligned)
+            output.index_copy_(0, indices, pooled.permute(0, 2, 3, 1))
+    return output.permute(0, 3, 1, 2)
+
+
+# ---------------------------------------------------------------------------------------------------------- masks
+
+
+def paste_masks(
+    masks: torch.Tensor, boxes: torch.Tensor, image_size: Sequence[int], threshold: float = 0.5
+) -> torch.Tensor:
+    """mmdet `FCNMaskHead.get_seg_masks` / `_do_paste_mask` on CPU (detectron2's paste): `(n, M, M)` or
+    `(n, 1, M, M)` mask probabilities, `(n, 4)` float32 boxes in the output frame, `image_size = (H, W)` -> bool
+    `(n, H, W)`.
+
+    Pixel `(y, x)` samples its mask at `((x + 0.5 - x1) / (x2 - x1) * 2 - 1, (y + 0.5 - y1) / (y2 - y1) * 2 - 1)`
+    (float32; an infinite coordinate becomes 0) with `grid_sample(bilinear, zeros, align_corners=False)`, and is set
+    when the value is `>= threshold`. As mmdet's CPU path, box by box over the box's pixels
+    `[floor(x1) - 1, ceil(x2) + 1) x [floor(y1) - 1, ceil(y2) + 1)` clipped to the image (memory: one box at a time);
+    pixels further out are at most half-weighted by the border, so below a threshold >= 0.5 either way."""
+    if not isinstance(masks, torch.Tensor) or not masks.is_floating_point() or masks.dim() not in (3, 4):
+        raise ValueError("`masks` must be float probabilities of shape (n, M, M) or (n, 1, M, M).")
+    if masks.dim() == 4:
+        if masks.shape[1] != 1:
+            raise ValueError(f"`masks` of shape (n, 1, M, M) must have 1 channel, got {tuple(masks.shape)}.")
+        masks = masks[:, 0]
+    _check_boxes(boxes, "boxes")
+    if boxes.shape[0] != masks.shape[0]:
+        raise ValueError(f"`masks` ({masks.shape[0]}) and `boxes` ({boxes.shape[0]}) differ in length.")
+    height, width = _pair(tuple(int(v) for v in image_size), "image_size")
+    boxes = boxes.float()
+    pasted = torch.zeros(len(masks), height, width, dtype=torch.bool, device=masks.device)
+    for i in range(len(masks)):
+        box = boxes[i : i + 1]
+        x0, y0 = (box[0, :2].floor() - 1).clamp(min=0).int().tolist()
+        x1 = int(torch.clamp(box[0, 2].ceil() + 1, max=width))
+        y1 = int(torch.clamp(box[0, 3].ceil() + 1, max=height))
+        if x1 <= x0 or y1 <= y0:
+            continue
+        grid_x = (torch.arange(x0, x1, device=masks.device).float() + 0.5 - box[:, 0:1]) / (box[:, 2:3] - box[:, 0:1])
+        grid_y = (torch.arange(y0, y1, device=masks.device).float() + 0.5 - box[:, 1:2]) / (box[:, 3:4] - box[:, 1:2])
+        grid_x, grid_y = grid_x * 2 - 1, grid_y * 2 - 1
+        grid_x = grid_x.masked_fill(torch.isinf(grid_x), 0)
+        grid_y = grid_y.masked_fill(torch.isinf(grid_y), 0)
+        grid = torch.stack(torch.broadcast_tensors(grid_x[:, None, :], grid_y[:, :, None]), dim=3)
+        values = F.grid_sample(masks[i : i + 1, None].float(), grid, align_corners=False)
+        pasted[i, y0:y1, x0:x1] = values[0, 0] >= threshold
+    return pasted
