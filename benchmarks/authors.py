@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf.configuration_denseclip import resolve_test_protocol
 
 
 def full_text_tower(text_encoder: nn.Module, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
@@ -76,7 +77,7 @@ def behave_as_the_authors(model: DenseClipForSemanticSegmentation) -> list[nn.Pa
 
 def authors_slide_logits(model: DenseClipForSemanticSegmentation, pixel_values: torch.Tensor) -> torch.Tensor:
     """mmseg's `slide_inference` without rescale: `(batch, classes, H, W)`."""
-    _, (crop_height, crop_width), (stride_height, stride_width) = model._test_protocol("slide")
+    _, (crop_height, crop_width), (stride_height, stride_width) = resolve_test_protocol(model.config, "slide")
     height, width = pixel_values.shape[-2:]
     rows = max(height - crop_height + stride_height - 1, 0) // stride_height + 1
     columns = max(width - crop_width + stride_width - 1, 0) // stride_width + 1

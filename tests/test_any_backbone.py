@@ -52,7 +52,9 @@ def test_output_shapes_and_pyramid(tokenizer, backbone, decoder_type):
     assert out.logits.shape == (2, classes, height // 4, width // 4)
     assert out.score_map.shape == (2, classes, height // 32, width // 32)
     assert base.global_embedding.shape == (2, dim) and base.dense_embedding.shape == (2, dim, 2, 3)
-    assert [tuple(level.shape) for level in out.hidden_states] == [
+    stem, *pyramid = out.hidden_states  # the backbone's stem, then its last 4 stages
+    assert stem.shape[:2] == (2, config.image_encoder_settings.stem_channels())
+    assert [tuple(level.shape) for level in pyramid] == [
         (2, width_, height // stride, width // stride) for width_, stride in zip(channels, (4, 8, 16, 32), strict=True)
     ]
     # The pyramid is the stand-alone transformers backbone's last 4 stages, with the same weights.
@@ -62,7 +64,7 @@ def test_output_shapes_and_pyramid(tokenizer, backbone, decoder_type):
     assert loading.missing_keys == (["swin.layernorm.weight", "swin.layernorm.bias"] if backbone == "swin" else [])
     with torch.no_grad():
         expected = reference(pixel_values).feature_maps
-    for got, want in zip(out.hidden_states, expected, strict=True):
+    for got, want in zip(out.hidden_states, expected, strict=True):  # the stem and the pyramid
         torch.testing.assert_close(got, want, rtol=0, atol=0)
     # The score map joins the last level (x' = [x, s]).
     assert model.base_model.pyramid_channels == [*channels[:3], channels[3] + classes]

@@ -31,7 +31,7 @@ def backbone_config(tokenizer, family: str = "vit", **backbone_settings) -> Dens
     return DenseClipBackboneConfig.from_dict({**settings, **backbone_settings})
 
 
-@pytest.mark.parametrize("out_features", [None, ["stage2", "stage4"], ["stage3"]])
+@pytest.mark.parametrize("out_features", [None, ["stage2", "stage4"], ["stage3"], ["stem", "stage1"]])
 def test_backbone_returns_the_chosen_levels_of_the_language_guided_pyramid(tokenizer, family, out_features):
     config = backbone_config(tokenizer, family, **({"out_features": out_features} if out_features else {}))
     torch.manual_seed(0)
@@ -44,18 +44,22 @@ def test_backbone_returns_the_chosen_levels_of_the_language_guided_pyramid(token
     with torch.no_grad():
         output = backbone(pixel_values, output_hidden_states=True)
         expected = model(pixel_values, output_hidden_states=True)
-    wanted = out_features or STAGES
-    levels = [STAGES.index(name) for name in wanted]
+    wanted = out_features or ["stage4"]  # transformers' default: the last stage
     assert backbone.out_features == wanted
     channels = list(ENCODER_FAMILIES[family].pyramid_channels)
     channels[ENCODER_FAMILIES[family].score_map_level] += len(config.id2label)
-    assert backbone.channels == [channels[level] for level in levels]
-    assert len(output.feature_maps) == len(levels)
-    for level, feature_map in zip(levels, output.feature_maps, strict=True):
+    stem_channels = config.image_encoder_settings.stem_channels()
+    assert backbone.channels == [stem_channels if name == "stem" else channels[STAGES.index(name)] for name in wanted]
+    assert len(output.feature_maps) == len(wanted)
+    for name, feature_map in zip(wanted, output.feature_maps, strict=True):
+        if name == "stem":  # the image encoder's own stem, before the pyramid
+            torch.testing.assert_close(feature_map, expected.hidden_states[0])
+            continue
+        level = STAGES.index(name)
         assert feature_map.shape == (2, channels[level], 64 // 2 ** (level + 2), 64 // 2 ** (level + 2))
         torch.testing.assert_close(feature_map, expected.pyramid[level])
     torch.testing.assert_close(output.score_map, expected.score_map)
-    assert len(output.hidden_states) == 4
+    assert len(output.hidden_states) == 5  # the stem, then the 4 levels before the score map is joined
     assert backbone(pixel_values).hidden_states is None
 
 
@@ -88,7 +92,10 @@ def trainable_parts_have_gradients(backbone: DenseClipBackbone) -> None:
 
 def test_upernet_trains_saves_and_loads_on_the_backbone(tokenizer, family, tmp_path):
     config = UperNetConfig(
-        backbone_config=backbone_config(tokenizer, family), hidden_size=16, auxiliary_channels=8, num_labels=3
+        backbone_config=backbone_config(tokenizer, family, out_features=STAGES),
+        hidden_size=16,
+        auxiliary_channels=8,
+        num_labels=3,
     )
     torch.manual_seed(0)
     model = UperNetForSemanticSegmentation(config)

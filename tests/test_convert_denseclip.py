@@ -97,7 +97,7 @@ def reference_outputs(model: DenseClipForSemanticSegmentation, pixel_values: tor
         hook.remove()
     seg_logits = F.interpolate(output.logits, size=pixel_values.shape[-2:], mode="bilinear", align_corners=False)
     return {
-        **{f"backbone_features.{level}": feature for level, feature in enumerate(output.hidden_states)},
+        **{f"backbone_features.{level}": feature for level, feature in enumerate(output.hidden_states[1:])},
         "global_embedding": image.global_embedding,
         "dense_embedding": image.dense_embedding,
         "text_embeddings_pre": text_embeddings_pre[None],

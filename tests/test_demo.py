@@ -65,7 +65,7 @@ def direct_outputs(folder: Path, image: Image.Image) -> tuple[np.ndarray, np.nda
     processor = DenseClipImageProcessor.from_pretrained(folder)
     with torch.no_grad():
         outputs = model(**processor(images=image, return_tensors="pt"))
-        plain = model(**processor(images=image, test_mode="whole", return_tensors="pt"), test_mode="plain")
+        plain = model(processor(images=image, test_mode="whole", return_tensors="pt")["pixel_values"])
     label_map = processor.post_process_semantic_segmentation(outputs, target_sizes=[image.size[::-1]])[0]
     return label_map.numpy(), plain.score_map[0].numpy()
 

@@ -25,7 +25,8 @@ from denseclip_hf import (
     convert_denseclip_checkpoint,
 )
 from denseclip_hf.image_processing_denseclip import MULTI_SCALE_RATIOS
-from denseclip_hf.modeling_denseclip import slide_logits, sliding_window_starts
+from denseclip_hf.protocol_denseclip import slide_logits, sliding_window_starts
+from denseclip_hf.training.evaluation import EvaluationProtocol
 
 FAMILIES = ("vit", "rn")
 TOLERANCE = dict(atol=1e-5, rtol=1e-5)
@@ -61,7 +62,7 @@ def test_reproduces_every_stored_tensor_of_the_authors_test(family):
     assert [list(x.shape[-2:]) for x in scales] == description["multi_scale_input_sizes"]
     with torch.no_grad():
         ours = {
-            "slide.logits": model(tensors["slide.pixel_values"]).logits,  # eval mode: the configured slide protocol
+            "slide.logits": model(tensors["slide.pixel_values"], test_mode="slide").logits,
             "slide.probabilities_at_original_size": model.predict_probabilities(
                 tensors["slide.pixel_values"], original_size
             ),
@@ -320,13 +321,16 @@ def test_pipeline_equals_predict_probabilities(protocol_folder, image_size, inpu
         np.testing.assert_array_equal(np.asarray(segment["mask"]) > 0, expected == class_id)
 
 
-def test_forward_follows_the_protocol_only_in_eval_mode_without_labels(tokenizer):
+def test_forward_is_the_single_pass_unless_a_protocol_is_asked_for(tokenizer):
+    """The forward contract: `test_mode=None` is the single pass in training and eval mode alike (logits at 1/4, every
+    output, hidden states honoured); `test_mode="slide"` runs the protocol (logits at the input size, nothing else),
+    and refuses hidden states instead of dropping them."""
     torch.manual_seed(0)
     model = DenseClipForSemanticSegmentation(protocol_config(tokenizer, "vit")).eval()
     pixel_values, labels = torch.randn(2, 3, 80, 112), torch.randint(0, 4, (2, 80, 112))
     with torch.no_grad():
+        default = model(pixel_values, output_hidden_states=True)
         plain = model(pixel_values, test_mode="plain")
-        configured = model(pixel_values)
         slide = model(pixel_values, test_mode="slide")
         with_labels = model(pixel_values, labels=labels)
         probabilities = model.predict_probabilities(pixel_values, (80, 112))
@@ -335,14 +339,39 @@ def test_forward_follows_the_protocol_only_in_eval_mode_without_labels(tokenizer
         training = model(pixel_values)
         torch.manual_seed(1)
         training_plain = model(pixel_values, test_mode="plain")
-    assert plain.logits.shape == (2, 4, 20, 28) and plain.score_map is not None
-    assert configured.logits.shape == (2, 4, 80, 112)
-    assert configured.score_map is None and configured.text_embeddings is None and configured.hidden_states is None
-    torch.testing.assert_close(configured.logits, slide.logits, rtol=0, atol=0)
+    assert default.logits.shape == (2, 4, 20, 28) and default.score_map is not None
+    assert len(default.hidden_states) == 5
+    torch.testing.assert_close(default.logits, plain.logits, rtol=0, atol=0)
+    assert slide.logits.shape == (2, 4, 80, 112)
+    assert slide.score_map is None and slide.text_embeddings is None and slide.hidden_states is None
     torch.testing.assert_close(with_labels.logits, plain.logits, rtol=0, atol=0)
     assert with_labels.loss is not None
+    assert training.logits.shape == plain.logits.shape
     torch.testing.assert_close(training.logits, training_plain.logits, rtol=0, atol=0)
     torch.testing.assert_close(probabilities, slide.logits.softmax(1), **TOLERANCE)
+    model.eval()
+    with pytest.raises(ValueError, match="no hidden states"):
+        model(pixel_values, test_mode="slide", output_hidden_states=True)
+
+
+def test_processor_output_asks_for_the_protocol(tokenizer):
+    """`model(**processor(images=...))` runs the processor's `test_mode` (the pipeline's path); with label maps the
+    processor asks for nothing, and the forward is the single pass with its loss."""
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(protocol_config(tokenizer, "vit")).eval()
+    image = Image.fromarray(np.random.default_rng(0).integers(0, 256, (48, 72, 3), dtype=np.uint8))
+    for mode in ("slide", "whole"):
+        processor = DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256}, test_mode=mode)
+        inputs = processor(images=image, return_tensors="pt")
+        assert inputs["test_mode"] == mode
+        with torch.no_grad():
+            outputs = model(**inputs)
+            expected = model(inputs["pixel_values"], test_mode=mode)
+        torch.testing.assert_close(outputs.logits, expected.logits, rtol=0, atol=0)
+        assert outputs.logits.shape[-2:] == inputs["pixel_values"].shape[-2:]
+    labelled = processor(images=image, segmentation_maps=Image.new("L", (72, 48), 1), return_tensors="pt")
+    assert "test_mode" not in labelled
+    assert model(**labelled).loss is not None
 
 
 def test_post_processing_of_plain_and_protocol_outputs(protocol_folder):
@@ -350,8 +379,8 @@ def test_post_processing_of_plain_and_protocol_outputs(protocol_folder):
     processor = DenseClipImageProcessor.from_pretrained(protocol_folder)
     pixel_values = torch.randn(1, 3, 64, 96, generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
-        plain = model(pixel_values, test_mode="plain")
-        protocol = model(pixel_values)
+        plain = model(pixel_values)
+        protocol = model(pixel_values, test_mode=processor.test_mode)
     (plain_map,) = processor.post_process_semantic_segmentation(plain, target_sizes=[(50, 70)])
     upsampled = F.interpolate(plain.logits, size=(50, 70), mode="bilinear", align_corners=False)
     torch.testing.assert_close(plain_map, upsampled.argmax(1)[0], rtol=0, atol=0)
@@ -394,6 +423,20 @@ def test_bad_protocol_settings_are_explained(tokenizer, settings, message):
         tiny_config(tokenizer, **{"test_crop_size": 64, **settings})
 
 
+def test_a_crop_given_without_a_stride_gets_its_own_stride(tokenizer):
+    """One rule for the model and the evaluation script (`resolve_test_protocol`): a crop given without a stride gets
+    two thirds of that crop, not the configured stride (which may be larger than the new crop)."""
+    torch.manual_seed(0)
+    model = DenseClipForSemanticSegmentation(protocol_config(tokenizer, "vit", test_crop_size=96, test_stride=64))
+    model.eval()
+    pixel_values = torch.randn(1, 3, 80, 112)
+    got = model.predict_probabilities(pixel_values, (80, 112), crop_size=48)
+    expected = model.predict_probabilities(pixel_values, (80, 112), crop_size=48, stride=32)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    protocol = EvaluationProtocol.for_model(model.config, crop_size=48)
+    assert (protocol.crop_size, protocol.stride) == ((48, 48), (32, 32))
+
+
 def test_bad_protocol_arguments_are_explained(tokenizer):
     model = DenseClipForSemanticSegmentation(protocol_config(tokenizer, "vit")).eval()
     pixel_values = torch.randn(1, 3, 64, 64)
@@ -418,6 +461,8 @@ def test_bad_protocol_arguments_are_explained(tokenizer):
         model(pixel_values, test_mode="tiles")
     with pytest.raises(ValueError, match="returns no loss: pass labels with test_mode='plain'"):
         model(pixel_values, labels=torch.zeros(1, 64, 64, dtype=torch.long), test_mode="slide")
+    with pytest.raises(ValueError, match=r"`crop_size` and `stride` set the sliding windows; they do not apply"):
+        model.predict_probabilities(pixel_values, (64, 64), mode="whole", crop_size=32)
     model.config.test_stride = 80  # settings changed after loading are checked when used
     with pytest.raises(ValueError, match=r"DenseClipConfig: `test_stride`=80"):
-        model(pixel_values)
+        model(pixel_values, test_mode="slide")

@@ -70,7 +70,7 @@ assert loaded == [
     "denseclip_hf.image_processing_denseclip",
     "denseclip_hf.modeling_denseclip",
 ], loaded
-from denseclip_hf.convert_clip_original_to_hf import convert_clip_checkpoint
+from denseclip_hf.checkpoint_conversion import convert_clip_checkpoint
 from denseclip_hf.convert_denseclip_original_to_hf import convert_denseclip_checkpoint
 assert denseclip_hf.convert_clip_checkpoint is convert_clip_checkpoint
 assert denseclip_hf.convert_denseclip_checkpoint is convert_denseclip_checkpoint

@@ -18,13 +18,8 @@ from denseclip_hf import (
     tokenize_class_names,
 )
 from denseclip_hf.configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES
-from denseclip_hf.modeling_denseclip import (
-    DECODERS,
-    PROMPTINGS,
-    UpsampledCrossEntropy,
-    drop_path,
-    pixel_cross_entropy,
-)
+from denseclip_hf.loss_denseclip import UpsampledCrossEntropy, pixel_cross_entropy
+from denseclip_hf.modeling_denseclip import DECODERS, PROMPTINGS, drop_path
 
 
 def comparable(config: DenseClipConfig) -> dict:
@@ -56,7 +51,10 @@ def test_output_shapes(family_config, family, height, width):
     assert out.logits.shape == (2, classes, height // 4, width // 4)
     assert out.score_map.shape == (2, classes, height // stride, width // stride)
     assert out.text_embeddings.shape == (2, classes, dim)
-    assert [tuple(level.shape) for level in out.hidden_states] == [
+    stem, *pyramid = out.hidden_states
+    stem_stride = expected.score_map_stride if family == "vit" else 4  # the ViT's patch tokens, the ResNet's stem
+    assert stem.shape[-2:] == (height // stem_stride, width // stem_stride)
+    assert [tuple(level.shape) for level in pyramid] == [
         (2, channels, height // stride, width // stride)
         for channels, stride in zip(expected.pyramid_channels, (4, 8, 16, 32), strict=True)
     ]
@@ -183,7 +181,7 @@ def test_base_model_returns_the_language_guided_pyramid(family_config, family):
         channels + (classes if index == level else 0) for index, channels in enumerate(expected.pyramid_channels)
     ]
     assert [feature.shape[1] for feature in out.pyramid] == model.pyramid_channels
-    for index, (joined, feature) in enumerate(zip(out.pyramid, out.hidden_states, strict=True)):
+    for index, (joined, feature) in enumerate(zip(out.pyramid, out.hidden_states[1:], strict=True)):
         if index == level:  # the score map is at the level's own stride here: concatenated unchanged
             torch.testing.assert_close(joined, torch.cat([feature, out.score_map], dim=1), rtol=0, atol=0)
         else:

@@ -8,8 +8,8 @@ from conftest import TINY_RESNET, make_model, tiny_config
 from safetensors.torch import load_file, save_file
 
 from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipResNetConfig
-from denseclip_hf.convert_clip_original_to_hf import clip_resnet_rules, convert_keys
-from denseclip_hf.modeling_denseclip import DenseClipAttentionPool, DenseClipResNetVisionModel
+from denseclip_hf.checkpoint_conversion import clip_resnet_rules, convert_keys
+from denseclip_hf.modeling_clip_resnet import DenseClipAttentionPool, DenseClipResNetVisionModel
 
 
 def resnet_config(tokenizer, **overrides) -> DenseClipConfig:
@@ -88,12 +88,12 @@ def test_resnet_tower_matches_a_straightforward_modified_resnet():
     tower.load_state_dict({key.removeprefix("vision_model."): value for key, value in weights.items()}, strict=True)
     pixel_values = torch.randn(2, 3, 96, 64)
     with torch.no_grad():
-        ours = tower.eval()(pixel_values)
+        (_, *pyramid), ours_global, ours_dense = tower.eval()(pixel_values)
         features, global_embedding, dense_embedding = reference(pixel_values)
-    for mine, theirs in zip(ours.pyramid, features, strict=True):
+    for mine, theirs in zip(pyramid, features, strict=True):
         torch.testing.assert_close(mine, theirs, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.global_embedding, global_embedding, atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(ours.dense_embedding, dense_embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_global, global_embedding, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(ours_dense, dense_embedding, atol=1e-5, rtol=1e-5)
 
 
 def test_from_pretrained_initialises_a_missing_encoder_sanely(tokenizer, tmp_path):

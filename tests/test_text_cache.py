@@ -151,7 +151,7 @@ def deployed(model, tmp_path):
     processor = DenseClipImageProcessor(size={"shortest_edge": 64, "longest_edge": 256})
     inputs = processor(images=image, return_tensors="pt")
     with torch.no_grad():
-        expected = {mode: model(**inputs, test_mode=mode).logits for mode in ("plain", "slide")}
+        expected = {mode: model(inputs["pixel_values"], test_mode=mode).logits for mode in ("plain", "slide")}
     text_tower = sum(parameter.numel() for parameter in model.denseclip.text_encoder.parameters())
     total = model.num_parameters()
     model.remove_text_encoder()
@@ -168,8 +168,8 @@ def test_without_the_text_tower_outputs_are_identical(deployed):
     assert not any(name.startswith("denseclip.text_encoder") for name in loaded.state_dict())
     with torch.no_grad():
         for mode, logits in expected.items():
-            torch.testing.assert_close(model(**inputs, test_mode=mode).logits, logits, rtol=0, atol=0)
-            torch.testing.assert_close(loaded(**inputs, test_mode=mode).logits, logits, rtol=0, atol=0)
+            torch.testing.assert_close(model(inputs["pixel_values"], test_mode=mode).logits, logits, rtol=0, atol=0)
+            torch.testing.assert_close(loaded(inputs["pixel_values"], test_mode=mode).logits, logits, rtol=0, atol=0)
     segments = pipeline("image-segmentation", model=str(folder))(image)
     labels = np.zeros(image.size[::-1], dtype=np.int64)
     for segment in segments:

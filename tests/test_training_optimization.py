@@ -12,7 +12,7 @@ from accelerate import init_empty_weights
 from conftest import FIXTURES, tiny_config
 
 from denseclip_hf import DenseClipForSemanticSegmentation
-from denseclip_hf.convert_clip_original_to_hf import convert_keys
+from denseclip_hf.checkpoint_conversion import convert_keys
 from denseclip_hf.convert_denseclip_original_to_hf import denseclip_rules, infer_config
 from denseclip_hf.training.arguments import OptimizationArguments, parse_training_args
 from denseclip_hf.training.model_loading import convert_batchnorm_for_launch, uses_sync_batchnorm

@@ -8,6 +8,8 @@ from transformers.models.auto.video_processing_auto import AutoVideoProcessor
 from .assets import CLIP_TOKENIZER_PATH
 from .configuration_denseclip import DenseClipBackboneConfig, DenseClipConfig, DenseClipResNetConfig
 from .image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
+from .loading_denseclip import tokenize_class_names
+from .loss_denseclip import detection_score_map_loss, detection_targets
 from .modeling_denseclip import (
     DenseClipBackbone,
     DenseClipBackboneOutput,
@@ -16,10 +18,7 @@ from .modeling_denseclip import (
     DenseClipModelOutput,
     DenseClipPreTrainedModel,
     DenseClipSemanticSegmenterOutput,
-    detection_score_map_loss,
-    detection_targets,
     pixel_text_score_map,
-    tokenize_class_names,
 )
 
 AutoConfig.register(DenseClipConfig.model_type, DenseClipConfig, exist_ok=True)
@@ -42,7 +41,7 @@ AutoVideoProcessor.register(DenseClipConfig, video_processor_classes={}, exist_o
 # Loaded on first use, so that `import denseclip_hf` stays light: the converters (which import the model, never the
 # other way round) and the training helpers (which import `datasets` and `accelerate`).
 _LAZY_EXPORTS = {
-    "convert_clip_checkpoint": "convert_clip_original_to_hf",
+    "convert_clip_checkpoint": "checkpoint_conversion",
     "convert_denseclip_checkpoint": "convert_denseclip_original_to_hf",
     "SYNTHETIC_CLASS_NAMES": "synthetic",
     "load_synthetic_dataset": "synthetic",

@@ -17,12 +17,16 @@ from transformers import AutoBackbone, AutoConfig, CLIPTextConfig, CLIPVisionCon
 from transformers.backbone_utils import BackboneConfigMixin
 from transformers.configuration_utils import SubConfigSpec
 
+from .loss_denseclip import LOSS_REDUCTIONS
+
 # Strides of the 4 pyramid levels every image encoder returns (the Semantic FPN's).
 PYRAMID_STRIDES = (4, 8, 16, 32)
 # The ViT-B feature layers used by the authors (`out_indices=[3, 5, 7, 11]`).
 _VIT_B_FEATURE_LAYERS = [3, 5, 7, 11]
 _INTERPOLATION_MODES = ("bilinear", "bicubic")
-_LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
+# Label value that the losses and the metrics ignore (`DenseClipConfig.semantic_loss_ignore_index`'s default, the
+# processor's reduced-label background and padding): mmseg's and transformers' 255.
+IGNORE_INDEX = 255
 # How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
 # (`decoder_type`). The modeling file maps each name to its module.
 PROMPTING_TYPES = ("post_model", "language_only", "pre_model", "none")
@@ -115,6 +119,33 @@ def check_test_protocol(
         owner,
     )
     return mode, crop, steps
+
+
+def resolve_test_protocol(
+    config: "DenseClipConfig",
+    mode: str | None = None,
+    crop_size: int | list[int] | None = None,
+    stride: int | list[int] | None = None,
+    owner: str = "DenseClipConfig",
+    names: tuple[str, str, str] = ("test_mode", "test_crop_size", "test_stride"),
+) -> tuple[str, tuple[int, int], tuple[int, int]]:
+    """The one rule for the test protocol a model runs: each of `mode`, `crop_size` and `stride` given here replaces
+    the config's (`test_mode`, `test_crop_size`, `test_stride`); a `crop_size` given without a `stride` gets the
+    authors' stride for that crop (two thirds of it, `default_test_window`), not the config's. Windows do not apply to
+    `mode="whole"`: giving a crop or a stride with it is a `ValueError`. Returns `check_test_protocol`'s checked
+    `(mode, (crop_h, crop_w), (stride_h, stride_w))`."""
+    mode = config.test_mode if mode is None else mode
+    if mode == "whole" and (crop_size is not None or stride is not None):
+        raise ValueError(
+            f"{owner}: `{names[1]}` and `{names[2]}` set the sliding windows; they do not apply to "
+            f"`{names[0]}`='whole'. Leave them out, or use `{names[0]}`='slide'."
+        )
+    if crop_size is None:
+        crop_size, default_stride = config.test_crop_size, config.test_stride
+    else:
+        default_stride = default_test_window(config.vision_config, crop_size)[1]
+    stride = default_stride if stride is None else stride
+    return check_test_protocol(mode, crop_size, stride, config.vision_config, owner=owner, names=names)
 
 
 @strict
@@ -226,6 +257,10 @@ class ImageEncoderSettings:
         """Channels of the 4 pyramid levels the encoder returns (strides 4, 8, 16, 32)."""
         raise NotImplementedError
 
+    def stem_channels(self) -> int:
+        """Channels of the encoder's stem output (before its first pyramid stage)."""
+        raise NotImplementedError
+
     def score_map_stride(self) -> int:
         """Stride of the dense embedding z, hence of the score map (Eq. 2)."""
         raise NotImplementedError
@@ -257,6 +292,9 @@ class ClipViTSettings(ImageEncoderSettings):
 
     def pyramid_channels(self) -> list[int]:
         return [self.vision_config.hidden_size] * len(PYRAMID_STRIDES)
+
+    def stem_channels(self) -> int:
+        return self.vision_config.hidden_size
 
     def score_map_stride(self) -> int:
         return self.vision_config.patch_size
@@ -297,6 +335,9 @@ class ClipResNetSettings(ImageEncoderSettings):
     def pyramid_channels(self) -> list[int]:
         return self.vision_config.pyramid_channels
 
+    def stem_channels(self) -> int:
+        return self.vision_config.width
+
     def score_map_stride(self) -> int:
         return PYRAMID_STRIDES[-1]
 
@@ -316,16 +357,17 @@ class ClipResNetSettings(ImageEncoderSettings):
 
 
 def pyramid_backbone_config(vision_config: PreTrainedConfig) -> PreTrainedConfig:
-    """A copy of a transformers backbone config whose `out_features` are its last 4 stages (the pyramid)."""
+    """A copy of a transformers backbone config whose `out_features` are its stem (its first stage name) and its last 4
+    stages (the pyramid)."""
     config = copy.deepcopy(vision_config)
-    config.out_features = list(config.stage_names[-len(PYRAMID_STRIDES) :])
+    config.out_features = [config.stage_names[0], *config.stage_names[-len(PYRAMID_STRIDES) :]]
     return config
 
 
 @lru_cache(maxsize=32)
 def _backbone_channels(config_json: str) -> tuple[int, ...]:
-    """Channels of the last 4 stages of the backbone a config describes, read from the backbone built without memory
-    (each backbone family names its widths differently: `hidden_sizes`, `embed_dim`, ...)."""
+    """Channels of the stem and the last 4 stages of the backbone a config describes, read from the backbone built
+    without memory (each backbone family names its widths differently: `hidden_sizes`, `embed_dim`, ...)."""
     config = AutoConfig.for_model(**json.loads(config_json))
     with torch.device("meta"):
         backbone = AutoBackbone.from_config(pyramid_backbone_config(config))
@@ -342,8 +384,10 @@ class BackboneSettings(ImageEncoderSettings):
     default_test_crop_size = 512
 
     def pyramid_channels(self) -> list[int]:
-        config = self.vision_config
-        return list(_backbone_channels(config.to_json_string(use_diff=False)))
+        return list(_backbone_channels(self.vision_config.to_json_string(use_diff=False))[1:])
+
+    def stem_channels(self) -> int:
+        return _backbone_channels(self.vision_config.to_json_string(use_diff=False))[0]
 
     def score_map_stride(self) -> int:
         return PYRAMID_STRIDES[-1]
@@ -614,7 +658,7 @@ class DenseClipConfig(PreTrainedConfig):
     fpn_channels: int = 256
     decode_head_channels: int = 256
     decode_head_dropout: float | int = 0.1
-    semantic_loss_ignore_index: int = 255
+    semantic_loss_ignore_index: int = IGNORE_INDEX
     loss_reduction: str = "mean_non_ignored"
     initializer_range: float | int = 0.02
     palette: list[list[int]] | None = None
@@ -703,10 +747,10 @@ class DenseClipConfig(PreTrainedConfig):
             f"must be one of {_INTERPOLATION_MODES}",
         )
         _check(
-            self.loss_reduction in _LOSS_REDUCTIONS,
+            self.loss_reduction in LOSS_REDUCTIONS,
             "loss_reduction",
             self.loss_reduction,
-            f"must be one of {_LOSS_REDUCTIONS}",
+            f"must be one of {LOSS_REDUCTIONS}",
         )
         _check(
             len(self.upernet_pool_scales) >= 1 and all(scale >= 1 for scale in self.upernet_pool_scales),
@@ -761,8 +805,9 @@ def _check(condition: bool, name: str, value, requirement: str, owner: str = "De
         raise ValueError(f"{owner}: `{name}`={value} {requirement}.")
 
 
-# Names of the 4 pyramid levels `DenseClipBackbone` returns (strides `PYRAMID_STRIDES`).
-BACKBONE_STAGE_NAMES = [f"stage{level}" for level in range(1, len(PYRAMID_STRIDES) + 1)]
+# Names of what `DenseClipBackbone` can return: the image encoder's stem, then the 4 pyramid levels (strides
+# `PYRAMID_STRIDES`), as transformers' backbones name their stages.
+BACKBONE_STAGE_NAMES = ["stem", *(f"stage{level}" for level in range(1, len(PYRAMID_STRIDES) + 1))]
 
 
 @strict
@@ -774,8 +819,10 @@ class DenseClipBackboneConfig(BackboneConfigMixin, DenseClipConfig):
     `use_timm_backbone=False`, ...).
 
         out_features (`list[str]`, *optional*):
-            Which levels of the language-guided pyramid to return, among `"stage1"` ... `"stage4"` (strides 4, 8, 16,
-            32; the score map is joined onto `score_map_level`). Defaults to all four.
+            What to return, among `stage_names`: `"stem"` (the image encoder's stem output) and `"stage1"` ...
+            `"stage4"`, the levels of the language-guided pyramid (strides 4, 8, 16, 32; the score map is joined onto
+            `score_map_level`). Defaults to the last, `["stage4"]`, as every transformers backbone; a detector or
+            UperNet sets the levels it reads (e.g. `["stage1", "stage2", "stage3", "stage4"]`).
         out_indices (`list[int]`, *optional*):
             The same as indices into `stage_names`; give one of the two.
     """
@@ -785,10 +832,21 @@ class DenseClipBackboneConfig(BackboneConfigMixin, DenseClipConfig):
     def __post_init__(self, **kwargs):
         self.stage_names = list(BACKBONE_STAGE_NAMES)
         out_features, out_indices = kwargs.pop("out_features", None), kwargs.pop("out_indices", None)
-        if out_features is None and out_indices is None:
-            out_features = list(BACKBONE_STAGE_NAMES)
         self.set_output_features_output_indices(out_features=out_features, out_indices=out_indices)
         super().__post_init__(**kwargs)
+
+    @property
+    def depths(self) -> list[int]:
+        """The encoder blocks of each of the 4 pyramid stages (ViT: the layers up to each feature layer; CLIP ResNet:
+        its bottlenecks per stage; any backbone: its config's `depths` where it has them, else 1 per stage), as
+        transformers' backbone configs report them (`len(depths)` is the number of stages after the stem)."""
+        if self.image_encoder_family == "vit":
+            taps = [-1, *self.vision_feature_layers]
+            return [after - before for before, after in zip(taps, taps[1:], strict=False)]
+        if self.image_encoder_family == "resnet":
+            return list(self.vision_config.layers)
+        depths = getattr(self.vision_config, "depths", None)
+        return list(depths[-len(PYRAMID_STRIDES) :]) if depths else [1] * len(PYRAMID_STRIDES)
 
 
 __all__ = [
@@ -802,6 +860,7 @@ __all__ = [
     "BackboneSettings",
     "DenseClipConfig",
     "DenseClipResNetConfig",
+    "IGNORE_INDEX",
     "ImageEncoderSettings",
     "check_test_protocol",
     "default_score_map_level",
@@ -809,4 +868,5 @@ __all__ = [
     "default_vision_feature_layers",
     "image_encoder_settings",
     "input_size_multiple",
+    "resolve_test_protocol",
 ]

@@ -32,8 +32,7 @@ from huggingface_hub import HfApi
 from transformers import CLIPTokenizer
 
 from .assets import CLIP_TOKENIZER_PATH
-from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseClipConfig, image_encoder_settings
-from .convert_clip_original_to_hf import (
+from .checkpoint_conversion import (
     CLIP_IMAGE_TOWERS,
     NORM_TENSORS,
     ClipImageTower,
@@ -52,8 +51,10 @@ from .convert_clip_original_to_hf import (
     unwrap_state_dict,
     with_key_mapping,
 )
+from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseClipConfig, image_encoder_settings
 from .image_processing_denseclip import DenseClipImageProcessor
-from .modeling_denseclip import CLIP_KEY_MAPPING, DenseClipForSemanticSegmentation, tokenize_class_names
+from .loading_denseclip import CLIP_KEY_MAPPING, tokenize_class_names
+from .modeling_denseclip import DenseClipForSemanticSegmentation
 
 # The authors' values of what checkpoints do not store.
 AUTHORS_RESNET_ATTENTION_POOL_HEADS = 32  # hard-coded in their `CLIPResNetWithAttention`

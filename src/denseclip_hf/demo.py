@@ -85,10 +85,10 @@ class SegmentationDemo:
     @torch.inference_mode()
     def segment(self, image: ImageLike) -> Segmentation:
         """Runs the model on one image. The label map is what the `image-segmentation` pipeline gives: processor,
-        forward in eval mode (the model's configured test protocol, e.g. sliding windows),
-        `post_process_semantic_segmentation` at the image's size. The score map comes from one plain pass over the
-        whole image (`test_mode="plain"`, the input rounded to the processor's `size_divisor`). The one place where
-        the app, `examples/visualize.py` and the tests run the model."""
+        forward with the protocol the processor's output asks for (its `test_mode`, e.g. sliding windows),
+        `post_process_semantic_segmentation` at the image's size. The score map comes from one single pass over the
+        whole image (the input rounded to the processor's `size_divisor`). The one place where the app,
+        `examples/visualize.py` and the tests run the model."""
         image = to_rgb_image(image)
         inputs = self.processor(images=image, return_tensors="pt").to(self.model.device)
         outputs = self.model(**inputs)
@@ -97,7 +97,7 @@ class SegmentationDemo:
         if not self.model.base_model.prompting.uses_text:
             return Segmentation(label_map=label_map, score_map=None)
         whole = self.processor(images=image, test_mode="whole", return_tensors="pt").to(self.model.device)
-        score_map = self.model(**whole, test_mode="plain").score_map[0]
+        score_map = self.model(whole["pixel_values"]).score_map[0]
         return Segmentation(label_map=label_map, score_map=score_map.float().cpu().numpy())
 
     def pictures(

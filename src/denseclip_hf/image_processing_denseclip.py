@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
+from transformers.image_processing_outputs import SemanticSegmentationPostProcessorOutput
 from transformers.image_processing_utils import BatchFeature
 from transformers.image_utils import (
     OPENAI_CLIP_MEAN,
@@ -198,18 +199,15 @@ def _image_to_channels_first(
     image: Any, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None, full_scale: float
 ) -> np.ndarray:
     """One PIL image, NumPy array or torch tensor -> `(3, height, width)` array in the 8-bit value range (uint8, or
-    float32 for 16-bit/float data); `full_scale` is the opaque alpha value of float arrays."""
+    float32 for 16-bit/float data); `full_scale` is the opaque alpha value of float arrays. With
+    `do_convert_rgb=False` the image keeps its channels, `(channels, height, width)`, as transformers' processors
+    keep them (normalise with as many means and stds)."""
     if isinstance(image, Image.Image):
         rgb = _pil_image_to_rgb(image) if do_convert_rgb else np.asarray(image)
         if rgb.ndim == 2:
             rgb = rgb[..., None]
     else:
         rgb = _array_image_to_rgb(_to_numpy(image), input_data_format, full_scale, do_convert_rgb)
-    if rgb.shape[-1] != 3:
-        raise ValueError(
-            f"An image has {rgb.shape[-1]} channel(s) but do_convert_rgb=False: pass RGB images or set "
-            "do_convert_rgb=True to convert grey, alpha and palette images."
-        )
     return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
 
 
@@ -551,7 +549,14 @@ class DenseClipImageProcessor(PilBackend):
     ) -> BatchFeature:
         """Resize, rescale and normalise prepared `(3, height, width)` images -> `pixel_values` float32."""
         processed = []
+        statistics = (len(np.atleast_1d(image_mean)), len(np.atleast_1d(image_std)))
         for image in images:
+            if do_normalize and any(count not in (1, image.shape[0]) for count in statistics):
+                raise ValueError(
+                    f"An image has {image.shape[0]} channels but image_mean / image_std have {statistics[0]} / "
+                    f"{statistics[1]} values: pass one mean and std per channel, or do_convert_rgb=True to convert "
+                    "the image to RGB."
+                )
             if do_resize:
                 image = self.resize(image, size, resample, size_divisor=size_divisor)
             if do_rescale:
@@ -640,6 +645,10 @@ class DenseClipImageProcessor(PilBackend):
         sizes = [kwargs["size"]] if scale_ratios is None else [scaled_size(kwargs["size"], r) for r in scale_ratios]
         per_scale = [self._preprocess(prepared, **{**kwargs, "size": size})["pixel_values"] for size in sizes]
         data = {"pixel_values": per_scale[0]}
+        if segmentation_maps is None and scale_ratios is None:
+            # The protocol these images are prepared for, which `DenseClipForSemanticSegmentation.forward` then runs
+            # (`model(**processor(images=...))`, the `image-segmentation` pipeline).
+            data["test_mode"] = kwargs["test_mode"]
 
         if segmentation_maps is not None:
             raw_maps = _flatten_segmentation_maps(segmentation_maps, len(images))
@@ -679,8 +688,11 @@ class DenseClipImageProcessor(PilBackend):
         return BatchFeature(data={"pixel_values": per_scale}, skip_tensor_conversion={"pixel_values"})
 
     def post_process_semantic_segmentation(
-        self, outputs: Any, target_sizes: list[tuple[int, int]] | torch.Tensor | None = None
-    ) -> list[torch.Tensor]:
+        self,
+        outputs: Any,
+        target_sizes: list[tuple[int, int]] | torch.Tensor | None = None,
+        return_segmentation_scores: bool = False,
+    ) -> list[torch.Tensor] | list[SemanticSegmentationPostProcessorOutput]:
         """Class-id maps from the model's `outputs.logits` `(batch, num_labels, height, width)`.
 
         Args:
@@ -688,9 +700,13 @@ class DenseClipImageProcessor(PilBackend):
             target_sizes: `(height, width)` per image (list of pairs or a `(batch, 2)` tensor), usually the original
                 image sizes. The logits are resized there bilinearly (`align_corners=False`) before the argmax;
                 `None` keeps the logits' size.
+            return_segmentation_scores: Return, per image, a `SemanticSegmentationPostProcessorOutput` with the map
+                (`segmentation`) and the logits it was taken from (`segmentation_scores`, `(num_labels, height,
+                width)`, resized to the target size), as transformers' segmentation processors do.
 
         Returns:
-            `list[torch.Tensor]`: `batch` int64 maps of shape `(height, width)` (the target size, if given).
+            `list[torch.Tensor]`: `batch` int64 maps of shape `(height, width)` (the target size, if given); or, with
+            `return_segmentation_scores`, a list of `SemanticSegmentationPostProcessorOutput`.
         """
         logits = getattr(outputs, "logits", None)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
@@ -699,13 +715,21 @@ class DenseClipImageProcessor(PilBackend):
                 f"{type(outputs).__name__} with logits {getattr(logits, 'shape', logits)!r}."
             )
         if target_sizes is None:
-            return list(logits.argmax(dim=1))
-        sizes = check_target_sizes(target_sizes, len(logits))
-        maps = []
-        for image_logits, (height, width) in zip(logits, sizes, strict=True):
-            resized = F.interpolate(image_logits[None], size=(height, width), mode="bilinear", align_corners=False)
-            maps.append(resized[0].argmax(dim=0))
-        return maps
+            scores = list(logits)
+        else:
+            sizes = check_target_sizes(target_sizes, len(logits))
+            scores = [
+                F.interpolate(image_logits[None], size=size, mode="bilinear", align_corners=False)[0]
+                for image_logits, size in zip(logits, sizes, strict=True)
+            ]
+        if not return_segmentation_scores:
+            return [image_scores.argmax(dim=0) for image_scores in scores]
+        return [
+            SemanticSegmentationPostProcessorOutput(
+                data={"segmentation": image_scores.argmax(dim=0), "segmentation_scores": image_scores}
+            )
+            for image_scores in scores
+        ]
 
 
 def check_size_setting(size: Any) -> None:

@@ -29,35 +29,34 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
 import math
 import os
 import re
-from collections.abc import Callable, Iterator, Sequence
-from contextlib import contextmanager
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from functools import partial
 from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub.errors import StrictDataclassError
-from safetensors import SafetensorError
 from torch import nn
 from transformers import (
     MODEL_FOR_BACKBONE_MAPPING,
     AutoBackbone,
-    AutoConfig,
-    AutoTokenizer,
-    CLIPConfig,
+    CLIPTextConfig,
     CLIPTextModel,
     CLIPVisionModel,
-    PreTrainedConfig,
     PreTrainedModel,
 )
 from transformers import initialization as init
 from transformers.backbone_utils import BackboneMixin, filter_output_hidden_states
 from transformers.conversion_mapping import register_checkpoint_conversion_mapping
 from transformers.core_model_loading import WeightRenaming
+from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import BackboneOutput, SemanticSegmenterOutput
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.models.auto.modeling_auto import MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES
+from transformers.models.clip.modeling_clip import eager_attention_forward as clip_eager_attention_forward
 from transformers.utils import ModelOutput, logging
 from transformers.utils.generic import can_return_tuple
+from transformers.utils.output_capturing import selected_hidden_states
 
 from .configuration_denseclip import (
     PYRAMID_STRIDES,
@@ -67,11 +66,28 @@ from .configuration_denseclip import (
     ClipViTSettings,
     DenseClipBackboneConfig,
     DenseClipConfig,
-    DenseClipResNetConfig,
-    check_test_protocol,
     input_size_multiple,
     pyramid_backbone_config,
+    resolve_test_protocol,
 )
+from .loading_denseclip import (
+    V0_1_0_BASE_MODEL_KEYS,
+    V0_1_0_DECODER_KEYS,
+    clear_loading_errors,
+    declare_pipeline_support,
+    load_on_clip,
+)
+from .loss_denseclip import check_labels, pixel_cross_entropy
+from .modeling_clip_resnet import (
+    DenseClipAttentionPool,
+    DenseClipConvNormAct,
+    DenseClipResNetVisionModel,
+    multi_head_attention,
+    resize_attention_pool_grid,
+    resize_position_embedding,
+)
+from .protocol_denseclip import protocol_logits, protocol_probabilities
+from .tensor_ops import resize_bilinear
 
 logger = logging.get_logger(__name__)
 
@@ -87,6 +103,9 @@ class DenseClipImageEncoderOutput(ModelOutput):
     What every image encoder returns (see `DenseClipImageEncoder`).
 
     Args:
+        stem (`torch.FloatTensor` of shape `(batch, stem_channels, h, w)`):
+            The output of the encoder's stem, before its first pyramid stage (ViT: the patch tokens after the
+            pre-norm, stride `patch_size`; CLIP ResNet: the 3-convolution stem, stride 4; any backbone: its stem).
         pyramid (`tuple(torch.FloatTensor)`):
             4 feature maps `(batch, channels_i, height / stride, width / stride)` for strides 4, 8, 16 and 32.
         global_embedding (`torch.FloatTensor` of shape `(batch, projection_dim)`):
@@ -96,6 +115,7 @@ class DenseClipImageEncoderOutput(ModelOutput):
             `None` from an encoder built with `needs_embeddings=False`.
     """
 
+    stem: torch.FloatTensor | None = None
     pyramid: tuple[torch.FloatTensor, ...] | None = None
     global_embedding: torch.FloatTensor | None = None
     dense_embedding: torch.FloatTensor | None = None
@@ -107,6 +127,8 @@ class DenseClipModelOutput(ModelOutput):
     Output of [`DenseClipModel`]: the language-guided pyramid and what it was made from.
 
     Args:
+        last_hidden_state (`torch.FloatTensor` of shape `(batch, channels_3, height / 32, width / 32)`):
+            The coarsest level of `pyramid` (stride 32; with the score map's channels where `score_map_level` is 3).
         pyramid (`tuple(torch.FloatTensor)`):
             The 4 image-encoder levels `(batch, channels_i, height / stride, width / stride)` for strides 4, 8, 16 and
             32, with the score map concatenated on the channels of level `config.score_map_level` (x' = [x, s],
@@ -123,10 +145,12 @@ class DenseClipModelOutput(ModelOutput):
             The language-compatible feature map z (Eq. 1), not normalized, on the score map's grid.
         text_embeddings (`torch.FloatTensor` of shape `(batch, num_labels, projection_dim)`):
             Class text embeddings t after prompting (Eq. 6), not normalized.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The 4 image-encoder levels before the score map is joined.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+            The image encoder's stem output and its 4 pyramid levels before the score map is joined, 5 maps
+            (`DenseClipImageEncoderOutput`; see `select_hidden_states` for a selection).
     """
 
+    last_hidden_state: torch.FloatTensor | None = None
     pyramid: tuple[torch.FloatTensor, ...] | None = None
     score_map: torch.FloatTensor | None = None
     global_embedding: torch.FloatTensor | None = None
@@ -144,12 +168,13 @@ class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
         loss (`torch.FloatTensor` of shape `()`, *optional*, returned when `labels` is given):
             `decode_loss + identity_loss_weight * identity_loss`.
         logits (`torch.FloatTensor` of shape `(batch, num_labels, height / 4, width / 4)`):
-            Per-pixel class scores at a quarter of the input size (the single pass); `(batch, num_labels, height,
-            width)` at the input size for a test protocol (`forward(test_mode="slide" | "whole")`, the default in eval
-            mode without labels), whose other outputs are then `None`.
-        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-            The 4 image-encoder pyramid levels `(batch, channels, height / stride, width / stride)` for strides 4, 8,
-            16 and 32, before the score map is concatenated (channels: the ViT width, or the ResNet stage widths).
+            Per-pixel class scores at a quarter of the input size (the single pass, in training and eval mode);
+            `(batch, num_labels, height, width)` at the input size for a test protocol (`forward(test_mode="slide" |
+            "whole")`, which the processor's output asks for), whose other outputs are then `None`.
+        hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned with `output_hidden_states`):
+            The image encoder's stem output and its 4 pyramid levels `(batch, channels, height / stride, width /
+            stride)` for strides 4, 8, 16 and 32, before the score map is concatenated (see
+            `DenseClipModelOutput.hidden_states`).
         score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
             Pixel-text cosine similarities s (Eq. 2) on the dense embedding grid (stride `patch_size` for ViT, 32 for
             ResNet).
@@ -167,48 +192,24 @@ class DenseClipSemanticSegmenterOutput(SemanticSegmenterOutput):
     identity_loss: torch.FloatTensor | None = None
 
 
+def select_hidden_states(
+    hidden_states: tuple[torch.Tensor, ...], output_hidden_states: bool | int | Sequence[int] | None
+) -> tuple[torch.Tensor | None, ...] | None:
+    """What `output_hidden_states` asks for, by transformers 5's convention: `None` / `False` -> `None`; `True` -> all
+    of `hidden_states`; an index or a list of them (negative ones count from the end) -> a tuple of the same length
+    holding the selected states and `None` elsewhere."""
+    if output_hidden_states is None or output_hidden_states is False:
+        return None
+    selected = selected_hidden_states(output_hidden_states)
+    if selected is None:
+        return tuple(hidden_states)
+    kept = {index % len(hidden_states) for index in selected if -len(hidden_states) <= index < len(hidden_states)}
+    return tuple(state if index in kept else None for index, state in enumerate(hidden_states))
+
+
 # ---------------------------------------------------------------------------------------------------------------------
-# Building blocks shared by the image encoders, the context decoder and the decoder
+# Input checks
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-def multi_head_attention(
-    queries: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, num_heads: int
-) -> torch.Tensor:
-    """Scaled dot-product attention of projected `queries` `(batch, Q, C)` over projected `keys` and `values`
-    `(batch, M, C)`, split into `num_heads` heads of `C / num_heads` channels -> `(batch, Q, C)`."""
-
-    def heads(states: torch.Tensor) -> torch.Tensor:
-        return states.unflatten(-1, (num_heads, -1)).transpose(1, 2)
-
-    attended = F.scaled_dot_product_attention(heads(queries), heads(keys), heads(values))
-    return attended.transpose(1, 2).flatten(2)
-
-
-def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
-    if tuple(hidden_states.shape[-2:]) == tuple(size):
-        return hidden_states
-    return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
-
-
-def _channels_last(logits: torch.Tensor) -> torch.Tensor:
-    """Float32 logits `(batch, classes, h, w)` in channels-last memory: each pixel's classes one contiguous row. On CPU
-    the test protocol's full-resolution steps are faster so (dividing 150x512x683 slide sums by the window count: 15
-    instead of 330 ms), and the loss soft-maxes along the rows; the values are the same as in channels-first memory.
-    """
-    return logits.float().contiguous(memory_format=torch.channels_last)
-
-
-def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
-    """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
-    square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
-    side = math.isqrt(table.shape[0] - 1)
-    if (side, side) == tuple(size):
-        return table
-    grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
-    grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
-    return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
 def check_pixel_tensor(
@@ -238,42 +239,6 @@ def check_pixel_tensor(
             f"and the height and width must be at least {minimum} pixels (the pyramid's coarsest stride); resize or "
             "pad the images."
         )
-
-
-def check_labels(labels: Any, batch: int, num_labels: int, ignore_index: int) -> torch.Tensor:
-    """The entry check of `labels`: an integer tensor `(batch, height, width)` of class ids in `0..num_labels-1` or
-    `ignore_index` (one min/max reduction); returns it as int64. Otherwise a `TypeError` / `ValueError`."""
-    if not isinstance(labels, torch.Tensor) or labels.is_floating_point() or labels.is_complex():
-        kind = labels.dtype if isinstance(labels, torch.Tensor) else type(labels).__name__
-        raise TypeError(f"labels must be an integer tensor of class ids (torch.long), got {kind}.")
-    if labels.ndim != 3 or labels.shape[0] != batch or labels.numel() == 0:
-        raise ValueError(
-            f"labels must have shape (batch={batch}, height, width) with non-zero sides, got {tuple(labels.shape)}."
-        )
-    labels = labels.long()
-    valid = labels.masked_fill(labels == ignore_index, 0)
-    low, high = torch.stack(torch.aminmax(valid)).tolist()  # one reduction, one host sync
-    if low < 0 or high >= num_labels:
-        bad = torch.unique(valid[(valid < 0) | (valid >= num_labels)])[:10].tolist()
-        raise ValueError(
-            f"labels hold class ids {bad} outside the valid range 0..{num_labels - 1} ({num_labels} classes); "
-            f"mark pixels to ignore with semantic_loss_ignore_index={ignore_index}, or remap the label values "
-            "(e.g. reduce_labels for ADE20K)."
-        )
-    return labels
-
-
-class DenseClipConvNormAct(nn.Module):
-    """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU."""
-
-    def __init__(self, in_channels: int, out_channels: int, kernel_size: int = 3, stride: int = 1):
-        super().__init__()
-        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride, padding=kernel_size // 2, bias=False)
-        self.norm = nn.BatchNorm2d(out_channels)
-        self.activation = nn.ReLU()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.activation(self.norm(self.conv(hidden_states)))
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -360,6 +325,11 @@ class DenseClipViTPyramid(nn.Module):
         super().__init__()
         self.levels = nn.ModuleList(_pyramid_level(channels, patch_size, stride) for stride in PYRAMID_STRIDES)
 
+    def _init_denseclip_weights(self) -> None:
+        for conv in (module for module in self.modules() if isinstance(module, nn.ConvTranspose2d)):
+            init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
+            init.zeros_(conv.bias)
+
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """`features`: 4 maps `(batch, channels, h, w)` -> 4 maps `(batch, channels, H / stride, W / stride)`."""
         return tuple(level(feature) for level, feature in zip(self.levels, features, strict=True))
@@ -387,11 +357,17 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
         self.interpolation = config.position_embedding_interpolation
         # Stochastic depth as in the authors' ViT (rates rising linearly to `drop_path_rate` at the last layer).
         # transformers' CLIP layers have none: hooks on each layer's two residual branches add it.
-        rates = torch.linspace(0, config.drop_path_rate, vision_config.num_hidden_layers).tolist()
+        # The rates are the authors' float32 `torch.linspace` values, computed on the CPU also when the model is built
+        # on the meta device (`from_pretrained`, big-model loading).
+        rates = torch.linspace(0, config.drop_path_rate, vision_config.num_hidden_layers, device="cpu").tolist()
         for layer, rate in zip(self.vision_model.encoder.layers, rates, strict=True):
             if rate > 0:
                 layer.self_attn.register_forward_hook(partial(_drop_path_hook, rate))
                 layer.mlp.register_forward_hook(partial(_drop_path_hook, rate))
+
+    def _init_denseclip_weights(self) -> None:
+        if self.needs_embeddings:  # CLIP's init
+            init.normal_(self.visual_projection.weight, std=self.visual_projection.in_features**-0.5)
 
     def embed(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
         """Patch + class tokens plus positions: `(batch, 1 + h * w, hidden)` and the patch grid `(h, w)`."""
@@ -428,154 +404,32 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
             )
         hidden_states, (height, width) = self.embed(pixel_values)
         hidden_states = self.vision_model.pre_layrnorm(hidden_states)
-        features = []
+
+        def patch_map(tokens: torch.Tensor) -> torch.Tensor:
+            return tokens[:, 1:].transpose(1, 2).unflatten(2, (height, width))
+
+        # The stem map is what the layers read (the class token put back in front), so gradients reach it.
+        stem, features = patch_map(hidden_states), []
+        hidden_states = torch.cat([hidden_states[:, :1], stem.flatten(2).transpose(1, 2)], dim=1)
         for index, layer in enumerate(self.vision_model.encoder.layers):
             hidden_states = layer(hidden_states, None)
             if index in self.feature_layers:
-                features.append(hidden_states[:, 1:].transpose(1, 2).unflatten(2, (height, width)))
+                features.append(patch_map(hidden_states))
         if not self.needs_embeddings:
-            return DenseClipImageEncoderOutput(pyramid=self.pyramid(features))
+            return DenseClipImageEncoderOutput(stem=stem, pyramid=self.pyramid(features))
         # Eq. 1 (ViT): post_layernorm + projection of ALL final tokens; token 0 is z_bar, the others form z.
         embeddings = self.visual_projection(self.vision_model.post_layernorm(hidden_states))
         return DenseClipImageEncoderOutput(
+            stem=stem,
             pyramid=self.pyramid(features),
             global_embedding=embeddings[:, 0],
-            dense_embedding=embeddings[:, 1:].transpose(1, 2).unflatten(2, (height, width)),
+            dense_embedding=patch_map(embeddings),
         )
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Image encoder, CLIP ResNet: pixels -> stem -> 4 bottleneck stages (the pyramid) -> attention pool: z_bar, z (Eq. 1)
+# Image encoder, CLIP ResNet (`modeling_clip_resnet.py`): 4 stages (the pyramid), attention pool (z_bar, z, Eq. 1)
 # ---------------------------------------------------------------------------------------------------------------------
-
-
-class DenseClipResNetStem(nn.Module):
-    """CLIP's 3-convolution stem: 3x3 convolutions with stride 2, 1 and 1 (each with BatchNorm and ReLU), then a 2x
-    average pool. `(batch, channels, H, W)` -> `(batch, width, H / 4, W / 4)`."""
-
-    def __init__(self, in_channels: int, width: int):
-        super().__init__()
-        self.layers = nn.Sequential(
-            DenseClipConvNormAct(in_channels, width // 2, stride=2),
-            DenseClipConvNormAct(width // 2, width // 2),
-            DenseClipConvNormAct(width // 2, width),
-        )
-        self.pool = nn.AvgPool2d(2)
-
-    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.layers(pixel_values))
-
-
-class DenseClipResNetShortcut(nn.Module):
-    """Projection shortcut of a bottleneck that changes shape: `stride`x average pool, 1x1 convolution, BatchNorm."""
-
-    def __init__(self, in_channels: int, out_channels: int, stride: int):
-        super().__init__()
-        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.conv = nn.Conv2d(in_channels, out_channels, 1, bias=False)
-        self.norm = nn.BatchNorm2d(out_channels)
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.norm(self.conv(self.pool(hidden_states)))
-
-
-class DenseClipResNetBottleneck(nn.Module):
-    """CLIP's anti-aliased bottleneck: 1x1 conv -> 3x3 conv -> `stride`x average pool (instead of a strided conv) ->
-    1x1 conv to `4 * channels`, BatchNorm after each conv, added to the shortcut, then ReLU.
-
-    `(batch, in_channels, h, w)` -> `(batch, 4 * channels, h / stride, w / stride)`.
-    """
-
-    def __init__(self, in_channels: int, channels: int, stride: int):
-        super().__init__()
-        out_channels = 4 * channels
-        self.reduce = DenseClipConvNormAct(in_channels, channels, kernel_size=1)
-        self.spatial = DenseClipConvNormAct(channels, channels, kernel_size=3)
-        self.pool = nn.AvgPool2d(stride) if stride > 1 else nn.Identity()
-        self.expand = nn.Conv2d(channels, out_channels, 1, bias=False)
-        self.expand_norm = nn.BatchNorm2d(out_channels)
-        self.shortcut = (
-            DenseClipResNetShortcut(in_channels, out_channels, stride)
-            if stride > 1 or in_channels != out_channels
-            else nn.Identity()
-        )
-        self.activation = nn.ReLU()
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        residual = self.expand_norm(self.expand(self.pool(self.spatial(self.reduce(hidden_states)))))
-        return self.activation(residual + self.shortcut(hidden_states))
-
-
-class DenseClipAttentionPool(nn.Module):
-    """CLIP's attention pool, keeping every output token (Eq. 1).
-
-    The last stage's mean token x_bar and its spatial tokens x, plus positional embeddings (row 0 for the mean token;
-    the square grid of the others resized to the feature map on every call), go through one multi-head self-attention
-    with biased q/k/v projections and an output projection into the joint embedding space.
-    """
-
-    def __init__(self, embed_dim: int, num_heads: int, grid: int, projection_dim: int, interpolation: str):
-        super().__init__()
-        self.num_heads = num_heads
-        self.interpolation = interpolation
-        self.position_embedding = nn.Parameter(torch.empty(grid * grid + 1, embed_dim))
-        self.q_proj = nn.Linear(embed_dim, embed_dim)
-        self.k_proj = nn.Linear(embed_dim, embed_dim)
-        self.v_proj = nn.Linear(embed_dim, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, projection_dim)
-
-    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """`features` x_4 `(batch, embed_dim, h, w)` -> z_bar `(batch, D)` and z `(batch, D, h, w)`."""
-        height, width = features.shape[-2:]
-        tokens = features.flatten(2).transpose(1, 2)
-        tokens = torch.cat([tokens.mean(dim=1, keepdim=True), tokens], dim=1)
-        tokens = tokens + resize_position_embedding(self.position_embedding, (height, width), self.interpolation).to(
-            tokens.dtype
-        )
-        attended = multi_head_attention(self.q_proj(tokens), self.k_proj(tokens), self.v_proj(tokens), self.num_heads)
-        # Eq. 1: [z_bar, z] = MHSA([x_bar, x]); token 0 is z_bar, the spatial tokens form z.
-        embeddings = self.out_proj(attended)
-        return embeddings[:, 0], embeddings[:, 1:].transpose(1, 2).unflatten(2, (height, width))
-
-
-class DenseClipResNetVisionModel(nn.Module):
-    """CLIP's ModifiedResNet image tower: stem, 4 stages of bottlenecks (strides 4, 8, 16, 32), attention pool (none
-    when `needs_embeddings=False`: the authors' `CLIPResNet`)."""
-
-    def __init__(
-        self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str, needs_embeddings: bool = True
-    ):
-        super().__init__()
-        self.stem = DenseClipResNetStem(config.num_channels, config.width)
-        stages, in_channels = [], config.width
-        for stage, (depth, out_channels) in enumerate(zip(config.layers, config.pyramid_channels, strict=True)):
-            blocks = []
-            for block in range(depth):
-                stride = 2 if stage > 0 and block == 0 else 1
-                blocks.append(DenseClipResNetBottleneck(in_channels, out_channels // 4, stride))
-                in_channels = out_channels
-            stages.append(nn.Sequential(*blocks))
-        self.stages = nn.ModuleList(stages)
-        self.attention_pool = (
-            DenseClipAttentionPool(
-                config.embed_dim, config.attention_pool_heads, config.image_size // 32, projection_dim, interpolation
-            )
-            if needs_embeddings
-            else None
-        )
-
-    def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
-        hidden_states = self.stem(pixel_values)
-        pyramid = []
-        for stage in self.stages:
-            hidden_states = stage(hidden_states)
-            pyramid.append(hidden_states)
-        if self.attention_pool is None:
-            return DenseClipImageEncoderOutput(pyramid=tuple(pyramid))
-        global_embedding, dense_embedding = self.attention_pool(hidden_states)
-        return DenseClipImageEncoderOutput(
-            pyramid=tuple(pyramid), global_embedding=global_embedding, dense_embedding=dense_embedding
-        )
 
 
 class DenseClipResNetImageEncoder(DenseClipImageEncoder):
@@ -594,21 +448,15 @@ class DenseClipResNetImageEncoder(DenseClipImageEncoder):
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         self.check_pixel_values(pixel_values)
-        return self.vision_model(pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype))
+        features, global_embedding, dense_embedding = self.vision_model(
+            pixel_values.to(self.vision_model.stem.layers[0].conv.weight.dtype)
+        )
+        return DenseClipImageEncoderOutput(
+            stem=features[0], pyramid=features[1:], global_embedding=global_embedding, dense_embedding=dense_embedding
+        )
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        _resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
-
-
-def _resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: int) -> None:
-    """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32); no pool, no grid."""
-    if image_size % PYRAMID_STRIDES[-1]:
-        raise ValueError(f"image_size={image_size} must be a multiple of {PYRAMID_STRIDES[-1]}.")
-    if pool is None:
-        return
-    side = image_size // PYRAMID_STRIDES[-1]
-    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
-    pool.position_embedding = nn.Parameter(table.clone())
+        resize_attention_pool_grid(self.vision_model.attention_pool, image_size)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -659,16 +507,16 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
                 f"has stride {PYRAMID_STRIDES[-1]}), got {tuple(pixel_values.shape[-2:])}."
             )
         dtype = next(self.backbone.parameters()).dtype
-        pyramid = tuple(self.backbone(pixel_values.to(dtype)).feature_maps)
+        stem, *pyramid = self.backbone(pixel_values.to(dtype)).feature_maps
         if self.attention_pool is None:
-            return DenseClipImageEncoderOutput(pyramid=pyramid)
+            return DenseClipImageEncoderOutput(stem=stem, pyramid=tuple(pyramid))
         global_embedding, dense_embedding = self.attention_pool(pyramid[-1])
         return DenseClipImageEncoderOutput(
-            pyramid=pyramid, global_embedding=global_embedding, dense_embedding=dense_embedding
+            stem=stem, pyramid=tuple(pyramid), global_embedding=global_embedding, dense_embedding=dense_embedding
         )
 
     def resize_position_embeddings(self, image_size: int) -> None:
-        _resize_attention_pool_grid(self.attention_pool, image_size)
+        resize_attention_pool_grid(self.attention_pool, image_size)
 
     def load_backbone_weights(self, name_or_path: str | os.PathLike, **hub_kwargs) -> None:
         """Copies the weights of a backbone checkpoint (Hub id or folder; an image classifier's too) into
@@ -714,6 +562,9 @@ class DenseClipTextEncoder(nn.Module):
         self.text_model = CLIPTextModel(config.text_config)
         self.text_projection = nn.Linear(config.text_config.hidden_size, config.projection_dim, bias=False)
 
+    def _init_denseclip_weights(self) -> None:
+        init.normal_(self.text_projection.weight, std=self.text_projection.in_features**-0.5)  # CLIP's init
+
     def forward(self, class_token_ids: torch.Tensor, contexts: torch.Tensor) -> torch.Tensor:
         """`class_token_ids` `(classes, length)` and `contexts` `(N, hidden)` -> text embeddings `(classes, D)`.
 
@@ -747,7 +598,11 @@ class DenseClipTextEncoder(nn.Module):
         names = token_embeddings[:, 1:] + positions[prefix_length : prefix_length + name_length - 1]
         names = names.repeat(groups, 1, 1)
         for layer in text_model.encoder.layers:
-            prefix, names = _shared_prefix_layer(layer, prefix, names, self.training)
+            if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+                # The layer's own checkpointing (`gradient_checkpointing_enable`), around the shared-prefix step.
+                prefix, names = layer._gradient_checkpointing_func(partial(_shared_prefix_layer, layer), prefix, names)
+            else:
+                prefix, names = _shared_prefix_layer(layer, prefix, names)
         # Each prompt's positions after the contexts: the last context's output, then the name tokens'.
         hidden_states = torch.cat([prefix[:, -1:].repeat_interleave(num_classes, dim=0), names], dim=1)
         hidden_states = text_model.final_layer_norm(hidden_states)
@@ -756,19 +611,30 @@ class DenseClipTextEncoder(nn.Module):
         return self.text_projection(pooled).view(groups, num_classes, -1)
 
 
+def _masked_attention(config: CLIPTextConfig) -> Callable:
+    """The attention function of the text tower's `attn_implementation` for a given mask: CLIP's eager attention, or
+    transformers' SDPA one (also under flash-attention / flex implementations, whose kernels take no arbitrary
+    mask)."""
+    if config._attn_implementation == "eager":
+        return clip_eager_attention_forward
+    return ALL_ATTENTION_FUNCTIONS["sdpa"]
+
+
 def _shared_prefix_layer(
-    layer: nn.Module, prefix: torch.Tensor, names: torch.Tensor, training: bool
+    layer: nn.Module, prefix: torch.Tensor, names: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One pre-norm CLIP text layer (causal self-attention, MLP) over prompts that share their first positions.
 
     `prefix` `(groups, P, hidden)`: the shared positions of each group of prompts; `names` `(groups * classes, S,
     hidden)`: the positions after them, group by group. The prefix attends causally to itself; each prompt's later
     positions attend to its group's whole prefix and causally to their own prompt, as in the full causal sequence.
+    Attention runs through the layer's attention implementation (`_masked_attention`).
     """
     attention = layer.self_attn
+    attend = _masked_attention(attention.config)
     groups, prefix_length = prefix.shape[:2]
     prompts_per_group, name_length = names.shape[0] // groups, names.shape[1]
-    dropout = attention.dropout if training else 0.0
+    dropout = attention.dropout if layer.training else 0.0
 
     def heads(states: torch.Tensor) -> torch.Tensor:
         return states.unflatten(-1, (attention.num_heads, -1)).transpose(1, 2)
@@ -776,45 +642,25 @@ def _shared_prefix_layer(
     def per_prompt(states: torch.Tensor) -> torch.Tensor:
         return states.repeat_interleave(prompts_per_group, dim=0)
 
+    def attended(queries, keys, values, allowed: torch.Tensor) -> torch.Tensor:
+        """`allowed` `(Q, K)` bool -> the output projection of the attention, `(batch, Q, hidden)`."""
+        mask = torch.zeros(allowed.shape, dtype=queries.dtype, device=queries.device)
+        mask = mask.masked_fill(~allowed, torch.finfo(queries.dtype).min)[None, None]
+        output, _ = attend(
+            attention, heads(queries), heads(keys), heads(values), mask, scaling=attention.scale, dropout=dropout
+        )
+        return attention.out_proj(output.flatten(2))
+
     normed_prefix, normed_names = layer.layer_norm1(prefix), layer.layer_norm1(names)
     prefix_keys, prefix_values = attention.k_proj(normed_prefix), attention.v_proj(normed_prefix)
-    attended_prefix = F.scaled_dot_product_attention(
-        heads(attention.q_proj(normed_prefix)),
-        heads(prefix_keys),
-        heads(prefix_values),
-        dropout_p=dropout,
-        is_causal=True,
-    )
+    causal = torch.ones(prefix_length, prefix_length, dtype=torch.bool, device=prefix.device).tril()
+    attended_prefix = attended(attention.q_proj(normed_prefix), prefix_keys, prefix_values, causal)
     keys = torch.cat([per_prompt(prefix_keys), attention.k_proj(normed_names)], dim=1)
     values = torch.cat([per_prompt(prefix_values), attention.v_proj(normed_names)], dim=1)
-    mask = torch.ones(name_length, prefix_length + name_length, dtype=torch.bool, device=names.device)
-    attended_names = F.scaled_dot_product_attention(
-        heads(attention.q_proj(normed_names)),
-        heads(keys),
-        heads(values),
-        attn_mask=mask.tril(prefix_length),
-        dropout_p=dropout,
-    )
-    prefix = prefix + attention.out_proj(attended_prefix.transpose(1, 2).flatten(2))
-    names = names + attention.out_proj(attended_names.transpose(1, 2).flatten(2))
+    after_prefix = torch.ones(name_length, prefix_length + name_length, dtype=torch.bool, device=names.device)
+    attended_names = attended(attention.q_proj(normed_names), keys, values, after_prefix.tril(prefix_length))
+    prefix, names = prefix + attended_prefix, names + attended_names
     return prefix + layer.mlp(layer.layer_norm2(prefix)), names + layer.mlp(layer.layer_norm2(names))
-
-
-def tokenize_class_names(class_names: list[str], tokenizer, length: int) -> list[list[int]]:
-    """Token ids `[SOT, name..., EOT, 0...]` of each class name, `length` ids each (the authors' `tokenize`).
-
-    Raises a `ValueError` naming the class when a name needs more than `length` tokens.
-    """
-    token_ids = []
-    for label, name in enumerate(class_names):
-        ids = tokenizer(name, add_special_tokens=True)["input_ids"]
-        if len(ids) > length:
-            raise ValueError(
-                f"Class {label} ({name!r}) needs {len(ids)} tokens with its start and end tokens, more than "
-                f"class_name_token_length={length}: shorten the name or pass class_name_token_length={len(ids)}."
-            )
-        token_ids.append(ids + [0] * (length - len(ids)))
-    return token_ids
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -873,8 +719,9 @@ class DenseClipContextAttention(nn.Module):
         return self.dropout(self.out_proj(attended))
 
 
-class DenseClipContextDecoderLayer(nn.Module):
-    """Pre-norm Transformer decoder layer: self-attention, cross-attention to the visual context, 4x GELU MLP."""
+class DenseClipContextDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm Transformer decoder layer: self-attention, cross-attention to the visual context, 4x GELU MLP
+    (recomputed in the backward pass under gradient checkpointing)."""
 
     def __init__(self, hidden_size: int, num_heads: int, dropout: float):
         super().__init__()
@@ -913,6 +760,13 @@ class DenseClipContextDecoder(nn.Module):
             for _ in range(config.context_decoder_layers)
         )
         self.output_projection = nn.Sequential(nn.LayerNorm(hidden_size), nn.Linear(hidden_size, embed_dim))
+        self.initializer_range = config.initializer_range
+
+    def _init_denseclip_weights(self) -> None:
+        for linear in (module for module in self.modules() if isinstance(module, nn.Linear)):
+            init.trunc_normal_(linear.weight, std=self.initializer_range)
+            if linear.bias is not None:
+                init.zeros_(linear.bias)
 
     def forward(self, text_embeddings: torch.Tensor, visual_context: torch.Tensor) -> torch.Tensor:
         """`text_embeddings` (the queries) `(batch, classes, D)` attend to `visual_context` `(batch, 1 + h * w, D)`.
@@ -934,6 +788,9 @@ class DenseClipLanguageOnlyPrompting(DenseClipPrompting):
         super().__init__()
         self.context_embeddings = nn.Parameter(torch.empty(config.num_context_tokens, config.text_config.hidden_size))
 
+    def _init_denseclip_weights(self) -> None:
+        init.trunc_normal_(self.context_embeddings, std=1.0, a=-2.0, b=2.0)
+
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """The learnable contexts p `(N, text hidden size)`, shared by every image and class (Eq. 3)."""
         return self.context_embeddings
@@ -951,7 +808,12 @@ class DenseClipPostModelPrompting(DenseClipLanguageOnlyPrompting):
     def __init__(self, config: DenseClipConfig):
         super().__init__(config)
         self.context_decoder = DenseClipContextDecoder(config)
-        self.gamma = nn.Parameter(torch.full((config.projection_dim,), float(config.gamma_init_value)))
+        self.gamma_init_value = float(config.gamma_init_value)
+        self.gamma = nn.Parameter(torch.full((config.projection_dim,), self.gamma_init_value))
+
+    def _init_denseclip_weights(self) -> None:
+        super()._init_denseclip_weights()
+        init.constant_(self.gamma, self.gamma_init_value)
 
     def forward(self, text_embeddings: torch.Tensor, image: DenseClipImageEncoderOutput) -> torch.Tensor:
         """`text_embeddings` t `(classes, D)`, z_bar `(batch, D)` and z `(batch, D, h, w)` -> `(batch, classes, D)`."""
@@ -974,6 +836,9 @@ class DenseClipPreModelPrompting(DenseClipPrompting):
         self.queries = nn.Parameter(torch.empty(config.num_context_tokens, config.projection_dim))
         self.context_decoder = DenseClipContextDecoder(config)
         self.context_projection = nn.Linear(config.projection_dim, config.text_config.hidden_size)
+
+    def _init_denseclip_weights(self) -> None:
+        init.trunc_normal_(self.queries, std=1.0, a=-2.0, b=2.0)
 
     def text_contexts(self, image: DenseClipImageEncoderOutput | None = None) -> torch.Tensor:
         """z_bar `(batch, D)` and z `(batch, D, h, w)` -> the visual contexts of each image `(batch, N, text hidden
@@ -1033,7 +898,7 @@ def join_score_map(pyramid: tuple[torch.Tensor, ...], score_map: torch.Tensor, l
     """Sec. 3.2: x' = [x, s], the score map `(batch, classes, h, w)` concatenated on the channels of pyramid level
     `level` (bilinearly resized to that level's size when its stride differs). Other levels are unchanged."""
     features = list(pyramid)
-    score_map = _resize(score_map, features[level].shape[-2:]).to(features[level].dtype)
+    score_map = resize_bilinear(score_map, features[level].shape[-2:]).to(features[level].dtype)
     features[level] = torch.cat([features[level], score_map], dim=1)
     return tuple(features)
 
@@ -1064,6 +929,11 @@ class DenseClipFPN(nn.Module):
         self.lateral_convs = nn.ModuleList(nn.Conv2d(width, channels, 1) for width in in_channels)
         self.fpn_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
 
+    def _init_denseclip_weights(self) -> None:
+        for conv in [*self.lateral_convs, *self.fpn_convs]:
+            init.xavier_uniform_(conv.weight)
+            init.zeros_(conv.bias)
+
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
         """4 maps `(batch, in_channels[i], h_i, w_i)` -> 4 maps `(batch, channels, h_i, w_i)`."""
         laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features, strict=True)]
@@ -1089,14 +959,20 @@ class DenseClipSemanticFPNHead(nn.Module):
         self.dropout = nn.Dropout2d(dropout)
         self.classifier = nn.Conv2d(channels, num_labels, 1)
 
+    def _init_denseclip_weights(self) -> None:
+        init.normal_(self.classifier.weight, std=0.01)
+        init.zeros_(self.classifier.bias)
+
     def forward(self, features: tuple[torch.Tensor, ...]) -> torch.Tensor:
         output = None
         for level, (hidden_states, blocks) in enumerate(zip(features, self.scale_heads, strict=True)):
             for block in blocks:
                 hidden_states = block(hidden_states)
                 if level > 0:
-                    hidden_states = _resize(hidden_states, (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1]))
-            output = hidden_states if output is None else output + _resize(hidden_states, output.shape[-2:])
+                    hidden_states = resize_bilinear(
+                        hidden_states, (2 * hidden_states.shape[-2], 2 * hidden_states.shape[-1])
+                    )
+            output = hidden_states if output is None else output + resize_bilinear(hidden_states, output.shape[-2:])
         return self.classifier(self.dropout(output))
 
 
@@ -1127,7 +1003,7 @@ class DenseClipPyramidPooling(nn.Module):
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         """`(batch, in_channels, h, w)` -> `(batch, channels, h, w)`."""
         pooled = [
-            _resize(conv(F.adaptive_avg_pool2d(features, scale)), features.shape[-2:])
+            resize_bilinear(conv(F.adaptive_avg_pool2d(features, scale)), features.shape[-2:])
             for scale, conv in zip(self.pool_scales, self.pools, strict=True)
         ]
         return self.bottleneck(torch.cat([features, *pooled], dim=1))
@@ -1151,13 +1027,19 @@ class DenseClipUperNetDecoder(DenseClipDecoder):
         self.dropout = nn.Dropout2d(config.decode_head_dropout)
         self.classifier = nn.Conv2d(channels, config.num_labels, 1)
 
+    def _init_denseclip_weights(self) -> None:
+        init.normal_(self.classifier.weight, std=0.01)
+        init.zeros_(self.classifier.bias)
+
     def forward(self, pyramid: tuple[torch.Tensor, ...]) -> torch.Tensor:
         laterals = [conv(level) for conv, level in zip(self.lateral_convs, pyramid, strict=False)]
         laterals.append(self.pyramid_pooling(pyramid[-1]))
         for level in range(len(laterals) - 1, 0, -1):
-            laterals[level - 1] = laterals[level - 1] + _resize(laterals[level], laterals[level - 1].shape[-2:])
+            laterals[level - 1] = laterals[level - 1] + resize_bilinear(
+                laterals[level], laterals[level - 1].shape[-2:]
+            )
         outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=False)] + [laterals[-1]]
-        fused = self.fusion(torch.cat([_resize(output, outputs[0].shape[-2:]) for output in outputs], dim=1))
+        fused = self.fusion(torch.cat([resize_bilinear(output, outputs[0].shape[-2:]) for output in outputs], dim=1))
         return self.classifier(self.dropout(fused))
 
 
@@ -1169,447 +1051,8 @@ DECODERS: dict[str, type[DenseClipDecoder]] = {
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# Losses
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def pixel_cross_entropy(logits: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
-    """Cross-entropy of `logits` `(batch, classes, h, w)`, bilinearly resized to `labels` `(batch, H, W)`.
-
-    `reduction="mean_non_ignored"` averages over labelled pixels; `"mean_all_pixels"` over all pixels (mmseg 0.x).
-    """
-    losses = UpsampledCrossEntropy.apply(logits, labels, ignore_index)
-    if reduction == "mean_all_pixels":
-        return losses.mean()
-    return losses.sum() / (labels != ignore_index).sum().clamp(min=1)
-
-
-def _classes_last(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """`(batch, classes, h, w)` -> float32 logits bilinearly resized to `size`, classes last `(batch, H, W, classes)`:
-    resized in channels-last memory, so that each pixel's classes are one contiguous row (1.5x faster to soft-max on
-    CPU than the channel dimension of a `(batch, classes, H, W)` tensor)."""
-    return _resize(_channels_last(logits), size).permute(0, 2, 3, 1)
-
-
-class UpsampledCrossEntropy(torch.autograd.Function):
-    """Per-pixel cross-entropy of logits `(batch, classes, h, w)` bilinearly resized to `labels` `(batch, H, W)` ->
-    losses `(batch, H, W)`, 0 where `labels == ignore_index`; the values and gradients of `F.cross_entropy` on the
-    resized logits.
-
-    The full-resolution logits (ADE20K: 150 x 512 x 512 floats, 157 MB per image and loss) are not kept for the
-    backward pass: it keeps the small logits, recomputes the resize one image at a time and forms the gradient
-    softmax - one-hot in place.
-    """
-
-    @staticmethod
-    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> torch.Tensor:
-        ignored = labels == ignore_index
-        targets = labels.masked_fill(ignored, 0).unsqueeze(-1)
-        losses = [
-            -_classes_last(logits[image : image + 1], labels.shape[-2:])
-            .log_softmax(-1)
-            .gather(-1, targets[image : image + 1])
-            for image in range(logits.shape[0])
-        ]
-        ctx.save_for_backward(logits, targets, ignored)
-        return torch.cat(losses).squeeze(-1).masked_fill_(ignored, 0)
-
-    @staticmethod
-    def backward(ctx, grad_losses: torch.Tensor) -> tuple[torch.Tensor, None, None]:
-        logits, targets, ignored = ctx.saved_tensors
-        grad_losses = grad_losses.masked_fill(ignored, 0).unsqueeze(-1)
-        gradients = []
-        for image in range(logits.shape[0]):
-            with torch.enable_grad():
-                leaf = logits[image : image + 1].detach().requires_grad_()
-                rows = _classes_last(leaf, targets.shape[1:3])
-            one = slice(image, image + 1)
-            grad_rows = rows.detach().softmax(-1)
-            grad_rows.scatter_add_(-1, targets[one], torch.full(targets[one].shape, -1.0, device=grad_rows.device))
-            gradients.append(torch.autograd.grad(rows, leaf, grad_rows.mul_(grad_losses[one]))[0])
-        return torch.cat(gradients), None, None
-
-
-def detection_targets(
-    boxes: torch.Tensor, labels: torch.Tensor, num_labels: int, size: tuple[int, int], stride: int = 4
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """The binary targets y~ of Eq. 8 for one image, on its stride-`stride` grid of `size` = `(H4, W4)` cells.
-
-    `boxes` `(num_boxes, 4)` are `(x1, y1, x2, y2)` in input pixels, `labels` `(num_boxes,)` class ids `0..K-1`.
-    Returns `targets` `(H4 * W4, K)` (float; row-major cells) and `mask` `(H4 * W4,)` (bool). The authors' rule (their
-    `build_seg_target`): each coordinate is divided by `stride`, truncated to an integer and clamped to the grid
-    (`0..W4-1` for x, `0..H4-1` for y), and the box covers the cells `x1' <= j < x2'`, `y1' <= i < y2'` (so a box
-    reaching the right or bottom border leaves the last column or row out, as theirs does). `targets[cell, k]` is 1
-    when the cell is inside a box of class k; `mask` is True inside any box (the pixels outside all boxes are
-    ignored).
-    """
-    if boxes.ndim != 2 or boxes.shape[-1] != 4 or labels.shape != boxes.shape[:1]:
-        raise ValueError(
-            f"boxes must be (num_boxes, 4) as (x1, y1, x2, y2) and labels (num_boxes,), got {tuple(boxes.shape)} and "
-            f"{tuple(labels.shape)}."
-        )
-    if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) < num_labels):
-        raise ValueError(f"labels must be class ids in 0..{num_labels - 1}, got {labels.tolist()}.")
-    cells = (boxes.double() / stride).long()  # truncated toward zero, as the authors' `.long()`
-    cells_x, cells_y = cells[:, 0::2].clamp(0, size[1] - 1), cells[:, 1::2].clamp(0, size[0] - 1)
-    rows = torch.arange(size[0], device=boxes.device)[None]
-    columns = torch.arange(size[1], device=boxes.device)[None]
-    inside_y = (rows >= cells_y[:, :1]) & (rows < cells_y[:, 1:])  # (num_boxes, H4)
-    inside_x = (columns >= cells_x[:, :1]) & (columns < cells_x[:, 1:])  # (num_boxes, W4)
-    inside = (inside_y[:, :, None] & inside_x[:, None, :]).flatten(1).float()  # (num_boxes, H4 * W4)
-    classes = F.one_hot(labels.long(), num_labels).float()  # (num_boxes, K)
-    targets = (inside.T @ classes).clamp(max=1)
-    return targets, inside.sum(0) > 0
-
-
-def detection_score_map_loss(
-    score_map: torch.Tensor,
-    boxes: Sequence[torch.Tensor],
-    labels: Sequence[torch.Tensor],
-    image_size: tuple[int, int],
-    temperature: float = 0.07,
-    stride: int = 4,
-) -> torch.Tensor:
-    """The auxiliary detection objective of Eq. 8: BCE(sigmoid(s / tau), y~), a scalar.
-
-    `score_map` `(batch, K, h, w)` is `DenseClipModelOutput.score_map` (or `DenseClipBackbone`'s); `boxes[b]`
-    `(num_boxes_b, 4)` `(x1, y1, x2, y2)` in pixels of the `(batch, 3, *image_size)` input, `labels[b]`
-    `(num_boxes_b,)`. As in the authors' detection code, the score map is divided by `temperature` first, then
-    bilinearly resized to the stride-`stride` grid `(H4, W4) = image_size // stride`; the targets are
-    `detection_targets`; the binary cross-entropy is summed over the cells inside a box (all K channels) and divided
-    by the number of those (cell, class) pairs. An image without boxes contributes nothing (0 when none has any).
-    """
-    if score_map.ndim != 4 or len(boxes) != score_map.shape[0] or len(labels) != score_map.shape[0]:
-        raise ValueError(
-            f"score_map must be (batch, K, h, w) with one boxes and one labels tensor per image, got "
-            f"{tuple(score_map.shape)}, {len(boxes)} boxes and {len(labels)} labels."
-        )
-    batch, num_labels = score_map.shape[:2]
-    size = (image_size[0] // stride, image_size[1] // stride)
-    logits = _resize(score_map.float() / temperature, size).flatten(2).transpose(1, 2)  # Eq. 8: s / tau, (b, H4W4, K)
-    targets, masks = zip(
-        *(detection_targets(box, label, num_labels, size, stride) for box, label in zip(boxes, labels, strict=True)),
-        strict=True,
-    )
-    targets, masks = torch.stack(targets).to(logits.device), torch.stack(masks).to(logits.device)
-    losses = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")  # Eq. 8
-    return (losses * masks[..., None]).sum() / (masks.sum() * num_labels).clamp(min=1)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Test protocol (the authors' slide_inference / inference / aug_test)
-# ---------------------------------------------------------------------------------------------------------------------
-# Module-level functions over `logits_fn(pixel_values) -> logits`: any callable that maps `(n, 3, h, w)` inputs to
-# logits `(n, num_labels, h', w')` at any resolution (the model's single pass gives h' = h / 4).
-
-LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Offsets of the windows along one side of `length` pixels: one every `stride` pixels, the last one moved back to
-    end at the border; a side no longer than `crop` has a single window at 0 that spans it whole."""
-    if length <= crop:
-        return [0]
-    count = -(-(length - crop) // stride) + 1
-    return [min(index * stride, length - crop) for index in range(count)]
-
-
-def slide_logits(
-    logits_fn: LogitsFn, pixel_values: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
-) -> torch.Tensor:
-    """The authors' `slide_inference`: logits `(batch, num_labels, H, W)` at the input resolution.
-
-    `pixel_values` `(batch, 3, H, W)` is cut into windows of `crop_size` every `stride` pixels (see
-    `sliding_window_starts`; a side shorter than the crop is taken whole, so every window has the same size). All
-    windows of the batch run through `logits_fn` as one batch (exact: in eval mode no layer mixes samples); each
-    window's logits are bilinearly resized to the window, summed into place and divided by the number of windows
-    covering each pixel. Accumulated in float32.
-    """
-    batch, _, height, width = pixel_values.shape
-    window = (min(crop_size[0], height), min(crop_size[1], width))
-    corners = [
-        (top, left)
-        for top in sliding_window_starts(height, crop_size[0], stride[0])
-        for left in sliding_window_starts(width, crop_size[1], stride[1])
-    ]
-    crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
-    window_logits = _resize(_channels_last(logits_fn(crops)), window).unflatten(0, (len(corners), batch))
-    summed = torch.empty(
-        (batch, window_logits.shape[2], height, width),
-        dtype=window_logits.dtype,
-        device=window_logits.device,
-        memory_format=torch.channels_last,
-    ).zero_()
-    coverage = window_logits.new_zeros(1, 1, height, width)
-    for (top, left), logits in zip(corners, window_logits, strict=True):
-        summed[..., top : top + window[0], left : left + window[1]] += logits
-        coverage[..., top : top + window[0], left : left + window[1]] += 1
-    return summed.div_(coverage)
-
-
-def protocol_logits(
-    logits_fn: LogitsFn,
-    pixel_values: torch.Tensor,
-    mode: str,
-    crop_size: tuple[int, int],
-    stride: tuple[int, int],
-) -> torch.Tensor:
-    """Logits `(batch, num_labels, H, W)` at the input resolution: `mode="slide"` is `slide_logits`, `"whole"` the
-    authors' `whole_inference` (one pass, logits bilinearly resized to the input)."""
-    if mode == "slide":
-        return slide_logits(logits_fn, pixel_values, crop_size, stride)
-    return _resize(_channels_last(logits_fn(pixel_values)), pixel_values.shape[-2:])
-
-
-def _softmax_over_classes(logits: torch.Tensor) -> torch.Tensor:
-    """Softmax over dim 1 of channels-last `(batch, classes, H, W)` logits, computed along the contiguous rows."""
-    return logits.permute(0, 2, 3, 1).softmax(-1).permute(0, 3, 1, 2)
-
-
-def protocol_probabilities(
-    logits_fn: LogitsFn,
-    inputs: Sequence[torch.Tensor],
-    output_size: tuple[int, int],
-    *,
-    flip: bool,
-    mode: str,
-    crop_size: tuple[int, int],
-    stride: tuple[int, int],
-) -> torch.Tensor:
-    """The authors' `inference` / `aug_test`: softmax probabilities `(batch, num_labels, *output_size)` (in
-    channels-last memory, see `_channels_last`).
-
-    For each input `(batch, 3, H_i, W_i)` (the scales of a multi-scale test), and with `flip` also for its horizontal
-    mirror: `protocol_logits`, bilinearly resized (align_corners=False) to `output_size`, soft-maxed over the classes
-    (a mirrored input's probabilities mirrored back); the average of all of them, summed in the authors' order.
-    """
-    total, count = None, 0
-    for pixel_values in inputs:
-        for mirrored in (False, True) if flip else (False,):
-            view = pixel_values.flip(-1) if mirrored else pixel_values
-            logits = _resize(protocol_logits(logits_fn, view, mode, crop_size, stride), output_size)
-            probabilities = _softmax_over_classes(logits)
-            probabilities = probabilities.flip(-1) if mirrored else probabilities
-            total = probabilities if total is None else total.add_(probabilities)
-            count += 1
-    return total.div_(count)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Building DenseCLIP on CLIP weights (`from_clip_pretrained`): resolve the source, tokenize the labels, load, check
-# ---------------------------------------------------------------------------------------------------------------------
-
-# CLIPModel checkpoint keys -> `DenseClipModel`'s CLIP towers. The converter writes ResNet towers with the same
-# `vision_model.` prefix (a `DenseClipResNetVisionModel`), so one mapping serves both families.
-CLIP_KEY_MAPPING = {
-    r"^text_model\.": "text_encoder.text_model.",
-    r"^text_projection\.": "text_encoder.text_projection.",
-    r"^vision_model\.": "image_encoder.vision_model.",
-    r"^visual_projection\.": "image_encoder.visual_projection.",
-}
-# `from_pretrained` arguments that say where and how to fetch files, shared by config, tokenizer and weights.
-_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-_CONFIG_SETTINGS = frozenset(setting.name for setting in fields(DenseClipConfig))
-
-
-@dataclass
-class ClipSource:
-    """Where `from_clip_pretrained` reads CLIP from: the towers' configs, how to load their weights, and the tokenizer
-    that goes with them."""
-
-    name: str
-    text_config: PreTrainedConfig
-    vision_config: PreTrainedConfig
-    projection_dim: int
-    weights: dict = field(repr=False)  # `from_pretrained` arguments that read the weights
-    tokenizer_path: str
-    tokenizer_kwargs: dict = field(default_factory=dict)
-
-
-def resolve_clip_source(
-    pretrained_model_name_or_path: str | os.PathLike,
-    *,
-    vision_heads: int | None = None,
-    text_heads: int | None = None,
-    hidden_act: str | None = None,
-    **hub_kwargs,
-) -> ClipSource:
-    """Step 1: a transformers `CLIPModel` (Hub id or folder: its config, weights and tokenizer), or an OpenAI/OpenCLIP
-    checkpoint file, converted in memory (`denseclip_hf.convert_clip_original_to_hf.convert_clip_checkpoint`)."""
-    name = os.fspath(pretrained_model_name_or_path)
-    if os.path.isfile(name):
-        clip = convert_clip_checkpoint_file(
-            name, vision_heads=vision_heads, text_heads=text_heads, hidden_act=hidden_act
-        )
-        return ClipSource(
-            name,
-            clip.text_config,
-            clip.vision_config,
-            clip.projection_dim,
-            weights={"pretrained_model_name_or_path": None, "state_dict": clip.state_dict},
-            tokenizer_path=clip.tokenizer_path,
-        )
-    options = {"vision_heads": vision_heads, "text_heads": text_heads, "hidden_act": hidden_act}
-    if any(value is not None for value in options.values()):
-        raise ValueError(
-            f"{sorted(option for option, value in options.items() if value is not None)} only apply to OpenAI or "
-            f"OpenCLIP checkpoint files; {name!r} is read as a transformers CLIPModel, whose config already has them."
-        )
-    clip_config = CLIPConfig.from_pretrained(name, **hub_kwargs)
-    return ClipSource(
-        name,
-        clip_config.text_config,
-        clip_config.vision_config,
-        clip_config.projection_dim,
-        weights={"pretrained_model_name_or_path": name, **hub_kwargs},
-        tokenizer_path=name,
-        tokenizer_kwargs=hub_kwargs,
-    )
-
-
-def convert_clip_checkpoint_file(path: str, **options):
-    """An OpenAI/OpenCLIP checkpoint file in this package's CLIP layout (a `ConvertedClip`): reading those formats is
-    the converter's job, so this needs the `denseclip_hf` package (absent when this file runs as remote code)."""
-    try:
-        from denseclip_hf.convert_clip_original_to_hf import convert_clip_checkpoint
-    except ImportError as error:
-        raise ImportError(
-            f"{path!r} is an OpenAI/OpenCLIP checkpoint file: reading it needs the denseclip_hf package, which is not "
-            "installed here (`pip install denseclip_hf`). Or convert it to a transformers CLIPModel folder where the "
-            "package is installed (`python -m denseclip_hf.convert_clip_original_to_hf`) and pass the folder."
-        ) from error
-    return convert_clip_checkpoint(path, **options)
-
-
-def load_clip_tokenizer(source: ClipSource, tokenizer=None):
-    """Step 2a: `tokenizer`, or the CLIP tokenizer that goes with `source`; a `ValueError` when there is none with the
-    text tower's vocabulary."""
-    if tokenizer is None:
-        try:
-            tokenizer = AutoTokenizer.from_pretrained(source.tokenizer_path, **source.tokenizer_kwargs)
-        except (OSError, ValueError) as error:
-            tokenizer = error
-    vocab_size = source.text_config.vocab_size
-    # transformers 5 builds an empty tokenizer for a folder without vocabulary files: check the vocabulary size.
-    if isinstance(tokenizer, Exception) or len(tokenizer) != vocab_size:
-        found = tokenizer if isinstance(tokenizer, Exception) else f"a vocabulary of {len(tokenizer)} tokens"
-        raise ValueError(
-            f"No CLIP tokenizer with {vocab_size} tokens was found for {source.name!r} (got {found}); pass one with "
-            "`tokenizer=CLIPTokenizer.from_pretrained(...)`."
-        )
-    return tokenizer
-
-
-def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[dict[int, str], list[list[int]]]:
-    """Step 2b: `id2label` with int keys `0..K-1` (a `ValueError` otherwise) and the class names' token ids
-    (`tokenize_class_names`)."""
-    id2label = {int(label): name for label, name in id2label.items()}
-    if sorted(id2label) != list(range(len(id2label))):
-        raise ValueError(f"id2label keys must be 0..{len(id2label) - 1}, got {sorted(id2label)}.")
-    return id2label, tokenize_class_names([id2label[label] for label in range(len(id2label))], tokenizer, length)
-
-
-def clip_denseclip_config(
-    source: ClipSource, vision_config: PreTrainedConfig, id2label: dict[int, str], tokenizer, settings: dict
-) -> DenseClipConfig:
-    """The `DenseClipConfig` of a model built on a CLIP checkpoint: its text tower and projection width,
-    `vision_config` (CLIP's own or a backbone's), the classes tokenized with the checkpoint's tokenizer (or
-    `tokenizer`), and `settings`."""
-    id2label, class_token_ids = tokenize_labels(
-        id2label,
-        load_clip_tokenizer(source, tokenizer),
-        settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
-    )
-    return DenseClipConfig(
-        text_config=source.text_config.to_dict(),
-        vision_config=vision_config.to_dict(),
-        projection_dim=source.projection_dim,
-        id2label=id2label,
-        class_token_ids=class_token_ids,
-        **settings,
-    )
-
-
-def check_clip_towers(
-    loading_info: dict, source: ClipSource, tower_prefixes: tuple[str, ...], uses_text: bool = True
-) -> None:
-    """Step 4: a `ValueError` unless every CLIP tower tensor (keys starting with `tower_prefixes`) was loaded and the
-    source held nothing else (CLIP's `logit_scale` aside, `_keys_to_ignore_on_load_unexpected`). A model whose
-    prompting uses no text (`uses_text=False`, the CLIP + Semantic FPN baseline) leaves CLIP's text tower and image
-    projection out: those tower tensors are not used."""
-    unused = () if uses_text else tower_prefixes
-    problems = {
-        "missing": sorted(key for key in loading_info["missing_keys"] if key.startswith(tower_prefixes)),
-        "unexpected": sorted(key for key in loading_info["unexpected_keys"] if not key.startswith(unused)),
-        "mismatched": sorted(str(key) for key in loading_info["mismatched_keys"]),
-    }
-    if any(problems.values()):
-        details = "; ".join(f"{kind}: {keys}" for kind, keys in problems.items() if keys)
-        raise ValueError(f"{source.name!r} is not a complete CLIP checkpoint ({details}).")
-
-
-# ---------------------------------------------------------------------------------------------------------------------
-# Workarounds for transformers behaviour (`tests/test_transformers_behaviour.py` fails when the behaviour changes)
-# ---------------------------------------------------------------------------------------------------------------------
-
-
-def _is_not_a_load_report(record) -> bool:
-    return "LOAD REPORT" not in record.getMessage()
-
-
-@contextmanager
-def _without_load_report():
-    """Drops the "LOAD REPORT" warning that transformers' `from_pretrained` (5.x, logger `transformers.modeling_utils`)
-    writes whenever a checkpoint lacks tensors of the model. `from_clip_pretrained` loads a CLIP checkpoint, which
-    lacks every DenseCLIP tensor by design, and checks the CLIP towers itself (`check_clip_towers`); transformers has
-    no public switch for the report."""
-    loading_logger = logging.get_logger("transformers.modeling_utils")
-    loading_logger.addFilter(_is_not_a_load_report)
-    try:
-        yield
-    finally:
-        loading_logger.removeFilter(_is_not_a_load_report)
-
-
-# ---------------------------------------------------------------------------------------------------------------------
 # Models
 # ---------------------------------------------------------------------------------------------------------------------
-
-# The key layout of folders saved by version 0.1.0 (one model: `image_encoder.*`, `text_encoder.*`,
-# `context_embeddings`, `prompting.*`, `neck.*`, `decode_head.*`) -> this version's. `from_pretrained` applies it to
-# every checkpoint (its patterns match none of this version's keys), so old folders load unchanged.
-_V0_1_0_BASE_MODEL_KEYS = {  # relative to DenseClipModel
-    r"^(image_encoder|text_encoder|prompting)\.": r"\1.",
-    r"^context_embeddings$": "prompting.context_embeddings",
-}
-_V0_1_0_DECODER_KEYS = {r"^neck\.": "decoder.neck.", r"^decode_head\.": "decoder.head."}
-
-
-@contextmanager
-def clear_loading_errors(source: Any, kwargs: dict) -> Iterator[None]:
-    """The entry check of `from_pretrained` on a damaged folder: a local folder without `config.json` (when no
-    `config=` is given) is an `OSError` up front, instead of a model built from the default config failing on the
-    weights' shapes; a damaged `model.safetensors` (truncated, empty) is an `OSError` and a `config.json` value of
-    the wrong type a `TypeError`, both naming the file and the fix."""
-    if isinstance(source, (str, os.PathLike)) and os.path.isdir(source) and kwargs.get("config") is None:
-        subfolder = kwargs.get("subfolder") or ""
-        if not os.path.isfile(os.path.join(source, subfolder, "config.json")):
-            raise OSError(
-                f"{os.path.join(source, subfolder)} has no config.json: save the model with `save_pretrained`, or "
-                "pass `config=DenseClipConfig.from_pretrained(...)`."
-            )
-    try:
-        yield
-    except SafetensorError as error:
-        raise OSError(
-            f"The weights file (model.safetensors) of {source} is damaged ({error}): it was probably cut short by an "
-            "interrupted save or download; save or download the model again."
-        ) from error
-    except StrictDataclassError as error:
-        raise TypeError(
-            f"config.json of {source} holds a value of the wrong type: {error} Fix the value in config.json (or "
-            "save the config again with `DenseClipConfig.save_pretrained`)."
-        ) from error
 
 
 class DenseClipPreTrainedModel(PreTrainedModel):
@@ -1644,8 +1087,8 @@ class DenseClipPreTrainedModel(PreTrainedModel):
         checkpoints (`DenseClipModel` <-> task models); then the text tower is frozen again (loading makes tensors
         trainable)."""
         key_mapping = {
-            **cls._base_model_key_mapping(_V0_1_0_BASE_MODEL_KEYS),
-            **_V0_1_0_DECODER_KEYS,
+            **cls._base_model_key_mapping(V0_1_0_BASE_MODEL_KEYS),
+            **V0_1_0_DECODER_KEYS,
             **(key_mapping or {}),
         }
         with clear_loading_errors(args[0] if args else kwargs.get("pretrained_model_name_or_path"), kwargs):
@@ -1694,28 +1137,16 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
                 `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
         """
-        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        source = resolve_clip_source(
+        return load_on_clip(
+            cls,
             pretrained_model_name_or_path,
+            id2label,
+            tokenizer,
+            kwargs,
             vision_heads=vision_heads,
             text_heads=text_heads,
             hidden_act=hidden_act,
-            **hub_kwargs,
         )
-        config = clip_denseclip_config(source, source.vision_config, id2label, tokenizer, settings)
-        clip_key_mapping = cls._base_model_key_mapping(CLIP_KEY_MAPPING)
-        with _without_load_report():
-            model, info = cls.from_pretrained(
-                **source.weights, config=config, key_mapping=clip_key_mapping, output_loading_info=True, **kwargs
-            )
-        check_clip_towers(info, source, tuple(clip_key_mapping.values()), model.base_model.prompting.uses_text)
-        logger.info(
-            f"Loaded the CLIP towers from {source.name!r}; {len(info['missing_keys'])} DenseCLIP tensors (contexts, "
-            "context decoder, pyramid, decoder) are newly initialised."
-        )
-        return (model, info) if output_loading_info else model
 
     @classmethod
     def from_backbone_pretrained(
@@ -1740,89 +1171,35 @@ class DenseClipPreTrainedModel(PreTrainedModel):
             kwargs: `DenseClipConfig` settings (e.g. `decoder_type="upernet"`), Hub arguments (used for both
                 checkpoints) and `from_pretrained` arguments.
         """
-        backbone_name_or_path = os.fspath(backbone_name_or_path)
-        hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-        settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
-        output_loading_info = kwargs.pop("output_loading_info", False)
-        backbone_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
-        source = resolve_clip_source(clip_name_or_path, text_heads=text_heads, hidden_act=hidden_act, **hub_kwargs)
-        config = clip_denseclip_config(source, backbone_config, id2label, tokenizer, settings)
-        text_key_mapping = cls._base_model_key_mapping(
-            {pattern: target for pattern, target in CLIP_KEY_MAPPING.items() if target.startswith("text_encoder.")}
+        return load_on_clip(
+            cls,
+            clip_name_or_path,
+            id2label,
+            tokenizer,
+            kwargs,
+            backbone_name_or_path=backbone_name_or_path,
+            text_heads=text_heads,
+            hidden_act=hidden_act,
         )
-        with _without_load_report():
-            model, info = cls.from_pretrained(
-                **source.weights, config=config, key_mapping=text_key_mapping, output_loading_info=True, **kwargs
-            )
-        text_prefixes = tuple(text_key_mapping.values())
-        missing = sorted(key for key in info["missing_keys"] if key.startswith(text_prefixes))
-        if missing or info["mismatched_keys"]:
-            raise ValueError(
-                f"{source.name!r} is not a complete CLIP checkpoint (missing: {missing}; mismatched: "
-                f"{info['mismatched_keys']})."
-            )
-        model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path, **hub_kwargs)
-        logger.info(
-            f"Loaded the backbone from {backbone_name_or_path!r} and the CLIP text tower from "
-            f"{source.name!r}; the attention pool, contexts, context decoder and decoder are newly initialised."
-        )
-        return (model, info) if output_loading_info else model
 
-    def _initialize_weights(self, module: nn.Module, is_custom_code: bool = False) -> None:
-        # Workaround (test: tests/test_transformers_behaviour.py): for models defined outside transformers,
-        # `PreTrainedModel._initialize_weights` skips every module whose own parameters are all loaded, including
-        # modules with no parameters of their own (`DenseClipFPN`, `DenseClipResNetBottleneck`, ...), as it cannot
-        # know whether their init would overwrite loaded tensors. `_init_weights` below only uses
-        # `transformers.initialization`, which leaves loaded tensors alone, so every module gets its init.
-        super()._initialize_weights(module, is_custom_code=False)
+    @classmethod
+    def is_custom_code(cls) -> bool:
+        """Workaround (test: tests/test_transformers_behaviour.py): for a model whose code is not transformers' own
+        ("custom code"), transformers' weight initialisation skips every module whose own parameters are all loaded,
+        including modules with no parameters of their own (`DenseClipFPN`, `CLIPAttention`, ...), as it cannot know
+        whether their init would overwrite loaded tensors; and it passes that on to the nested CLIP towers. DenseCLIP's
+        and CLIP's `_init_weights` use only `transformers.initialization`, which leaves loaded tensors alone, so the
+        path of transformers' own models applies: every module gets its init, the CLIP towers CLIP's."""
+        return False
 
     @torch.no_grad()
     def _init_weights(self, module: nn.Module) -> None:
+        """transformers' initialisation, then the module's own (`_init_denseclip_weights`): every DenseCLIP building
+        block with an initialisation of its own defines it next to its parameters, using `transformers.initialization`
+        (which leaves loaded tensors alone)."""
         super()._init_weights(module)
-        config = self.config
-        if isinstance(module, DenseClipModel):
-            if config.class_token_ids is not None:
-                init.copy_(module.class_token_ids, torch.tensor(config.class_token_ids))
-        elif isinstance(module, DenseClipLanguageOnlyPrompting):
-            init.trunc_normal_(module.context_embeddings, std=1.0, a=-2.0, b=2.0)
-            if isinstance(module, DenseClipPostModelPrompting):
-                init.constant_(module.gamma, config.gamma_init_value)
-        elif isinstance(module, DenseClipPreModelPrompting):
-            init.trunc_normal_(module.queries, std=1.0, a=-2.0, b=2.0)
-        elif isinstance(module, DenseClipContextDecoder):
-            for linear in (m for m in module.modules() if isinstance(m, nn.Linear)):
-                init.trunc_normal_(linear.weight, std=config.initializer_range)
-                if linear.bias is not None:
-                    init.zeros_(linear.bias)
-        elif isinstance(module, DenseClipTextEncoder):
-            init.normal_(module.text_projection.weight, std=config.text_config.hidden_size**-0.5)
-        elif isinstance(module, DenseClipViTImageEncoder) and module.needs_embeddings:
-            init.normal_(module.visual_projection.weight, std=config.vision_config.hidden_size**-0.5)
-        elif isinstance(module, DenseClipAttentionPool):
-            # CLIP's init: std embed_dim ** -0.5 for the positions and every projection.
-            std = module.q_proj.in_features**-0.5
-            init.normal_(module.position_embedding, std=std)
-            for linear in (module.q_proj, module.k_proj, module.v_proj, module.out_proj):
-                init.normal_(linear.weight, std=std)
-                init.zeros_(linear.bias)
-        elif isinstance(module, DenseClipResNetBottleneck):
-            init.kaiming_normal_(module.expand.weight, mode="fan_out", nonlinearity="relu")
-            init.zeros_(module.expand_norm.weight)  # CLIP's init: each residual branch starts at zero
-        elif isinstance(module, DenseClipResNetShortcut):
-            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, DenseClipViTPyramid):
-            for conv in (m for m in module.modules() if isinstance(m, nn.ConvTranspose2d)):
-                init.kaiming_uniform_(conv.weight, a=math.sqrt(5))
-                init.zeros_(conv.bias)
-        elif isinstance(module, DenseClipFPN):
-            for conv in [*module.lateral_convs, *module.fpn_convs]:
-                init.xavier_uniform_(conv.weight)
-                init.zeros_(conv.bias)
-        elif isinstance(module, DenseClipConvNormAct):
-            init.kaiming_normal_(module.conv.weight, mode="fan_out", nonlinearity="relu")
-        elif isinstance(module, (DenseClipSemanticFPNHead, DenseClipUperNetDecoder)):
-            init.normal_(module.classifier.weight, std=0.01)
-            init.zeros_(module.classifier.bias)
+        if hasattr(module, "_init_denseclip_weights"):
+            module._init_denseclip_weights()
 
 
 class DenseClipModel(DenseClipPreTrainedModel):
@@ -1856,6 +1233,12 @@ class DenseClipModel(DenseClipPreTrainedModel):
         self._text_embeddings_cache: tuple[tuple, torch.Tensor] | None = None
         self.freeze_text_encoder()
         self.post_init()
+
+    def _init_denseclip_weights(self) -> None:
+        if self.class_token_ids is not None:
+            init.copy_(self.class_token_ids, torch.tensor(self.config.class_token_ids))
+        if self.class_text_embeddings is not None:
+            init.zeros_(self.class_text_embeddings)
 
     def freeze_text_encoder(self) -> None:
         """The CLIP text tower trains no parameter of its own (the authors' `lr_mult=0`)."""
@@ -1998,15 +1381,16 @@ class DenseClipModel(DenseClipPreTrainedModel):
     def forward(
         self,
         pixel_values: torch.Tensor,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         text_embeddings: torch.Tensor | None = None,
         **kwargs,
     ) -> DenseClipModelOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
-        output_hidden_states (`bool`, *optional*):
-            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        output_hidden_states (`bool` or `list[int]`, *optional*):
+            Also return the 4 image-encoder pyramid levels before the score map is joined (`True`), or those of the
+            given indices (`[0, -1]`: strides 4 and 32; the others `None`). Default: `config.output_hidden_states`.
         text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
             Class text embeddings t to use instead of the model's own (as CLIPSeg's `conditional_embeddings`), before
             prompting: e.g. `get_text_embeddings(class_token_ids=...)` of other class names, as many as `num_labels`.
@@ -2014,22 +1398,26 @@ class DenseClipModel(DenseClipPreTrainedModel):
         if output_hidden_states is None:
             output_hidden_states = self.config.output_hidden_states
         image = self.image_encoder(pixel_values)  # Eq. 1
-        hidden_states = image.pyramid if output_hidden_states else None
+        hidden_states = select_hidden_states((image.stem, *image.pyramid), output_hidden_states)
         if not self.prompting.uses_text:
             if text_embeddings is not None:
                 raise ValueError(
                     f"prompting_type={self.config.prompting_type!r} (the CLIP + Semantic FPN baseline) uses no text: "
                     "do not pass text_embeddings."
                 )
-            return DenseClipModelOutput(pyramid=image.pyramid, hidden_states=hidden_states)
+            return DenseClipModelOutput(
+                last_hidden_state=image.pyramid[-1], pyramid=image.pyramid, hidden_states=hidden_states
+            )
         if text_embeddings is None:
             text_embeddings = self.get_text_embeddings(image)  # Eq. 3
         else:
             self._check_text_embeddings(text_embeddings)
         text_embeddings = self.prompting(text_embeddings, image)  # Eqs. 5-6
         score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)  # Eq. 2
+        pyramid = join_score_map(image.pyramid, score_map, self.config.score_map_level)  # x' = [x, s]
         return DenseClipModelOutput(
-            pyramid=join_score_map(image.pyramid, score_map, self.config.score_map_level),  # x' = [x, s]
+            last_hidden_state=pyramid[-1],
+            pyramid=pyramid,
             score_map=score_map,
             global_embedding=image.global_embedding,
             dense_embedding=image.dense_embedding,
@@ -2078,28 +1466,38 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         labels (`torch.LongTensor` of shape `(batch, height', width')`, *optional*):
             Class index per pixel (`config.semantic_loss_ignore_index` to ignore). Any size: logits and score map are
             bilinearly resized to it for the losses.
-        output_hidden_states (`bool`, *optional*):
-            Also return the 4 image-encoder pyramid levels (single pass only).
+        output_hidden_states (`bool` or `list[int]`, *optional*):
+            Also return the 4 image-encoder pyramid levels (see `DenseClipModel.forward`). The single pass only: a
+            test protocol runs several passes (windows) or a resized input, and raises a `ValueError` when hidden
+            states are asked for (here or by `config.output_hidden_states`).
         test_mode (`str`, *optional*):
-            `"plain"`: the single pass (logits at 1/4 of the input, score map, text embeddings, losses).
-            `"slide"` / `"whole"`: the authors' test protocol (`config.test_crop_size`, `config.test_stride`), whose
-            `logits` are at the input resolution, with `score_map`, `text_embeddings` and `hidden_states` `None`
-            (see `predict_probabilities`). Default: `"plain"` in training mode or with `labels`, otherwise
-            `config.test_mode`, so that an eval-mode call (and the `image-segmentation` pipeline) follows the
-            model's test protocol.
+            `None` or `"plain"` (the default, in training and in eval mode alike): the single pass, logits at 1/4 of
+            the input `(batch, num_labels, height / 4, width / 4)`, score map, text embeddings, hidden states and,
+            with `labels`, the losses. `"slide"` / `"whole"`: the authors' test protocol with the model's window
+            (`config.test_crop_size`, `config.test_stride`), `logits` at the input resolution `(batch, num_labels,
+            height, width)` and every other output `None` (see `predict_probabilities` for probabilities, other
+            windows, multi-scale and flips). `DenseClipImageProcessor` puts its `test_mode` in its output for images
+            without label maps, so `model(**processor(images=...))` and the `image-segmentation` pipeline follow the
+            paper's protocol.
         text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
             Class text embeddings t to use instead of the model's own, in every pass and window (see
             `DenseClipModel.forward`).
         """
-        if test_mode is None:
-            test_mode = "plain" if self.training or labels is not None else self.config.test_mode
-        if test_mode != "plain":
+        if test_mode not in (None, "plain"):
             if test_mode not in TEST_MODES:
                 raise ValueError(f"test_mode={test_mode!r} is not one of {('plain', *TEST_MODES)} (or None).")
             if labels is not None:
                 raise ValueError(
                     f"test_mode={test_mode!r} returns no loss: pass labels with test_mode='plain' (or None), and "
                     "evaluate a test protocol on its predictions (`predict_probabilities`)."
+                )
+            if output_hidden_states is None:
+                output_hidden_states = self.config.output_hidden_states
+            if output_hidden_states not in (None, False):
+                raise ValueError(
+                    f"test_mode={test_mode!r} runs the model on windows or a resized input, so it has no hidden "
+                    "states of the input: ask for them with the single pass (test_mode=None), or set "
+                    "output_hidden_states=False (also in the config)."
                 )
             logits = self._protocol_logits(pixel_values, test_mode, text_embeddings)
             return DenseClipSemanticSegmenterOutput(logits=logits)
@@ -2173,8 +1571,8 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         size = tuple(output_size) if isinstance(output_size, (list, tuple, torch.Size)) else ()
         if len(size) != 2 or not all(isinstance(side, int) and side > 0 for side in size):
             raise ValueError(f"output_size must be (height, width) of positive ints, got {output_size!r}.")
-        mode, crop_size, stride = self._test_protocol(
-            mode, crop_size, stride, owner="predict_probabilities", names=("mode", "crop_size", "stride")
+        mode, crop_size, stride = resolve_test_protocol(
+            self.config, mode, crop_size, stride, owner="predict_probabilities", names=("mode", "crop_size", "stride")
         )
         for item in inputs:
             self._check_protocol_input(item)
@@ -2186,25 +1584,6 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             mode=mode,
             crop_size=crop_size,
             stride=stride,
-        )
-
-    def _test_protocol(
-        self,
-        mode: str | None = None,
-        crop_size: int | tuple[int, int] | None = None,
-        stride: int | tuple[int, int] | None = None,
-        owner: str = "DenseClipConfig",
-        names: tuple[str, str, str] = ("test_mode", "test_crop_size", "test_stride"),
-    ) -> tuple[str, tuple[int, int], tuple[int, int]]:
-        """The given protocol settings, each defaulting to the config's, checked against this model."""
-        config = self.config
-        return check_test_protocol(
-            config.test_mode if mode is None else mode,
-            config.test_crop_size if crop_size is None else crop_size,
-            config.test_stride if stride is None else stride,
-            config.vision_config,
-            owner=owner,
-            names=names,
         )
 
     def _check_protocol_input(self, pixel_values: torch.Tensor) -> None:
@@ -2230,7 +1609,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self, pixel_values: torch.Tensor, mode: str, text_embeddings: torch.Tensor | None = None
     ) -> torch.Tensor:
         """Logits `(batch, num_labels, H, W)` of the configured protocol with `mode` (see `predict_probabilities`)."""
-        mode, crop_size, stride = self._test_protocol(mode)
+        mode, crop_size, stride = resolve_test_protocol(self.config, mode)
         self._check_protocol_input(pixel_values)
         logits_fn = partial(self._single_pass_logits, text_embeddings=text_embeddings)
         return protocol_logits(logits_fn, pixel_values, mode, crop_size, stride)
@@ -2261,13 +1640,13 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
 class DenseClipBackboneOutput(BackboneOutput):
     r"""
     feature_maps (`tuple(torch.FloatTensor)`):
-        The `config.out_features` levels of the language-guided pyramid, `(batch, channels[i], H / stride, W / stride)`
-        (the score map joined onto level `config.score_map_level`).
+        The `config.out_features` stages: the image encoder's stem and the levels of the language-guided pyramid,
+        `(batch, channels[i], H / stride, W / stride)` (the score map joined onto level `config.score_map_level`).
     score_map (`torch.FloatTensor` of shape `(batch, num_labels, h, w)`):
         Pixel-text cosine similarities s (Eq. 2), for the auxiliary losses: `detection_score_map_loss` (Eq. 8) or
         the identity loss (Eq. 7).
     hidden_states (`tuple(torch.FloatTensor)`, *optional*, returned when `output_hidden_states=True`):
-        The 4 image-encoder pyramid levels before the score map is joined.
+        The image encoder's stem and its 4 pyramid levels before the score map is joined.
     """
 
     score_map: torch.FloatTensor | None = None
@@ -2277,8 +1656,10 @@ class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
     """DenseCLIP as a transformers backbone: `DenseClipModel`'s language-guided pyramid (x' = [x, s], Sec. 3.2) for
     any model that takes a `backbone_config` (`AutoBackbone.from_config(DenseClipBackboneConfig(...))`).
 
-    `channels` are the `out_features` levels' channels (`DenseClipModel.pyramid_channels`). The output also carries
-    the score map, so that a detector adds the Eq. 8 loss (`detection_score_map_loss`, see docs/backbone.md). Its
+    Its stages (`stage_names`) are the image encoder's stem and the 4 levels of the language-guided pyramid; `channels`
+    are the `out_features`' channels (`num_features`: the stem's, then `DenseClipModel.pyramid_channels`). The
+    output also carries the score map, so that a detector adds the Eq. 8 loss (`detection_score_map_loss`, see
+    docs/backbone.md). Its
     weights sit under `denseclip.`, as in `DenseClipForSemanticSegmentation`: `from_pretrained` reads a DenseCLIP
     segmentation checkpoint's base model (its decoder is left out).
     """
@@ -2292,23 +1673,24 @@ class DenseClipBackbone(BackboneMixin, DenseClipPreTrainedModel):
     def __init__(self, config: DenseClipBackboneConfig):
         super().__init__(config)
         self.denseclip = DenseClipModel(config)
-        self.num_features = self.denseclip.pyramid_channels
+        self.num_features = [config.image_encoder_settings.stem_channels(), *self.denseclip.pyramid_channels]
         self.post_init()
 
     @can_return_tuple
     @filter_output_hidden_states
     def forward(
-        self, pixel_values: torch.Tensor, output_hidden_states: bool | None = None, **kwargs
+        self, pixel_values: torch.Tensor, output_hidden_states: bool | list[int] | None = None, **kwargs
     ) -> DenseClipBackboneOutput:
         r"""
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalized images, as for `DenseClipModel`.
-        output_hidden_states (`bool`, *optional*):
-            Also return the 4 image-encoder pyramid levels before the score map is joined.
+        output_hidden_states (`bool` or `list[int]`, *optional*):
+            Also return the image encoder's stem and 4 pyramid levels before the score map is joined.
         """
-        outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
+        outputs = self.denseclip(pixel_values, output_hidden_states=True)
+        stages = (outputs.hidden_states[0], *outputs.pyramid)  # the stem, then the language-guided pyramid
         return DenseClipBackboneOutput(
-            feature_maps=tuple(outputs.pyramid[index] for index in self.out_indices),
+            feature_maps=tuple(stages[index] for index in self.out_indices),
             score_map=outputs.score_map,
             hidden_states=outputs.hidden_states,
         )
@@ -2327,6 +1709,8 @@ register_checkpoint_conversion_mapping(
     overwrite=True,
 )
 
+declare_pipeline_support(DenseClipForSemanticSegmentation, MODEL_FOR_SEMANTIC_SEGMENTATION_MAPPING_NAMES)
+
 __all__ = [
     "DenseClipBackbone",
     "DenseClipBackboneOutput",
@@ -2335,8 +1719,5 @@ __all__ = [
     "DenseClipModelOutput",
     "DenseClipPreTrainedModel",
     "DenseClipSemanticSegmenterOutput",
-    "detection_score_map_loss",
-    "detection_targets",
     "pixel_text_score_map",
-    "tokenize_class_names",
 ]

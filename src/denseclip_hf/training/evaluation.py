@@ -22,7 +22,7 @@ from accelerate.utils import broadcast, extract_model_from_parallel
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..configuration_denseclip import DenseClipConfig, check_test_protocol, default_test_window
+from ..configuration_denseclip import DenseClipConfig, resolve_test_protocol
 from ..image_processing_denseclip import DenseClipImageProcessor
 from .data import EvaluationCollator
 from .metrics import confusion_matrix
@@ -58,24 +58,12 @@ class EvaluationProtocol:
         owner: str = "EvaluationProtocol",
         names: tuple[str, str, str] = ("mode", "crop_size", "stride"),
     ) -> "EvaluationProtocol":
-        """The protocol of a model with `config` (a `DenseClipConfig`): its `test_mode`, `test_crop_size` and
-        `test_stride`, each replaced by the value given here. A `crop_size` given without a `stride` gets the
-        authors' stride for it (two thirds of the crop). Checked against the model: a `ValueError` names the
-        setting (`names` of mode, crop size and stride, as seen by `owner`) and the fix."""
-        mode = config.test_mode if mode is None else mode
-        if mode == "whole" and (crop_size is not None or stride is not None):
-            raise ValueError(
-                f"{owner}: `{names[1]}` and `{names[2]}` set the sliding windows; they do not apply to "
-                f"`{names[0]}`='whole'. Leave them out, or use `{names[0]}`='slide'."
-            )
-        crop_size = _int_or_pair(crop_size)
-        if crop_size is None:
-            crop_size, default_stride = config.test_crop_size, config.test_stride
-        else:
-            default_stride = default_test_window(config.vision_config, crop_size)[1]
-        stride = default_stride if stride is None else _int_or_pair(stride)
-        mode, crop, steps = check_test_protocol(
-            mode, crop_size, stride, config.vision_config, owner=owner, names=names
+        """The protocol of a model with `config` (a `DenseClipConfig`), by the rule the model itself follows
+        (`resolve_test_protocol`: its `test_mode`, `test_crop_size` and `test_stride`, each replaced by the value given
+        here; a `crop_size` given without a `stride` gets the authors' stride for it, two thirds of the crop). A
+        `ValueError` names the setting (`names` of mode, crop size and stride, as seen by `owner`) and the fix."""
+        mode, crop, steps = resolve_test_protocol(
+            config, mode, _int_or_pair(crop_size), _int_or_pair(stride), owner=owner, names=names
         )
         if scale_ratios is not None:
             scale_ratios = tuple(float(ratio) for ratio in scale_ratios)

@@ -8,7 +8,8 @@ from transformers import AutoConfig, CLIPTokenizer
 
 from .. import CLIP_TOKENIZER_PATH
 from ..configuration_denseclip import DenseClipConfig
-from ..modeling_denseclip import DenseClipForSemanticSegmentation, tokenize_class_names
+from ..loading_denseclip import tokenize_class_names
+from ..modeling_denseclip import DenseClipForSemanticSegmentation
 
 logger = logging.getLogger(__name__)
 

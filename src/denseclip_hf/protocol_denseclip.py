@@ -1,0 +1,107 @@
+"""DenseCLIP's test protocol (the authors' mmseg `slide_inference`, `whole_inference`, `inference` and `aug_test`):
+how a segmentation model that maps an image to low-resolution logits is run on a whole image, in sliding windows, at
+several scales and mirrored, to give logits or probabilities at the image's resolution.
+
+Module-level functions over `logits_fn(pixel_values) -> logits`: any callable that maps `(n, 3, h, w)` inputs to logits
+`(n, num_labels, h', w')` at any resolution (the model's single pass gives h' = h / 4). Which protocol and window a
+model runs by default is a setting (`DenseClipConfig.test_mode`, `test_crop_size`, `test_stride`; one rule resolves
+them: `configuration_denseclip.resolve_test_protocol`). Shipped with saved models as remote code.
+"""
+
+from collections.abc import Callable, Sequence
+
+import torch
+
+from .tensor_ops import channels_last_float, resize_bilinear
+
+LogitsFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
+    """Offsets of the windows along one side of `length` pixels: one every `stride` pixels, the last one moved back to
+    end at the border; a side no longer than `crop` has a single window at 0 that spans it whole."""
+    if length <= crop:
+        return [0]
+    count = -(-(length - crop) // stride) + 1
+    return [min(index * stride, length - crop) for index in range(count)]
+
+
+def slide_logits(
+    logits_fn: LogitsFn, pixel_values: torch.Tensor, crop_size: tuple[int, int], stride: tuple[int, int]
+) -> torch.Tensor:
+    """The authors' `slide_inference`: logits `(batch, num_labels, H, W)` at the input resolution.
+
+    `pixel_values` `(batch, 3, H, W)` is cut into windows of `crop_size` every `stride` pixels (see
+    `sliding_window_starts`; a side shorter than the crop is taken whole, so every window has the same size). All
+    windows of the batch run through `logits_fn` as one batch (exact: in eval mode no layer mixes samples); each
+    window's logits are bilinearly resized to the window, summed into place and divided by the number of windows
+    covering each pixel. Accumulated in float32.
+    """
+    batch, _, height, width = pixel_values.shape
+    window = (min(crop_size[0], height), min(crop_size[1], width))
+    corners = [
+        (top, left)
+        for top in sliding_window_starts(height, crop_size[0], stride[0])
+        for left in sliding_window_starts(width, crop_size[1], stride[1])
+    ]
+    crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
+    window_logits = resize_bilinear(channels_last_float(logits_fn(crops)), window).unflatten(0, (len(corners), batch))
+    summed = torch.empty(
+        (batch, window_logits.shape[2], height, width),
+        dtype=window_logits.dtype,
+        device=window_logits.device,
+        memory_format=torch.channels_last,
+    ).zero_()
+    coverage = window_logits.new_zeros(1, 1, height, width)
+    for (top, left), logits in zip(corners, window_logits, strict=True):
+        summed[..., top : top + window[0], left : left + window[1]] += logits
+        coverage[..., top : top + window[0], left : left + window[1]] += 1
+    return summed.div_(coverage)
+
+
+def protocol_logits(
+    logits_fn: LogitsFn,
+    pixel_values: torch.Tensor,
+    mode: str,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """Logits `(batch, num_labels, H, W)` at the input resolution: `mode="slide"` is `slide_logits`, `"whole"` the
+    authors' `whole_inference` (one pass, logits bilinearly resized to the input)."""
+    if mode == "slide":
+        return slide_logits(logits_fn, pixel_values, crop_size, stride)
+    return resize_bilinear(channels_last_float(logits_fn(pixel_values)), pixel_values.shape[-2:])
+
+
+def _softmax_over_classes(logits: torch.Tensor) -> torch.Tensor:
+    """Softmax over dim 1 of channels-last `(batch, classes, H, W)` logits, computed along the contiguous rows."""
+    return logits.permute(0, 2, 3, 1).softmax(-1).permute(0, 3, 1, 2)
+
+
+def protocol_probabilities(
+    logits_fn: LogitsFn,
+    inputs: Sequence[torch.Tensor],
+    output_size: tuple[int, int],
+    *,
+    flip: bool,
+    mode: str,
+    crop_size: tuple[int, int],
+    stride: tuple[int, int],
+) -> torch.Tensor:
+    """The authors' `inference` / `aug_test`: softmax probabilities `(batch, num_labels, *output_size)` (in
+    channels-last memory, see `tensor_ops.channels_last_float`).
+
+    For each input `(batch, 3, H_i, W_i)` (the scales of a multi-scale test), and with `flip` also for its horizontal
+    mirror: `protocol_logits`, bilinearly resized (align_corners=False) to `output_size`, soft-maxed over the classes
+    (a mirrored input's probabilities mirrored back); the average of all of them, summed in the authors' order.
+    """
+    total, count = None, 0
+    for pixel_values in inputs:
+        for mirrored in (False, True) if flip else (False,):
+            view = pixel_values.flip(-1) if mirrored else pixel_values
+            logits = resize_bilinear(protocol_logits(logits_fn, view, mode, crop_size, stride), output_size)
+            probabilities = _softmax_over_classes(logits)
+            probabilities = probabilities.flip(-1) if mirrored else probabilities
+            total = probabilities if total is None else total.add_(probabilities)
+            count += 1
+    return total.div_(count)
