@@ -158,7 +158,10 @@ def test_upernet_runs_on_an_any_backbone_image_encoder(tokenizer):
     swin = SwinConfig(image_size=64, embed_dim=8, depths=[1, 1, 1, 1], num_heads=[1, 1, 2, 2], window_size=2)
     settings = tiny_config(tokenizer, vision_config=swin.to_dict(), backbone_attention_pool_heads=4).to_dict()
     config = UperNetConfig(
-        backbone_config=DenseClipBackboneConfig.from_dict(settings), hidden_size=16, auxiliary_channels=8, num_labels=3
+        backbone_config=DenseClipBackboneConfig.from_dict({**settings, "out_features": STAGES}),
+        hidden_size=16,
+        auxiliary_channels=8,
+        num_labels=3,
     )
     torch.manual_seed(0)
     model = UperNetForSemanticSegmentation(config)

@@ -130,7 +130,8 @@ def test_pixel_values_and_labels_have_the_hand_computed_size():
 
 def test_pipeline_style_call():
     out = DenseClipImageProcessor()(images=[Image.fromarray(random_rgb(100, 150))], return_tensors="pt")
-    assert set(out.keys()) == {"pixel_values"}
+    assert set(out.keys()) == {"pixel_values", "test_mode"}  # the protocol the model then runs
+    assert out["test_mode"] == "slide"
     # 640/100 = 6.4 -> 640 x 960 (already multiples of 32)
     assert out["pixel_values"].shape == (1, 3, 640, 960)
 
@@ -284,9 +285,22 @@ def test_arrays_and_tensors_match_pil():
     np.testing.assert_array_equal(np.moveaxis(batch[1], 0, -1), rgb[::-1])
 
 
+def test_images_keep_their_channels_without_conversion():
+    """With `do_convert_rgb=False` an image keeps its channels (transformers' processors do); normalising them needs
+    one mean and std per channel."""
+    grey = np.arange(20, dtype=np.uint8).reshape(4, 5)
+    kept = raw_processor(do_convert_rgb=False)(Image.fromarray(grey), return_tensors="np")["pixel_values"]
+    np.testing.assert_array_equal(kept, grey[None, None].astype(np.float32))
+    rgba = np.random.default_rng(0).integers(0, 256, (6, 5, 4), dtype=np.uint8)
+    out = DenseClipImageProcessor(do_resize=False, do_convert_rgb=False, image_mean=[0.5] * 4, image_std=[0.25] * 4)(
+        rgba, return_tensors="np"
+    )["pixel_values"]
+    np.testing.assert_allclose(out[0], (rgba.transpose(2, 0, 1) / 255 - 0.5) / 0.25, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match=r"has 4 channels but image_mean / image_std have 3 / 3 values"):
+        DenseClipImageProcessor(do_convert_rgb=False)(rgba)
+
+
 def test_image_conversion_errors():
-    with pytest.raises(ValueError, match=r"1 channel\(s\) but do_convert_rgb=False"):
-        raw_processor(do_convert_rgb=False)(Image.fromarray(np.zeros((4, 4), dtype=np.uint8)))
     with pytest.raises(ValueError, match=r"outside the 8-bit range \[0, 255\]: cast 16-bit images to uint16"):
         raw_pixels(np.full((4, 4, 3), 1000, dtype=np.int32))
     with pytest.raises(ValueError, match=r"'I' images are read as 16-bit data"):

@@ -15,7 +15,17 @@ from transformers import AutoConfig, AutoImageProcessor, AutoModel, AutoModelFor
 
 from denseclip_hf import DenseClipConfig, DenseClipForSemanticSegmentation, DenseClipImageProcessor, DenseClipModel
 
-MODEL_FILES = ["config.json", "configuration_denseclip.py", "model.safetensors", "modeling_denseclip.py"]
+# The model's code: the model file and the modules it runs with (each concern in its own file).
+MODEL_CODE = [
+    "configuration_denseclip.py",
+    "loading_denseclip.py",
+    "loss_denseclip.py",
+    "modeling_clip_resnet.py",
+    "modeling_denseclip.py",
+    "protocol_denseclip.py",
+    "tensor_ops.py",
+]
+MODEL_FILES = sorted(["config.json", "model.safetensors", *MODEL_CODE])
 PROCESSOR_FILES = ["image_processing_denseclip.py", "preprocessor_config.json"]
 
 
@@ -68,7 +78,12 @@ assert loaded == [
     "denseclip_hf.assets",
     "denseclip_hf.configuration_denseclip",
     "denseclip_hf.image_processing_denseclip",
+    "denseclip_hf.loading_denseclip",
+    "denseclip_hf.loss_denseclip",
+    "denseclip_hf.modeling_clip_resnet",
     "denseclip_hf.modeling_denseclip",
+    "denseclip_hf.protocol_denseclip",
+    "denseclip_hf.tensor_ops",
 ], loaded
 from denseclip_hf.checkpoint_conversion import convert_clip_checkpoint
 from denseclip_hf.convert_denseclip_original_to_hf import convert_denseclip_checkpoint

@@ -201,6 +201,6 @@ def test_without_the_text_tower_training_is_a_clear_error(deployed):
     model, _, inputs, _, _ = deployed
     model.train()
     with pytest.raises(ValueError, match="remove_text_encoder.*cannot train"):
-        model(**inputs, labels=torch.zeros(1, 64, 96, dtype=torch.long))
+        model(inputs["pixel_values"], labels=torch.zeros(1, 64, 96, dtype=torch.long))
     with pytest.raises(ValueError, match="already removed"):
         model.remove_text_encoder()

@@ -490,14 +490,19 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
         )
 
     def _drop_unused_backbone_modules(self) -> None:
-        """Replaces by `nn.Identity` the modules a transformers backbone keeps but its feature maps never use, those
-        whose weights checkpoints may lack (`_keys_to_ignore_on_load_missing`; SwinBackbone: SwinModel's final
-        `layernorm`), so that every trainable parameter gets a gradient, as multi-process training (DDP) requires."""
+        """Replaces by `nn.Identity` the modules a transformers backbone keeps but DenseCLIP never trains through, so
+        that every trainable parameter gets a gradient, as multi-process training (DDP) requires: those whose weights
+        checkpoints may lack (`_keys_to_ignore_on_load_missing`; SwinBackbone: SwinModel's final `layernorm`), and the
+        norm some backbones (Swin, ConvNeXt) add to the stem they return (`hidden_states_norms`): the stem is a hidden
+        state only, read by no decoder, so it comes back as the backbone's embedding output itself."""
         patterns = [re.compile(pattern) for pattern in self.backbone._keys_to_ignore_on_load_missing or ()]
         for name, module in list(self.backbone.named_modules()):
             own = [f"{name}.{parameter}" for parameter, _ in module.named_parameters(recurse=False)]
             if name and own and all(any(pattern.search(key) for pattern in patterns) for key in own):
                 self.backbone.set_submodule(name, nn.Identity())
+        stem_norms = getattr(self.backbone, "hidden_states_norms", None)
+        if isinstance(stem_norms, nn.ModuleDict) and self.backbone.stage_names[0] in stem_norms:
+            stem_norms[self.backbone.stage_names[0]] = nn.Identity()
 
     def forward(self, pixel_values: torch.Tensor) -> DenseClipImageEncoderOutput:
         self.check_pixel_values(pixel_values)
