@@ -578,9 +578,17 @@ def test_anchor_head_losses_match_numpy(classification):
         torch.from_numpy(rng.normal(0, 2, (2, 3 * num_channels, *size)).astype(np.float32)) for size in sizes
     ]
     bbox_preds = [torch.from_numpy(rng.normal(0, 1, (2, 12, *size)).astype(np.float32)) for size in sizes]
+    for prediction in cls_scores + bbox_preds:
+        prediction.requires_grad_()
     losses_cls, losses_bbox = anchor_head_losses(cls_scores, bbox_preds, targets, classification)
     assert len(losses_cls) == len(losses_bbox) == 2
+    sum(losses_cls + losses_bbox).backward()
+    for bbox_pred, box_weights in zip(bbox_preds, targets.bbox_weights, strict=True):
+        # Box gradients reach exactly the positives' deltas, laid out (image, a * 4 + k, y, x).
+        reached = bbox_pred.grad.view(2, 3, 4, *bbox_pred.shape[2:]).permute(0, 3, 4, 1, 2).reshape(2, -1, 4) != 0
+        assert torch.equal(reached, box_weights > 0)
     for level, (cls_score, bbox_pred) in enumerate(zip(cls_scores, bbox_preds, strict=True)):
+        cls_score, bbox_pred = cls_score.detach(), bbox_pred.detach()
         batch, _, height, width = cls_score.shape
         # Row (image, y, x, a) of the level: channel a * C + c of cls_score, a * 4 + k of bbox_pred.
         logits = np.array(

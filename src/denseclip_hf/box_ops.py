@@ -694,7 +694,7 @@ def assign_wrt_overlaps(
         return AssignResult(num_gts, gt_indices, overlaps.new_zeros(num_boxes), labels)
     max_overlaps, argmax_overlaps = overlaps.max(dim=0)
     gt_max_overlaps, gt_argmax_overlaps = overlaps.max(dim=1)
-    if isinstance(neg_iou_thr, tuple):
+    if isinstance(neg_iou_thr, (tuple, list)):
         negative = (max_overlaps >= neg_iou_thr[0]) & (max_overlaps < neg_iou_thr[1])
     else:
         negative = (max_overlaps >= 0) & (max_overlaps < neg_iou_thr)
@@ -702,16 +702,19 @@ def assign_wrt_overlaps(
     positive = max_overlaps >= pos_iou_thr
     gt_indices = torch.where(positive, argmax_overlaps + 1, gt_indices)
     if match_low_quality:
-        gt_numbers = torch.arange(1, num_gts + 1, device=overlaps.device)
         eligible = gt_max_overlaps >= min_pos_iou
         if gt_max_assign_all:
-            matches = (overlaps == gt_max_overlaps[:, None]) & eligible[:, None]
-            last = (matches * gt_numbers[:, None]).amax(0)  # the last gt box that takes each candidate, 0 if none
+            matches = (overlaps == gt_max_overlaps[:, None]) & eligible[:, None]  # (num_gts, N) bool
+            columns = matches.any(0).nonzero().view(-1)
+            # The last gt box that takes each of these candidates (argmax: the first maximum of the flipped rows).
+            last = num_gts - matches.index_select(1, columns).flip(0).to(torch.uint8).argmax(0)
+            gt_indices = gt_indices.index_copy(0, columns, last)
         else:
+            gt_numbers = torch.arange(1, num_gts + 1, device=overlaps.device)
             last = torch.zeros_like(gt_indices).scatter_reduce_(
                 0, gt_argmax_overlaps[eligible], gt_numbers[eligible], "amax"
             )
-        gt_indices = torch.where(last > 0, last, gt_indices)
+            gt_indices = torch.where(last > 0, last, gt_indices)
     labels = None
     if gt_labels is not None:
         assigned = gt_indices > 0
@@ -744,7 +747,7 @@ class MaxIoUAssigner:
     ) -> AssignResult:
         """`boxes (N, 4)` candidates (a 5th score column, as proposals have, is dropped), `gt_boxes (num_gts, 4)`,
         `gt_labels (num_gts,)` -> `AssignResult` over the candidates."""
-        if boxes.dim() == 2 and boxes.shape[1] == 5:
+        if isinstance(boxes, torch.Tensor) and boxes.dim() == 2 and boxes.shape[1] == 5:
             boxes = boxes[:, :4]
         _check_boxes(gt_boxes, "gt_boxes")
         if gt_labels is not None:
@@ -851,11 +854,11 @@ class RandomSampler:
     gt boxes are prepended to the candidates as positives first (`AssignResult.add_gt`).
 
     The draw is mmdet's `torch.randperm(len(pool))[:count]` of the pool (candidates increasing), then sorted by
-    `unique()`. It uses `generator` (torch's global generator when None, as mmdet), so with the same generator state
-    and the same sequence of draws (per head, image by image; a pool no larger than its quota draws nothing) it takes
-    the same candidates as mmdet on the same torch build; torch does not promise `randperm`'s stream across versions
-    or devices, so a different build samples differently (equally valid, not the same). The authors' settings:
-    `RPN_SAMPLER`, `RCNN_SAMPLER`."""
+    `unique()`. It uses `generator` (a CPU generator; torch's global one when None, as mmdet), so with the same
+    generator state and the same sequence of draws (per head, image by image; a pool no larger than its quota draws
+    nothing) it takes the same candidates as mmdet on the same torch build (checked against the authors' training
+    step); torch does not promise `randperm`'s stream across versions, so another build samples differently (equally
+    valid, not the same). The authors' settings: `RPN_SAMPLER`, `RCNN_SAMPLER`."""
 
     num: int
     pos_fraction: float

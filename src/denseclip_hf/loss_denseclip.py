@@ -209,7 +209,9 @@ def detection_loss_names(architecture: str, score_map_loss: bool = True) -> tupl
     return DETECTION_LOSS_NAMES[architecture] + extra
 
 
-def total_detection_loss(losses: Mapping[str, torch.Tensor | Sequence[torch.Tensor]]) -> tuple[torch.Tensor, dict]:
+def total_detection_loss(
+    losses: Mapping[str, torch.Tensor | Sequence[torch.Tensor]],
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """mmdet's `BaseDetector._parse_losses`: each entry is a tensor (its mean) or a list of per-level tensors (the sum
     of their means, in level order); the total is the sum, in key order, of the entries whose key contains "loss".
     Returns `(total, values)` with `values[key]` the scalar of each entry."""
