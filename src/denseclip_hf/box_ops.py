@@ -9,6 +9,7 @@ Boxes are `(x1, y1, x2, y2)` in pixels, float32, with no `+1` anywhere (mmdet 2.
 
 import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
@@ -632,3 +633,284 @@ def paste_masks(
         values = F.grid_sample(masks[i : i + 1, None].float(), grid, align_corners=False)
         pasted[i, y0:y1, x0:x1] = values[0, 0] >= threshold
     return pasted
+
+
+# ------------------------------------------------------------------------------------ training: assign, sample
+
+
+@dataclass(frozen=True)
+class AssignResult:
+    """mmdet's `AssignResult` for `N` candidate boxes (anchors or proposals) and `num_gts` gt boxes.
+
+    `gt_indices (N,)` int64: 0 negative, -1 ignored, `k + 1` assigned to gt box `k`; `max_overlaps (N,)` float32: the
+    candidate's highest IoU with any gt box (1 for gt boxes added as proposals); `labels (N,)` int64: the assigned gt
+    box's label, -1 where none (None when no gt labels were given)."""
+
+    num_gts: int
+    gt_indices: torch.Tensor
+    max_overlaps: torch.Tensor
+    labels: torch.Tensor | None
+
+    def add_gt(self, gt_labels: torch.Tensor) -> "AssignResult":
+        """mmdet `AssignResult.add_gt_`: the gt boxes prepended as their own positives (indices `1..num_gts`, overlap
+        1, their labels)."""
+        own = torch.arange(1, len(gt_labels) + 1, dtype=torch.long, device=gt_labels.device)
+        labels = None if self.labels is None else torch.cat([gt_labels.long(), self.labels])
+        return AssignResult(
+            self.num_gts,
+            torch.cat([own, self.gt_indices]),
+            torch.cat([self.max_overlaps.new_ones(len(gt_labels)), self.max_overlaps]),
+            labels,
+        )
+
+
+def assign_wrt_overlaps(
+    overlaps: torch.Tensor,
+    gt_labels: torch.Tensor | None,
+    pos_iou_thr: float,
+    neg_iou_thr: float | tuple[float, float],
+    min_pos_iou: float = 0.0,
+    match_low_quality: bool = True,
+    gt_max_assign_all: bool = True,
+) -> AssignResult:
+    """mmdet `MaxIoUAssigner.assign_wrt_overlaps`: `overlaps (num_gts, N)` (ignored candidates' columns at -1) ->
+    `AssignResult`, by these rules in this order:
+
+    1. every candidate starts ignored (-1);
+    2. negative (0) when `0 <= max_overlap < neg_iou_thr` (or `lo <= max_overlap < hi` for a pair `(lo, hi)`);
+    3. positive when `max_overlap >= pos_iou_thr`, assigned to its best gt box (the first one on ties);
+    4. with `match_low_quality`, each gt box `i` whose best IoU is `>= min_pos_iou`, in increasing `i` (a later gt box
+       overrides an earlier one), takes every candidate with exactly that IoU (`gt_max_assign_all`) or only its first
+       best candidate. With `min_pos_iou = 0` (RetinaNet) a gt box that overlaps no candidate takes all the candidates
+       with IoU 0, as in mmdet.
+
+    Comparisons are in float32 against the thresholds as mmdet makes them (`tensor >= python_float`)."""
+    num_gts, num_boxes = overlaps.shape
+    gt_indices = overlaps.new_full((num_boxes,), -1, dtype=torch.long)
+    if num_gts == 0 or num_boxes == 0:
+        if num_gts == 0:
+            gt_indices.fill_(0)
+        labels = None if gt_labels is None else overlaps.new_full((num_boxes,), -1, dtype=torch.long)
+        return AssignResult(num_gts, gt_indices, overlaps.new_zeros(num_boxes), labels)
+    max_overlaps, argmax_overlaps = overlaps.max(dim=0)
+    gt_max_overlaps, gt_argmax_overlaps = overlaps.max(dim=1)
+    if isinstance(neg_iou_thr, (tuple, list)):
+        negative = (max_overlaps >= neg_iou_thr[0]) & (max_overlaps < neg_iou_thr[1])
+    else:
+        negative = (max_overlaps >= 0) & (max_overlaps < neg_iou_thr)
+    gt_indices.masked_fill_(negative, 0)
+    positive = max_overlaps >= pos_iou_thr
+    gt_indices = torch.where(positive, argmax_overlaps + 1, gt_indices)
+    if match_low_quality:
+        eligible = gt_max_overlaps >= min_pos_iou
+        if gt_max_assign_all:
+            matches = (overlaps == gt_max_overlaps[:, None]) & eligible[:, None]  # (num_gts, N) bool
+            columns = matches.any(0).nonzero().view(-1)
+            # The last gt box that takes each of these candidates (argmax: the first maximum of the flipped rows).
+            last = num_gts - matches.index_select(1, columns).flip(0).to(torch.uint8).argmax(0)
+            gt_indices = gt_indices.index_copy(0, columns, last)
+        else:
+            gt_numbers = torch.arange(1, num_gts + 1, device=overlaps.device)
+            last = torch.zeros_like(gt_indices).scatter_reduce_(
+                0, gt_argmax_overlaps[eligible], gt_numbers[eligible], "amax"
+            )
+            gt_indices = torch.where(last > 0, last, gt_indices)
+    labels = None
+    if gt_labels is not None:
+        assigned = gt_indices > 0
+        labels = torch.where(assigned, gt_labels.long()[(gt_indices - 1).clamp(min=0)], -1)
+    return AssignResult(num_gts, gt_indices, max_overlaps, labels)
+
+
+@dataclass(frozen=True)
+class MaxIoUAssigner:
+    """mmdet `MaxIoUAssigner` settings (thresholds on the IoU of candidates and gt boxes; see `assign_wrt_overlaps`).
+
+    `ignore_iof_thr > 0` ignores the candidates whose intersection over their own area (`ignore_wrt_candidates`;
+    otherwise over the ignored box's area) with a `gt_boxes_ignore` box (COCO crowd boxes) exceeds it; -1 (the
+    authors' configs) turns it off. The authors' settings: `RETINANET_ASSIGNER`, `RPN_ASSIGNER`, `RCNN_ASSIGNER`."""
+
+    pos_iou_thr: float
+    neg_iou_thr: float | tuple[float, float]
+    min_pos_iou: float = 0.0
+    match_low_quality: bool = True
+    gt_max_assign_all: bool = True
+    ignore_iof_thr: float = -1.0
+    ignore_wrt_candidates: bool = True
+
+    def assign(
+        self,
+        boxes: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor | None = None,
+        gt_boxes_ignore: torch.Tensor | None = None,
+    ) -> AssignResult:
+        """`boxes (N, 4)` candidates (a 5th score column, as proposals have, is dropped), `gt_boxes (num_gts, 4)`,
+        `gt_labels (num_gts,)` -> `AssignResult` over the candidates."""
+        if isinstance(boxes, torch.Tensor) and boxes.dim() == 2 and boxes.shape[1] == 5:
+            boxes = boxes[:, :4]
+        _check_boxes(gt_boxes, "gt_boxes")
+        if gt_labels is not None:
+            _check_length(gt_labels, "gt_labels", gt_boxes.shape[0], "gt_boxes")
+        overlaps = box_iou(gt_boxes, boxes)
+        if (
+            self.ignore_iof_thr > 0
+            and gt_boxes_ignore is not None
+            and gt_boxes_ignore.numel() > 0
+            and boxes.numel() > 0
+        ):
+            if self.ignore_wrt_candidates:
+                ignore_overlaps = box_iou(boxes, gt_boxes_ignore, mode="iof").max(dim=1)[0]
+            else:
+                ignore_overlaps = box_iou(gt_boxes_ignore, boxes, mode="iof").max(dim=0)[0]
+            overlaps[:, ignore_overlaps > self.ignore_iof_thr] = -1
+        return assign_wrt_overlaps(
+            overlaps,
+            gt_labels,
+            self.pos_iou_thr,
+            self.neg_iou_thr,
+            self.min_pos_iou,
+            self.match_low_quality,
+            self.gt_max_assign_all,
+        )
+
+
+# The authors' train_cfg (mmdet's retinanet_r50_fpn.py / mask_rcnn_r50_fpn.py).
+RETINANET_ASSIGNER = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.4, min_pos_iou=0.0)
+RPN_ASSIGNER = MaxIoUAssigner(pos_iou_thr=0.7, neg_iou_thr=0.3, min_pos_iou=0.3)
+RCNN_ASSIGNER = MaxIoUAssigner(pos_iou_thr=0.5, neg_iou_thr=0.5, min_pos_iou=0.5)
+
+
+@dataclass(frozen=True)
+class SamplingResult:
+    """mmdet's `SamplingResult`: which candidates a head trains on.
+
+    `boxes (M, 4)`: the candidates (gt boxes first when they were added as proposals); `pos_indices (P,)` and
+    `neg_indices (Q,)` int64 into them, increasing; `pos_boxes (P, 4)`, `neg_boxes (Q, 4)`; `pos_assigned_gt (P,)`
+    the gt index (0-based) of each positive, `pos_gt_boxes (P, 4)` its box, `pos_gt_labels (P,)` its label (None when
+    the assignment had no labels: the RPN); `pos_is_gt (P,)` bool, True for an added gt box."""
+
+    boxes: torch.Tensor
+    pos_indices: torch.Tensor
+    neg_indices: torch.Tensor
+    pos_assigned_gt: torch.Tensor
+    pos_gt_boxes: torch.Tensor
+    pos_gt_labels: torch.Tensor | None
+    pos_is_gt: torch.Tensor
+
+    @property
+    def pos_boxes(self) -> torch.Tensor:
+        return self.boxes[self.pos_indices]
+
+    @property
+    def neg_boxes(self) -> torch.Tensor:
+        return self.boxes[self.neg_indices]
+
+    @classmethod
+    def from_indices(
+        cls,
+        assignment: AssignResult,
+        boxes: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        pos_indices: torch.Tensor,
+        neg_indices: torch.Tensor,
+        is_gt: torch.Tensor | None = None,
+    ) -> "SamplingResult":
+        """The result for chosen `pos_indices` / `neg_indices` (sorted and deduplicated here, as mmdet's `unique()`)
+        of `boxes (M, 4)` assigned by `assignment`; `is_gt (M,)` marks added gt boxes (none when None)."""
+        pos_indices, neg_indices = pos_indices.long().unique(), neg_indices.long().unique()
+        pos_assigned_gt = assignment.gt_indices[pos_indices] - 1
+        if bool((pos_assigned_gt < 0).any()) or bool((assignment.gt_indices[neg_indices] != 0).any()):
+            raise ValueError("Sampled positives must be assigned to a gt box (index > 0) and negatives to none (0).")
+        is_gt = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device) if is_gt is None else is_gt
+        return cls(
+            boxes=boxes,
+            pos_indices=pos_indices,
+            neg_indices=neg_indices,
+            pos_assigned_gt=pos_assigned_gt,
+            pos_gt_boxes=gt_boxes.reshape(-1, 4)[pos_assigned_gt],
+            pos_gt_labels=None if assignment.labels is None else assignment.labels[pos_indices],
+            pos_is_gt=is_gt[pos_indices],
+        )
+
+
+def pseudo_sample(assignment: AssignResult, boxes: torch.Tensor, gt_boxes: torch.Tensor) -> SamplingResult:
+    """mmdet `PseudoSampler` (RetinaNet: no sampling): every assigned candidate is a positive, every negative one a
+    negative, ignored ones neither."""
+    return SamplingResult.from_indices(
+        assignment,
+        boxes[:, :4],
+        gt_boxes,
+        (assignment.gt_indices > 0).nonzero().view(-1),
+        (assignment.gt_indices == 0).nonzero().view(-1),
+    )
+
+
+@dataclass(frozen=True)
+class RandomSampler:
+    """mmdet `RandomSampler(num, pos_fraction, neg_pos_ub, add_gt_as_proposals)`: at most `int(num * pos_fraction)`
+    positives, drawn at random when there are more, then `num - #positives` negatives (at most `neg_pos_ub *
+    max(#positives, 1)` when `neg_pos_ub >= 0`), drawn at random when there are more. With `add_gt_as_proposals` the
+    gt boxes are prepended to the candidates as positives first (`AssignResult.add_gt`).
+
+    The draw is mmdet's `torch.randperm(len(pool))[:count]` of the pool (candidates increasing), then sorted by
+    `unique()`. It uses `generator` (a CPU generator; torch's global one when None, as mmdet), so with the same
+    generator state and the same sequence of draws (per head, image by image; a pool no larger than its quota draws
+    nothing) it takes the same candidates as mmdet on the same torch build (checked against the authors' training
+    step); torch does not promise `randperm`'s stream across versions, so another build samples differently (equally
+    valid, not the same). The authors' settings: `RPN_SAMPLER`, `RCNN_SAMPLER`."""
+
+    num: int
+    pos_fraction: float
+    neg_pos_ub: int = -1
+    add_gt_as_proposals: bool = False
+
+    def sample(
+        self,
+        assignment: AssignResult,
+        boxes: torch.Tensor,
+        gt_boxes: torch.Tensor,
+        gt_labels: torch.Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ) -> SamplingResult:
+        """`assignment` of the candidates `boxes (N, 4)` (a score column is dropped) to `gt_boxes (num_gts, 4)`
+        -> `SamplingResult` (over `[gt_boxes; boxes]` with `add_gt_as_proposals` and at least one gt box, then
+        `assignment` is extended by `add_gt(gt_labels)`, which needs `gt_labels`)."""
+        boxes = boxes[:, :4]
+        is_gt = torch.zeros(len(boxes), dtype=torch.bool, device=boxes.device)
+        if self.add_gt_as_proposals and len(gt_boxes) > 0:
+            if gt_labels is None:
+                raise ValueError("`gt_labels` are needed to add the gt boxes as proposals (add_gt_as_proposals).")
+            boxes = torch.cat([gt_boxes.to(boxes.dtype), boxes])
+            assignment = assignment.add_gt(gt_labels)
+            is_gt = torch.cat([torch.ones(len(gt_boxes), dtype=torch.bool, device=boxes.device), is_gt])
+        pool = (assignment.gt_indices > 0).nonzero().view(-1)
+        positives = self._choose(pool, int(self.num * self.pos_fraction), generator)
+        num_negatives = self.num - len(positives)  # the pool has no duplicates: `unique()` keeps every draw
+        if self.neg_pos_ub >= 0:
+            num_negatives = min(num_negatives, int(self.neg_pos_ub * max(1, len(positives))))
+        negatives = self._choose((assignment.gt_indices == 0).nonzero().view(-1), num_negatives, generator)
+        return SamplingResult.from_indices(assignment, boxes, gt_boxes, positives, negatives, is_gt)
+
+    @staticmethod
+    def _choose(pool: torch.Tensor, count: int, generator: torch.Generator | None) -> torch.Tensor:
+        """The whole `pool` when it has at most `count` entries, else `count` of them at random (mmdet's draw)."""
+        if len(pool) <= count:
+            return pool
+        permutation = torch.randperm(len(pool), generator=generator)[:count].to(pool.device)
+        return pool[permutation]
+
+
+RPN_SAMPLER = RandomSampler(num=256, pos_fraction=0.5, neg_pos_ub=-1, add_gt_as_proposals=False)
+RCNN_SAMPLER = RandomSampler(num=512, pos_fraction=0.25, neg_pos_ub=-1, add_gt_as_proposals=True)
+
+
+def sampled_rois(samples: Sequence[SamplingResult], positives_only: bool = False) -> torch.Tensor:
+    """mmdet `bbox2roi` of the sampled boxes of a batch: `(N, 5)` rows `(image_index, x1, y1, x2, y2)`, per image its
+    positives then its negatives (`positives_only`: the positives, the mask head's RoIs); the row order of
+    `rcnn_targets` and `mask_targets`."""
+    rois = []
+    for image, sample in enumerate(samples):
+        boxes = sample.pos_boxes if positives_only else torch.cat([sample.pos_boxes, sample.neg_boxes])
+        rois.append(torch.cat([boxes.new_full((len(boxes), 1), image), boxes], dim=1))
+    return torch.cat(rois) if rois else torch.zeros(0, 5)
