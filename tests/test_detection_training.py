@@ -32,7 +32,8 @@ from denseclip_hf.box_ops import (
     pseudo_sample,
     sampled_rois,
 )
-from denseclip_hf.loss_denseclip import (
+from denseclip_hf.loss_denseclip import detection_score_map_loss, detection_targets
+from denseclip_hf.loss_denseclip_detection import (
     FLOAT32_EPS,
     RCNN_BOX_STDS,
     RCNNTargets,
@@ -40,8 +41,6 @@ from denseclip_hf.loss_denseclip import (
     anchor_targets,
     classification_accuracy,
     detection_loss_names,
-    detection_score_map_loss,
-    detection_targets,
     l1_loss,
     mask_loss,
     mask_targets,
