@@ -4,124 +4,40 @@
 images with their metas, every intermediate tensor and the final detections and masks. The models here are built from
 those parameters (`convert_authors_detection_state_dict`) and run on the stored inputs."""
 
-import json
-from functools import cache
-from pathlib import Path
-
-import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES
-from safetensors.torch import load_file
-from transformers import CLIPTextConfig, CLIPTokenizer
-
-import denseclip_hf
-from denseclip_hf import (
-    DenseClipDetectionImageProcessor,
-    DenseClipForInstanceSegmentation,
-    DenseClipForObjectDetection,
-    DenseClipMaskRCNNConfig,
-    DenseClipResNetConfig,
-    DenseClipRetinaNetConfig,
-    tokenize_class_names,
+from detection_fixtures import (
+    DETECTORS,
+    FIXTURE_SIZE,
+    IMAGES,
+    authors_state_dict,
+    detector,
+    fixture,
+    is_retinanet,
+    load_detector,
+    metas,
+    rgb_image,
+    run,
+    tiny_config,
 )
+
+from denseclip_hf import DenseClipDetectionImageProcessor, DenseClipMaskRCNNConfig, DenseClipRetinaNetConfig
 from denseclip_hf.detection_checkpoint_keys import convert_authors_detection_state_dict
 from denseclip_hf.modeling_clip_resnet import resize_position_embedding
 from denseclip_hf.modeling_denseclip import visual_context
-from denseclip_hf.modeling_denseclip_detection import ImageFrame, dense_detections
+from denseclip_hf.modeling_denseclip_detection import (
+    DenseClipInstanceSegmentationOutput,
+    ImageFrame,
+    dense_detections,
+    rcnn_detections,
+    rpn_proposals,
+)
 
-DETECTORS = ["retinanet", "maskrcnn", "clip_retinanet", "clip_maskrcnn"]
-IMAGES = [0, 1]
-# The fixtures' test pipeline: img_scale=[224, 128] (mmdet's (long, short) bounds).
-FIXTURE_SIZE = {"shortest_edge": 128, "longest_edge": 224}
 # Every intermediate to 1e-5 of its largest value (reached: 5e-6; the fixtures' machine rounds differently, e.g. the
 # convolutions already differ by 1e-7). Boxes to 1e-4 px + 2e-6 of the coordinate (reached: 1.2e-4 at 104 px): the
 # box deltas' 1e-6 differences times the anchors' sizes.
 RELATIVE = 1e-5
 BOX_TOLERANCE = dict(rtol=2e-6, atol=1e-4)
-
-
-def is_retinanet(name: str) -> bool:
-    return name.endswith("retinanet")
-
-
-@cache
-def fixture(name: str) -> tuple[dict[str, torch.Tensor], dict]:
-    stem = FIXTURES / f"official_denseclip_det_{name}"
-    return load_file(f"{stem}.safetensors"), json.loads(Path(f"{stem}.json").read_text())
-
-
-def authors_state_dict(name: str) -> dict[str, torch.Tensor]:
-    tensors, _ = fixture(name)
-    return {key[len("state_dict.") :]: value for key, value in tensors.items() if key.startswith("state_dict.")}
-
-
-def tiny_config(name: str) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig:
-    """The fixture's model: the authors' config with its `tiny_overrides` (written out here from the json)."""
-    _, meta = fixture(name)
-    sizes = meta["tiny_overrides"]
-    uses_text = not name.startswith("clip_")
-    settings = dict(
-        vision_config=DenseClipResNetConfig(
-            layers=sizes["rn_layers"], width=sizes["rn_width"], image_size=sizes["input_resolution"]
-        ),
-        text_config=CLIPTextConfig(
-            hidden_size=sizes["text_width"],
-            intermediate_size=4 * sizes["text_width"],
-            num_attention_heads=sizes["text_heads"],
-            num_hidden_layers=sizes["text_layers"],
-            max_position_embeddings=sizes["text_context_length"],
-            projection_dim=sizes["embed_dim"],
-        ),
-        projection_dim=sizes["embed_dim"],
-        id2label=dict(enumerate(meta["class_names"])),
-        prompting_type="post_model" if uses_text else "none",
-        num_context_tokens=sizes["text_context_length"] - sizes["class_context_length"],
-        class_name_token_length=sizes["class_context_length"],
-        context_decoder_hidden_size=sizes["cd_width"],
-        context_decoder_heads=sizes["cd_heads"],
-        context_decoder_layers=sizes["cd_layers"],
-        fpn_channels=sizes["fpn_out"],
-    )
-    if uses_text:
-        tokenizer = CLIPTokenizer.from_pretrained(denseclip_hf.CLIP_TOKENIZER_PATH)
-        settings["class_token_ids"] = tokenize_class_names(
-            meta["class_names"], tokenizer, sizes["class_context_length"]
-        )
-    if is_retinanet(name):
-        return DenseClipRetinaNetConfig(head_channels=sizes["head_feat"], **settings)
-    return DenseClipMaskRCNNConfig(
-        rpn_channels=sizes["head_feat"],
-        box_head_fc_channels=sizes["fc_out"],
-        mask_head_channels=sizes["mask_conv"],
-        **settings,
-    )
-
-
-@cache
-def detector(name: str) -> DenseClipForObjectDetection | DenseClipForInstanceSegmentation:
-    """The fixture's model with the authors' parameters, in eval mode."""
-    model_class = DenseClipForObjectDetection if is_retinanet(name) else DenseClipForInstanceSegmentation
-    model = model_class(tiny_config(name)).eval()
-    model.load_state_dict(convert_authors_detection_state_dict(authors_state_dict(name), model), strict=True)
-    return model
-
-
-def metas(name: str, image: int) -> dict[str, torch.Tensor]:
-    """The authors' test input of one image as the processor's model inputs."""
-    tensors, _ = fixture(name)
-    return {
-        "pixel_values": tensors[f"inputs.img{image}.pixel_values"],
-        "image_sizes": tensors[f"meta.img{image}.img_shape"][None, :2],
-        "scale_factors": tensors[f"meta.img{image}.scale_factor"][None],
-        "original_sizes": tensors[f"meta.img{image}.ori_shape"][None, :2],
-    }
-
-
-@cache
-def run(name: str, image: int):
-    with torch.no_grad():
-        return detector(name)(**metas(name, image), output_hidden_states=True)
 
 
 def expected(name: str, image: int, key: str) -> torch.Tensor:
@@ -388,11 +304,9 @@ def test_masks_match_the_authors_pixel_for_pixel(name, image):
 def test_processor_and_model_from_the_stored_images(name):
     """From the stored BGR images: the processor gives the authors' input bit for bit, so the model the same
     detections as from the stored input."""
-    tensors, _ = fixture(name)
     processor = DenseClipDetectionImageProcessor(size=FIXTURE_SIZE)
     for image in IMAGES:
-        rgb = np.ascontiguousarray(tensors[f"inputs.img{image}.bgr_uint8"].numpy()[..., ::-1])
-        inputs = processor(rgb, return_tensors="pt")
+        inputs = processor(rgb_image(name, image), return_tensors="pt")
         for key, value in metas(name, image).items():
             assert torch.equal(inputs[key], value.to(inputs[key].dtype)), key
         with torch.no_grad():
@@ -428,3 +342,185 @@ def test_the_segmentation_model_keeps_the_cosine_and_resizing():
 
     config = DenseClipConfig()
     assert config.position_embedding_interpolation == "bilinear" and not config.join_score_map_over_temperature
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Batches, no detections, degenerate boxes, bad input
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["retinanet", "maskrcnn"])
+def test_a_batch_is_each_image_on_its_own(name):
+    """Two images padded to one batch: each image's results equal the model run on that image alone, with the same
+    padding (the padding is part of what the model sees, as in the authors' code)."""
+    inputs = DenseClipDetectionImageProcessor(size=FIXTURE_SIZE)(
+        [rgb_image(name, i) for i in IMAGES], return_tensors="pt"
+    )
+    model = detector(name)
+    with torch.no_grad():
+        batch = model(**inputs)
+        for index in IMAGES:
+            alone = model(**{key: value[index : index + 1] for key, value in inputs.items()})
+            fields = ["pred_boxes", "scores", "labels"] + ([] if is_retinanet(name) else ["pred_masks", "mask_boxes"])
+            for field in fields:
+                torch.testing.assert_close(
+                    getattr(batch, field)[index], getattr(alone, field)[0], rtol=1e-5, atol=1e-4
+                )
+    assert batch.frame_sizes.tolist() == inputs["original_sizes"].tolist()
+
+
+@pytest.mark.parametrize("name", ["retinanet", "maskrcnn"])
+def test_no_detection_gives_empty_results_of_the_right_shapes(name):
+    model = load_detector(name)
+    model.config.score_threshold = 1.0  # sigmoid and softmax scores never exceed it
+    with torch.no_grad():
+        outputs = model(**metas(name, 0))
+    assert outputs.pred_boxes[0].shape == (0, 4) and outputs.scores[0].shape == (0,)
+    assert outputs.labels[0].shape == (0,) and outputs.labels[0].dtype == torch.long
+    processor = DenseClipDetectionImageProcessor()
+    result = processor.post_process_object_detection(outputs, threshold=0.0)[0]
+    assert [tuple(value.shape) for value in result.values()] == [(0,), (0,), (0, 4)]
+    if is_retinanet(name):
+        return
+    assert outputs.pred_masks[0].shape == (0, 28, 28) and outputs.mask_boxes[0].shape == (0, 4)
+    height, width = metas(name, 0)["original_sizes"][0].tolist()
+    binary = processor.post_process_instance_segmentation(outputs, threshold=0.0, return_binary_maps=True)[0]
+    assert binary["segmentation"].shape == (0, height, width) and binary["segments_info"] == []
+    ids = processor.post_process_instance_segmentation(outputs, threshold=0.0)[0]
+    assert torch.equal(ids["segmentation"], torch.full((height, width), -1)) and ids["boxes"].shape == (0, 4)
+
+
+def test_no_proposal_gives_no_detection():
+    """Every anchor outside the image: every proposal is clipped to a zero-size box and dropped (`w > 0`, `h > 0`),
+    and the box head then has nothing to detect."""
+    anchors = [torch.tensor([[50.0, 60.0, 70.0, 90.0]] * 3)]
+    proposals = rpn_proposals(
+        [torch.zeros(3, 1, 1)],
+        [torch.zeros(12, 1, 1)],
+        anchors,
+        (40, 40),
+        nms_pre=1000,
+        max_proposals=1000,
+        iou_threshold=0.7,
+        min_box_size=0,
+    )
+    assert proposals.shape == (0, 5)
+    frame = ImageFrame((40, 40), None, (40, 40))
+    boxes, scores, labels = rcnn_detections(
+        proposals[:, :4],
+        torch.zeros(0, 6),
+        torch.zeros(0, 20),
+        frame,
+        box_coder_stds=(0.1, 0.1, 0.2, 0.2),
+        score_threshold=0.05,
+        iou_threshold=0.5,
+        max_detections=100,
+    )
+    assert (boxes.shape, scores.shape, labels.shape) == ((0, 4), (0,), (0,))
+
+
+def test_zero_size_boxes_are_pasted_as_the_authors_paste_them():
+    """Degenerate detections (a box clipped to the image border has zero width) are kept, as the authors' are, and
+    pasted as their `_do_paste_mask` does: a pixel's infinite normalised coordinate (x - x1) / (x2 - x1) becomes 0,
+    the mask's centre, so a zero-width box gives a one-pixel-wide sliver in the column before it."""
+    boxes = torch.tensor([[2.0, 2.0, 8.0, 9.0], [10.0, 3.0, 10.0, 7.0]])
+    outputs = DenseClipInstanceSegmentationOutput(
+        pred_boxes=(boxes,),
+        scores=(torch.tensor([0.9, 0.8]),),
+        labels=(torch.tensor([1, 0]),),
+        frame_sizes=torch.tensor([[12, 10]]),
+        pred_masks=(torch.ones(2, 28, 28),),
+        mask_boxes=(boxes,),
+    )
+    processor = DenseClipDetectionImageProcessor()
+    binary = processor.post_process_instance_segmentation(outputs, threshold=0.0, return_binary_maps=True)[0]
+    assert binary["segmentation"][0, 2:9, 2:8].all() and binary["segmentation"][0].sum() == 7 * 6
+    # Rows whose centres fall inside [3, 7] (3.5 ... 6.5), column 9: the centre of the mask of ones.
+    assert binary["segmentation"][1].nonzero().tolist() == [[3, 9], [4, 9], [5, 9], [6, 9]]
+    ids = processor.post_process_instance_segmentation(outputs, threshold=0.0)[0]
+    assert [segment["label_id"] for segment in ids["segments_info"]] == [1, 0]
+    assert torch.equal(ids["segmentation"] == 1, binary["segmentation"][1])
+
+
+def test_post_processing_rescales_to_other_target_sizes():
+    """Boxes in the frame of the outputs; another target size scales them per axis, and masks are pasted there."""
+    outputs = run("maskrcnn", 0)
+    processor = DenseClipDetectionImageProcessor()
+    height, width = outputs.frame_sizes[0].tolist()
+    own = processor.post_process_instance_segmentation(outputs, threshold=0.0, return_binary_maps=True)[0]
+    doubled = processor.post_process_instance_segmentation(
+        outputs, threshold=0.0, target_sizes=torch.tensor([[2 * height, 3 * width]]), return_binary_maps=True
+    )[0]
+    torch.testing.assert_close(doubled["boxes"], own["boxes"] * torch.tensor([3.0, 2.0, 3.0, 2.0]))
+    assert doubled["segmentation"].shape == (len(own["boxes"]), 2 * height, 3 * width)
+    # The same masks, finer: pixel (y, x) of the original image and the target pixel whose centre maps to its centre.
+    torch.testing.assert_close(
+        doubled["segmentation"][:, 0::2, 1::3].float().mean(), own["segmentation"].float().mean(), atol=0.02, rtol=0
+    )
+
+
+def test_thresholds_keep_scores_strictly_above():
+    outputs = run("retinanet", 0)
+    scores = outputs.scores[0]
+    kept = DenseClipDetectionImageProcessor().post_process_object_detection(outputs, threshold=float(scores[3]))[0]
+    assert torch.equal(kept["scores"], scores[:3])
+
+
+PIXELS = torch.zeros(1, 3, 64, 96)
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "message"),
+    [
+        (dict(pixel_values=torch.zeros(1, 3, 16, 64)), ValueError, "at least 32"),
+        (dict(pixel_values=PIXELS, image_sizes=torch.tensor([[65, 96]])), ValueError, "exceed the input"),
+        (dict(pixel_values=PIXELS, image_sizes=torch.tensor([[64, 96, 3]])), ValueError, r"shape \(batch=1, 2\)"),
+        (dict(pixel_values=PIXELS, image_sizes=torch.tensor([[60.5, 96.0]])), TypeError, "integer sizes"),
+        (dict(pixel_values=PIXELS, image_sizes="large"), TypeError, "must be a tensor"),
+        (dict(pixel_values=PIXELS, scale_factors=torch.tensor([[1.0, 0.0, 1.0, 0.0]])), ValueError, "positive"),
+        (dict(pixel_values=PIXELS, original_sizes=torch.tensor([[64, 96]])), ValueError, "without scale_factors"),
+        (dict(pixel_values=PIXELS, labels={"boxes": torch.zeros(0, 4)}), TypeError, "one dict per image"),
+        (
+            dict(pixel_values=PIXELS, labels=[{"class_labels": torch.tensor([7]), "boxes": torch.zeros(1, 4)}]),
+            ValueError,
+            r"in 0\.\.4",
+        ),
+        (
+            dict(
+                pixel_values=PIXELS,
+                labels=[{"class_labels": torch.tensor([1]), "boxes": torch.tensor([[5.0, 5, 4, 9]])}],
+            ),
+            ValueError,
+            "x2 >= x1",
+        ),
+    ],
+)
+def test_bad_input_raises_a_clear_error(kwargs, error, message):
+    with pytest.raises(error, match=message):
+        detector("retinanet")(**kwargs)
+
+
+def test_labels_are_checked_and_no_loss_is_computed_yet():
+    labels = [
+        {"class_labels": torch.tensor([1, 4]), "boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0], [5.0, 5.0, 5.0, 9.0]])}
+    ]
+    with torch.no_grad():
+        outputs = detector("maskrcnn")(PIXELS, labels=labels)
+    assert outputs.loss is None and outputs.loss_dict is None
+
+
+@pytest.mark.parametrize(
+    ("call", "error", "message"),
+    [
+        (lambda p: p.post_process_object_detection((torch.zeros(1, 4),)), TypeError, "`pred_boxes`"),
+        (lambda p: p.post_process_instance_segmentation(run("retinanet", 0)), TypeError, "`pred_masks`"),
+        (
+            lambda p: p.post_process_object_detection(run("retinanet", 0), target_sizes=[(1, 2), (3, 4)]),
+            ValueError,
+            "one positive",
+        ),
+    ],
+)
+def test_bad_post_processing_input_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call(DenseClipDetectionImageProcessor())
