@@ -11,6 +11,8 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
+from clip_reference import CLIP, randomize_batch_norms
 from conftest import run_without_denseclip_hf
 from detection_fixtures import FIXTURE_SIZE, detector, rgb_image
 from PIL import Image
@@ -232,3 +234,36 @@ def test_loads_with_trust_remote_code_without_the_package(folders, tmp_path):
         """,
         tmp_path,
     )
+
+
+@pytest.mark.parametrize("model_class", [DenseClipForObjectDetection, DenseClipForInstanceSegmentation])
+def test_from_clip_pretrained_builds_a_detector_on_clip(model_class, tmp_path):
+    """A detector on OpenAI's CLIP RN weights (a tiny one here): its config class, CLIP's towers loaded exactly, and
+    `resize_position_embeddings(1344)` makes the authors' 42 x 42 table (CLIP's grid resized bilinearly once), which
+    the forward then crops."""
+    torch.manual_seed(1)
+    clip = CLIP(
+        24, 64, [1, 1, 1, 1], 8, 4, context_length=16, vocab_size=49408, text_width=16, text_heads=2, text_layers=2
+    )
+    randomize_batch_norms(clip)
+    torch.save(clip.state_dict(), tmp_path / "rn.pt")
+    sizes = dict(fpn_channels=8, head_channels=8, rpn_channels=8, box_head_fc_channels=16, mask_head_channels=8)
+    sizes = {key: value for key, value in sizes.items() if key in model_class.config_class.__dataclass_fields__}
+    model = model_class.from_clip_pretrained(
+        tmp_path / "rn.pt", id2label={0: "person", 1: "car"}, vision_heads=4, text_heads=2, **sizes
+    ).eval()
+    assert type(model.config) is model_class.config_class and model.config.fpn_channels == 8
+    assert model.config.position_embedding_interpolation == "crop" and model.config.join_score_map_over_temperature
+    vision = model.denseclip.image_encoder.vision_model
+    assert torch.equal(vision.stem.layers[0].conv.weight, clip.visual.conv1.weight)
+    pool = vision.attention_pool
+    table = pool.position_embedding.detach().clone()  # CLIP's 2 x 2 grid (64 pixels) and the mean token's row
+    assert torch.equal(table, clip.visual.attnpool.positional_embedding)
+    model.resize_position_embeddings(1344)
+    grid = table[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
+    resized = F.interpolate(grid, size=(42, 42), mode="bilinear", align_corners=False).flatten(2)[0].T
+    assert torch.equal(pool.position_embedding[0], table[0]) and torch.equal(pool.position_embedding[1:], resized)
+    assert model.config.vision_config.image_size == 1344
+    with torch.no_grad():
+        outputs = model(torch.randn(1, 3, 96, 128))
+    assert outputs.pred_boxes[0].shape[1] == 4 and outputs.score_map.shape == (1, 2, 3, 4)

@@ -155,6 +155,26 @@ def test_defaults_are_the_authors(name):
     assert config.fpn_channels == 256
 
 
+@pytest.mark.parametrize(
+    ("config_class", "settings", "message"),
+    [
+        (DenseClipRetinaNetConfig, dict(vision_config={"model_type": "clip_vision_model"}), "must be a CLIP ResNet"),
+        (DenseClipRetinaNetConfig, dict(anchor_strides=[8, 16, 24]), "`anchor_strides`.*must double"),
+        (DenseClipRetinaNetConfig, dict(anchor_strides=[2, 4]), "`anchor_strides`.*must double"),
+        (DenseClipRetinaNetConfig, dict(score_threshold=1.5), r"`score_threshold`.*in \[0, 1\]"),
+        (DenseClipRetinaNetConfig, dict(anchor_ratios=[]), "`anchor_ratios`"),
+        (DenseClipRetinaNetConfig, dict(nms_pre=0), "`nms_pre`"),
+        (DenseClipMaskRCNNConfig, dict(rpn_anchor_scales=[0]), "`rpn_anchor_scales`"),
+        (DenseClipMaskRCNNConfig, dict(box_coder_stds=[0.1, 0.2]), "`box_coder_stds`"),
+        (DenseClipMaskRCNNConfig, dict(mask_threshold=-0.1), "`mask_threshold`"),
+        (DenseClipMaskRCNNConfig, dict(position_embedding_interpolation="nearest"), "position_embedding_interp"),
+    ],
+)
+def test_bad_settings_are_value_errors_naming_them(config_class, settings, message):
+    with pytest.raises(ValueError, match=message):
+        config_class(**settings)
+
+
 @pytest.mark.parametrize("name", DETECTORS)
 def test_config_round_trip(name, tmp_path):
     config = tiny_config(name)
@@ -367,6 +387,19 @@ def test_a_batch_is_each_image_on_its_own(name):
                     getattr(batch, field)[index], getattr(alone, field)[0], rtol=1e-5, atol=1e-4
                 )
     assert batch.frame_sizes.tolist() == inputs["original_sizes"].tolist()
+
+
+def test_frames_and_tuples():
+    """Without `original_sizes` the frame is `image_sizes / scale` rounded (the original size); without metas the
+    input; `return_dict=False` gives the non-`None` outputs in order."""
+    model, inputs = detector("retinanet"), metas("retinanet", 1)
+    with torch.no_grad():
+        derived = model(**{key: value for key, value in inputs.items() if key != "original_sizes"})
+        plain = model(inputs["pixel_values"], return_dict=False)
+    assert torch.equal(derived.frame_sizes, inputs["original_sizes"])
+    assert torch.equal(derived.pred_boxes[0], run("retinanet", 1).pred_boxes[0])
+    assert isinstance(plain, tuple) and plain[3].tolist() == [list(inputs["pixel_values"].shape[-2:])]
+    assert plain[0][0].shape[1] == 4 and plain[0][0].max() <= max(inputs["pixel_values"].shape[-2:])
 
 
 @pytest.mark.parametrize("name", ["retinanet", "maskrcnn"])

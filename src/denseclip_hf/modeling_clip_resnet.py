@@ -222,6 +222,13 @@ class DenseClipResNetVisionModel(nn.Module):
         return (tuple(features), *self.attention_pool(hidden_states))
 
 
+def stored_table_mode(mode: str) -> str:
+    """How a stored positional table is resized once to another grid (`resize_position_embeddings`): with the
+    per-call mode, except for `"crop"`, whose table is made bilinearly (the authors' detectors interpolate CLIP's 7x7
+    grid to 42x42 at initialisation, then crop it on every call)."""
+    return "bilinear" if mode == "crop" else mode
+
+
 def resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: int) -> None:
     """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32); no pool, no grid."""
     if image_size % PYRAMID_STRIDES[-1]:
@@ -229,5 +236,7 @@ def resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: 
     if pool is None:
         return
     side = image_size // PYRAMID_STRIDES[-1]
-    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+    table = resize_position_embedding(
+        pool.position_embedding.detach(), (side, side), stored_table_mode(pool.interpolation)
+    )
     pool.position_embedding = nn.Parameter(table.clone())

@@ -85,6 +85,7 @@ from .modeling_clip_resnet import (
     multi_head_attention,
     resize_attention_pool_grid,
     resize_position_embedding,
+    stored_table_mode,
 )
 from .protocol_denseclip import protocol_logits, protocol_probabilities
 from .tensor_ops import resize_bilinear
@@ -387,7 +388,7 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
             raise ValueError(f"image_size={image_size} must be a multiple of the patch size {embeddings.patch_size}.")
         side = image_size // embeddings.patch_size
         table = resize_position_embedding(
-            embeddings.position_embedding.weight.detach(), (side, side), self.interpolation
+            embeddings.position_embedding.weight.detach(), (side, side), stored_table_mode(self.interpolation)
         )
         embeddings.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
         embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, side * side, len(table)
