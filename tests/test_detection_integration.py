@@ -267,3 +267,12 @@ def test_from_clip_pretrained_builds_a_detector_on_clip(model_class, tmp_path):
     with torch.no_grad():
         outputs = model(torch.randn(1, 3, 96, 128))
     assert outputs.pred_boxes[0].shape[1] == 4 and outputs.score_map.shape == (1, 2, 3, 4)
+    # The detector's own tensors got their init (built on the meta device): the authors' effective one, mmcv
+    # ConvModule's for the FPN (zero biases, Kaiming fan-out std sqrt(2 / (8 * 9)) = 0.167), PyTorch's for the plain
+    # layers.
+    assert all(torch.isfinite(tensor).all() for tensor in model.state_dict().values() if tensor.is_floating_point())
+    assert all(not conv.bias.any() for conv in [*model.fpn.lateral_convs, *model.fpn.fpn_convs])
+    assert 0.15 < model.fpn.fpn_convs[0].weight.std() < 0.185  # xavier: 0.118
+    head = model.head.classifier if model_class is DenseClipForObjectDetection else model.box_head.classifier
+    fan_in = head.weight[0].numel()
+    assert head.bias.any() and head.bias.abs().max() <= fan_in**-0.5

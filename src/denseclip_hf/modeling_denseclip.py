@@ -946,6 +946,8 @@ class DenseClipFPN(nn.Module):
         conv_init: str = "xavier_uniform",
     ):
         super().__init__()
+        if conv_init not in ("xavier_uniform", "kaiming_normal"):
+            raise ValueError(f"conv_init={conv_init!r} must be 'xavier_uniform' or 'kaiming_normal'.")
         self.start_level, self.extra_levels, self.conv_init = start_level, extra_levels, conv_init
         inputs = in_channels[start_level:]
         self.lateral_convs = nn.ModuleList(nn.Conv2d(width, channels, 1) for width in inputs)
