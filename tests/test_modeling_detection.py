@@ -499,6 +499,16 @@ def test_thresholds_keep_scores_strictly_above():
     assert torch.equal(kept["scores"], scores[:3])
 
 
+@pytest.mark.parametrize("name", ["retinanet", "maskrcnn"])
+def test_the_smallest_input_runs(name):
+    """32 pixels, one cell at stride 32: the levels beyond it (P6, and P7 for RetinaNet) are 1 x 1 as well."""
+    with torch.no_grad():
+        outputs = detector(name)(torch.randn(1, 3, 32, 32))
+    coarse = [tuple(level.shape[-2:]) for level in outputs.feature_maps if level.shape[-1] == 1]
+    assert coarse == [(1, 1)] * (3 if is_retinanet(name) else 2)
+    assert outputs.pred_boxes[0].shape[1] == 4 and bool((outputs.pred_boxes[0] <= 32).all())
+
+
 PIXELS = torch.zeros(1, 3, 64, 96)
 
 
