@@ -23,7 +23,9 @@ from .loss_denseclip import LOSS_REDUCTIONS
 PYRAMID_STRIDES = (4, 8, 16, 32)
 # The ViT-B feature layers used by the authors (`out_indices=[3, 5, 7, 11]`).
 _VIT_B_FEATURE_LAYERS = [3, 5, 7, 11]
-_INTERPOLATION_MODES = ("bilinear", "bicubic")
+# How a positional table meets an input of another size: resized (the ViT and segmentation models) or cropped to its
+# top-left part (the authors' detectors' attention pool).
+_INTERPOLATION_MODES = ("bilinear", "bicubic", "crop")
 # Label value that the losses and the metrics ignore (`DenseClipConfig.semantic_loss_ignore_index`'s default, the
 # processor's reduced-label background and padding): mmseg's and transformers' 255.
 IGNORE_INDEX = 255
@@ -509,7 +511,9 @@ class DenseClipConfig(PreTrainedConfig):
             its 4 stages, so this stays `None` there.
         position_embedding_interpolation (`str`, *optional*, defaults to `"bilinear"`):
             How the positional embedding (ViT patch grid, or the ResNet attention pool's grid) is resized to the
-            input: `"bilinear"` (the authors') or `"bicubic"` (transformers' `interpolate_pos_encoding`).
+            input: `"bilinear"` (the authors' segmentation models) or `"bicubic"` (transformers'
+            `interpolate_pos_encoding`); or `"crop"` (the authors' detectors): the top-left `h x w` part of the grid,
+            not resized, for a feature map of `h x w` (which must fit in the grid).
         drop_path_rate (`float`, *optional*):
             ViT only: stochastic depth of the CLIP encoder layers during training, rising linearly from 0 at the first
             layer to this rate at the last. Defaults to the authors' 0.1 for a ViT and 0 for a ResNet (which has none).
@@ -566,6 +570,10 @@ class DenseClipConfig(PreTrainedConfig):
 
     Score map and decoder:
 
+        join_score_map_over_temperature (`bool`, *optional*, defaults to `False`):
+            Whether the score map joined to the pyramid is divided by `temperature` (x' = [x, s / tau], the authors'
+            detectors) instead of the cosine itself (x' = [x, s], their segmentation models). The `score_map` output
+            is the cosine either way.
         score_map_level (`int`, *optional*):
             Pyramid level (0-3, strides 4/8/16/32) onto which the score map is concatenated (x' = [x, s], Sec. 3.2).
             Defaults to the level of the score map's own stride, the authors' choice: 2 for a ViT-B/16 (stride 16; 1
@@ -651,6 +659,7 @@ class DenseClipConfig(PreTrainedConfig):
     gamma_init_value: float | int = 1e-4
     temperature: float | int = 0.07
     identity_loss_weight: float | int = 0.4
+    join_score_map_over_temperature: bool = False
     score_map_level: int | None = None
     vision_feature_layers: list[int] | None = None
     position_embedding_interpolation: str = "bilinear"

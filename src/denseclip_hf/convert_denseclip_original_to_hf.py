@@ -132,9 +132,11 @@ def has_text(state_dict: dict[str, torch.Tensor]) -> bool:
     return any(key.startswith("text_encoder.") for key in state_dict)
 
 
-def denseclip_rules(family: str, uses_text: bool = True) -> list[Rule]:
-    """Authors' keys -> `DenseClipForSemanticSegmentation` keys, for an image encoder `family` (`"vit"`/`"resnet"`);
-    without text (the baselines), the image tower's keys the model does not have are dropped."""
+def base_model_rules(family: str, uses_text: bool = True) -> list[Rule]:
+    """The authors' keys of what `DenseClipModel` holds (`backbone.*`, `text_encoder.*`, `contexts`,
+    `context_decoder.*`, `gamma`; the same in their segmentation and detection checkpoints) -> its keys under
+    `denseclip.` (every task model's), for an image encoder `family` (`"vit"`/`"resnet"`); without text (the
+    baselines), the image tower's keys the model does not have are dropped."""
     unused = [] if uses_text else [(pattern, drop) for pattern in AUTHORS_IMAGE_TOWERS[family].unused_without_text]
     layer = r"context_decoder\.decoder\.(\d+)\."
     decoder_layer = _CONTEXT_DECODER + r"layers.\1."
@@ -154,11 +156,18 @@ def denseclip_rules(family: str, uses_text: bool = True) -> list[Rule]:
         (layer + r"(norm[1-3])\.(weight|bias)", rename(decoder_layer + r"\2.\3")),
         (layer + r"mlp\.0\.(weight|bias)", rename(decoder_layer + r"fc1.\2")),
         (layer + r"mlp\.3\.(weight|bias)", rename(decoder_layer + r"fc2.\2")),
+        *AUTHORS_IMAGE_TOWERS[family].extra_rules,
+    ]
+
+
+def denseclip_rules(family: str, uses_text: bool = True) -> list[Rule]:
+    """Authors' keys -> `DenseClipForSemanticSegmentation` keys: `base_model_rules` and the Semantic FPN decoder's."""
+    return [
+        *base_model_rules(family, uses_text),
         (r"neck\.(lateral_convs|fpn_convs)\.(\d)\.conv\.(weight|bias)", rename(_NECK + r"\1.\2.\3")),
         (r"decode_head\.scale_heads\.(\d)\.(\d+)\.conv\.(weight)", rename(_scale_head_block("conv"))),
         (r"decode_head\.scale_heads\.(\d)\.(\d+)\.bn\." + NORM_TENSORS, rename(_scale_head_block("norm"))),
         (r"decode_head\.conv_seg\.(weight|bias)", rename(_HEAD + r"classifier.\1")),
-        *AUTHORS_IMAGE_TOWERS[family].extra_rules,
     ]
 
 

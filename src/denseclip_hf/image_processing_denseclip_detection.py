@@ -6,17 +6,22 @@ OpenCV's `INTER_LINEAR`, CLIP `Normalize` as mmcv computes it in float32, zero `
 normalisation) and turns COCO-format annotations into the training targets of their train pipeline (boxes, labels,
 masks; mmdet's filtering of bad annotations).
 
+`post_process_object_detection` and `post_process_instance_segmentation` turn the detectors' outputs into
+transformers' result formats (the `object-detection` and `image-segmentation` pipelines call them).
+
 OpenCV (and pycocotools, for masks) is an optional dependency, imported when first needed:
-`pip install "denseclip_hf[detection]"`. This module imports only its sibling `image_processing_denseclip` (flat
-relative import), so both ship next to saved checkpoints as remote code.
+`pip install "denseclip_hf[detection]"`. This module imports only its siblings `image_processing_denseclip` and
+`box_ops` (flat relative imports), so they ship next to saved checkpoints as remote code.
 """
 
 import importlib
 import math
+from collections.abc import Mapping
 from types import ModuleType
 from typing import Any
 
 import numpy as np
+import torch
 from huggingface_hub.errors import StrictDataclassFieldValidationError
 from PIL import Image, ImageOps
 from transformers.image_processing_backends import PilBackend
@@ -32,6 +37,7 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
+from .box_ops import paste_masks
 from .image_processing_denseclip import (
     _fetch_images_keeping_mode,
     _flatten_images,
@@ -183,6 +189,41 @@ def _decode_segmentation(segmentation: Any, height: int, width: int, where: str)
             'RLE dict {"size": [height, width], "counts": ...}.'
         )
     return np.ascontiguousarray(mask_utils.decode(rle), dtype=np.uint8)
+
+
+def _output_field(outputs: Any, name: str, owner: str) -> Any:
+    """`outputs.<name>` of a detector's output (a `ModelOutput`, or a dict of its fields); a `TypeError` saying what
+    to pass when it is missing."""
+    value = outputs.get(name) if isinstance(outputs, Mapping) else getattr(outputs, name, None)
+    if value is None:
+        raise TypeError(
+            f"{owner} needs the detector's output with `{name}` (a DenseClipForObjectDetection / "
+            f"DenseClipForInstanceSegmentation output, return_dict=True), got {type(outputs).__name__} without it."
+        )
+    return value
+
+
+def _target_sizes(target_sizes: Any, frame_sizes: torch.Tensor) -> list[tuple[int, int]]:
+    """`target_sizes` (None, a `(batch, 2)` tensor or a list of `(height, width)`) as a list of int pairs, one per
+    image; `None` gives the outputs' own frame sizes."""
+    frames = [tuple(int(side) for side in size) for size in torch.as_tensor(frame_sizes).tolist()]
+    if target_sizes is None:
+        return frames
+    sizes = [tuple(int(side) for side in size) for size in torch.as_tensor(target_sizes).reshape(-1, 2).tolist()]
+    if len(sizes) != len(frames) or any(side < 1 for size in sizes for side in size):
+        raise ValueError(
+            f"target_sizes must hold one positive (height, width) per image ({len(frames)}), got {target_sizes!r}."
+        )
+    return sizes
+
+
+def _rescale_boxes(boxes: torch.Tensor, frame_size: tuple[int, int], target_size: tuple[int, int]) -> torch.Tensor:
+    """`(n, 4)` boxes in a `frame_size` image -> in a `target_size` image (each axis scaled by target / frame; the
+    boxes unchanged, bit for bit, when the sizes are equal)."""
+    if tuple(target_size) == tuple(frame_size):
+        return boxes
+    (frame_h, frame_w), (target_h, target_w) = frame_size, target_size
+    return boxes * boxes.new_tensor([target_w / frame_w, target_h / frame_h] * 2)
 
 
 class DenseClipDetectionImageProcessor(PilBackend):
@@ -528,6 +569,125 @@ class DenseClipDetectionImageProcessor(PilBackend):
                 )
             ]
         return BatchFeature(data=data, tensor_type=return_tensors, skip_tensor_conversion={"labels"})
+
+    def post_process_object_detection(
+        self, outputs: Any, threshold: float = 0.5, target_sizes: Any = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """The detections of a DenseCLIP detector (RetinaNet or Mask R-CNN) above `threshold`, per image, in
+        transformers' format.
+
+        Args:
+            outputs: The detector's output. Its boxes are in `outputs.frame_sizes` frames: the original images when
+                the model got the processor's `scale_factors` (as `model(**processor(images))` does), else the input.
+            threshold: Keep detections scoring above it (strictly). With `0.0` the result is exactly the authors'
+                final detections (their own score threshold, `config.score_threshold` = 0.05, and at most
+                `config.max_detections` per image are applied by the model).
+            target_sizes: `(batch, 2)` tensor or list of `(height, width)`, the size of each image to give the boxes
+                in; default the frame of the outputs. A size that differs from the frame scales the boxes by
+                `target / frame` per axis (e.g. for a resized copy of the image).
+
+        Returns:
+            One dict per image: `"scores"` `(n,)`, `"labels"` `(n,)` (class indices into `config.id2label`),
+            `"boxes"` `(n, 4)` `(x1, y1, x2, y2)` in pixels, by decreasing score.
+        """
+        owner = "post_process_object_detection"
+        boxes, scores, labels = (_output_field(outputs, name, owner) for name in ("pred_boxes", "scores", "labels"))
+        frames = [tuple(size) for size in torch.as_tensor(_output_field(outputs, "frame_sizes", owner)).tolist()]
+        results = []
+        for image_boxes, image_scores, image_labels, frame, target in zip(
+            boxes, scores, labels, frames, _target_sizes(target_sizes, frames), strict=True
+        ):
+            keep = image_scores > threshold
+            results.append(
+                {
+                    "scores": image_scores[keep],
+                    "labels": image_labels[keep],
+                    "boxes": _rescale_boxes(image_boxes[keep], frame, target),
+                }
+            )
+        return results
+
+    def post_process_instance_segmentation(
+        self,
+        outputs: Any,
+        threshold: float = 0.5,
+        mask_threshold: float = 0.5,
+        overlap_mask_area_threshold: float = 0.0,
+        target_sizes: Any = None,
+        return_binary_maps: bool = False,
+    ) -> list[dict[str, Any]]:
+        """The instances of a DenseCLIP Mask R-CNN above `threshold`, per image, with their masks pasted on the image
+        (mmdet's `FCNMaskHead.get_seg_masks`: each 28 x 28 mask probability map sampled at the pixel centres of its
+        box, `box_ops.paste_masks`).
+
+        Args:
+            outputs: The `DenseClipForInstanceSegmentation` output (boxes and mask boxes in `frame_sizes` frames,
+                see `post_process_object_detection`).
+            threshold: Keep instances scoring above it (strictly); `0.0`: the authors' final detections.
+            mask_threshold: A pixel belongs to an instance when its mask probability is at least this (the authors'
+                `mask_thr_binary` = `config.mask_threshold`, 0.5).
+            overlap_mask_area_threshold: Only without `return_binary_maps`: an instance stays in the id map when the
+                share of its mask left visible (pixels covered by a higher-scoring instance go to that one) is above
+                it; 0 keeps every instance with a visible pixel. The `image-segmentation` pipeline passes 0.5.
+            target_sizes: `(batch, 2)` tensor or list of `(height, width)` to paste the masks on; default the frame
+                of the outputs (the original images with the processor's metas). Boxes and mask boxes are scaled by
+                `target / frame` per axis when it differs.
+            return_binary_maps: `True`: one binary mask per instance, overlaps allowed (what COCO evaluation
+                scores). `False` (default, transformers' convention, what the pipeline reads): one `(height, width)`
+                map of instance ids.
+
+        Returns:
+            One dict per image: `"segmentation"`, a bool `(n, height, width)` tensor of binary masks
+            (`return_binary_maps=True`) or an int64 `(height, width)` map of instance ids, -1 where there is none;
+            `"segments_info"`, per instance `{"id", "label_id", "score"}` (`id`: its index in the binary masks, its
+            value in the id map); `"boxes"` `(n, 4)` `(x1, y1, x2, y2)` of the same instances. By decreasing score.
+        """
+        owner = "post_process_instance_segmentation"
+        masks, mask_boxes = (_output_field(outputs, name, owner) for name in ("pred_masks", "mask_boxes"))
+        frames = [tuple(size) for size in torch.as_tensor(_output_field(outputs, "frame_sizes", owner)).tolist()]
+        targets = _target_sizes(target_sizes, frames)
+        detections = self.post_process_object_detection(outputs, threshold, targets)
+        results = []
+        for image_masks, image_mask_boxes, scores, frame, target, detected in zip(
+            masks, mask_boxes, _output_field(outputs, "scores", owner), frames, targets, detections, strict=True
+        ):
+            keep = scores > threshold
+            binary = paste_masks(
+                image_masks[keep], _rescale_boxes(image_mask_boxes[keep], frame, target), target, mask_threshold
+            )
+            boxes, labels, instance_scores = detected["boxes"], detected["labels"], detected["scores"]
+            if return_binary_maps:
+                segmentation, kept = binary, torch.arange(len(binary))
+            else:
+                segmentation, kept = _instance_id_map(binary, overlap_mask_area_threshold)
+            results.append(
+                {
+                    "segmentation": segmentation,
+                    "segments_info": [
+                        {"id": index, "label_id": int(labels[instance]), "score": float(instance_scores[instance])}
+                        for index, instance in enumerate(kept.tolist())
+                    ],
+                    "boxes": boxes[kept],
+                }
+            )
+        return results
+
+
+def _instance_id_map(binary: torch.Tensor, overlap_mask_area_threshold: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Binary masks `(n, H, W)` of instances by decreasing score -> an int64 `(H, W)` map of instance ids (-1: none)
+    and the indices of the instances it shows. Each pixel goes to the highest-scoring instance covering it; an
+    instance is kept when its visible pixels are more than `overlap_mask_area_threshold` of its mask (and at least
+    one); the kept ones are numbered 0.. in score order, the pixels of the others are -1."""
+    height, width = binary.shape[-2:]
+    owner = torch.full((height, width), -1, dtype=torch.long, device=binary.device)
+    for instance in range(len(binary) - 1, -1, -1):  # the best last: it wins the overlaps
+        owner[binary[instance]] = instance
+    visible = torch.bincount(owner[owner >= 0], minlength=len(binary))[: len(binary)]
+    areas = binary.flatten(1).sum(1)
+    kept = ((visible > 0) & (visible > overlap_mask_area_threshold * areas)).nonzero().view(-1)
+    numbers = torch.full((len(binary) + 1,), -1, dtype=torch.long, device=binary.device)
+    numbers[kept] = torch.arange(len(kept), device=binary.device)
+    return numbers[owner], kept  # index -1 reads the last entry, -1
 
 
 __all__ = ["DenseClipDetectionImageProcessor"]

@@ -48,7 +48,6 @@ CLIP_KEY_MAPPING = {
 }
 # `from_pretrained` arguments that say where and how to fetch files, shared by config, tokenizer and weights.
 _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token")
-_CONFIG_SETTINGS = frozenset(setting.name for setting in fields(DenseClipConfig))
 
 
 @dataclass
@@ -150,17 +149,22 @@ def tokenize_labels(id2label: dict[int, str], tokenizer, length: int) -> tuple[d
 
 
 def clip_denseclip_config(
-    source: ClipSource, vision_config: PreTrainedConfig, id2label: dict[int, str], tokenizer, settings: dict
+    source: ClipSource,
+    vision_config: PreTrainedConfig,
+    id2label: dict[int, str],
+    tokenizer,
+    settings: dict,
+    config_class: type[DenseClipConfig] = DenseClipConfig,
 ) -> DenseClipConfig:
-    """The `DenseClipConfig` of a model built on a CLIP checkpoint: its text tower and projection width,
-    `vision_config` (CLIP's own or a backbone's), the classes tokenized with the checkpoint's tokenizer (or
-    `tokenizer`), and `settings`."""
+    """The config (a `config_class`, the model class's) of a model built on a CLIP checkpoint: its text tower and
+    projection width, `vision_config` (CLIP's own or a backbone's), the classes tokenized with the checkpoint's
+    tokenizer (or `tokenizer`), and `settings`."""
     id2label, class_token_ids = tokenize_labels(
         id2label,
         load_clip_tokenizer(source, tokenizer),
         settings.get("class_name_token_length", DenseClipConfig.class_name_token_length),
     )
-    return DenseClipConfig(
+    return config_class(
         text_config=source.text_config.to_dict(),
         vision_config=vision_config.to_dict(),
         projection_dim=source.projection_dim,
@@ -208,7 +212,8 @@ def load_on_clip(
     arguments (`output_loading_info=True` returns `(model, loading_info)`).
     """
     hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
-    settings = {key: kwargs.pop(key) for key in list(kwargs) if key in _CONFIG_SETTINGS}
+    config_settings = {setting.name for setting in fields(model_class.config_class)}
+    settings = {key: kwargs.pop(key) for key in list(kwargs) if key in config_settings}
     output_loading_info = kwargs.pop("output_loading_info", False)
     source = resolve_clip_source(
         pretrained_model_name_or_path,
@@ -223,7 +228,7 @@ def load_on_clip(
         backbone_name_or_path = os.fspath(backbone_name_or_path)
         vision_config = pyramid_backbone_config(AutoConfig.from_pretrained(backbone_name_or_path, **hub_kwargs))
         key_mapping = {pattern: to for pattern, to in key_mapping.items() if to.startswith("text_encoder.")}
-    config = clip_denseclip_config(source, vision_config, id2label, tokenizer, settings)
+    config = clip_denseclip_config(source, vision_config, id2label, tokenizer, settings, model_class.config_class)
     key_mapping = model_class._base_model_key_mapping(key_mapping)
     with _without_load_report():
         model, info = model_class.from_pretrained(

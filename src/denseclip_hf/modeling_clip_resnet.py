@@ -35,10 +35,23 @@ def multi_head_attention(
 
 def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: str) -> torch.Tensor:
     """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
-    square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
+    square grid of the others is interpolated (`mode` `"bilinear"` or `"bicubic"`, align_corners=False) to `size`, or
+    (`mode="crop"`, the authors' detectors) its top-left `size` part is taken -> `(1 + height * width, channels)`.
+    A `ValueError` when `size` does not fit in the grid for `"crop"`."""
     side = math.isqrt(table.shape[0] - 1)
     if (side, side) == tuple(size):
         return table
+    if mode == "crop":
+        height, width = size
+        if height > side or width > side:
+            raise ValueError(
+                f"The positional table holds a {side}x{side} grid, which position_embedding_interpolation='crop' "
+                f"crops to the feature map, but the map is {height}x{width}: use smaller inputs (the authors' "
+                f"detectors: at most {side} feature cells per side, e.g. 32 * {side} = {32 * side} pixels for a "
+                "ResNet), or a model with a larger grid (`image_size`)."
+            )
+        grid = table[1:].reshape(side, side, -1)[:height, :width]
+        return torch.cat([table[:1], grid.reshape(height * width, -1)])
     grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
     return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
@@ -129,8 +142,8 @@ class DenseClipAttentionPool(nn.Module):
     """CLIP's attention pool, keeping every output token (Eq. 1).
 
     The last stage's mean token x_bar and its spatial tokens x, plus positional embeddings (row 0 for the mean token;
-    the square grid of the others resized to the feature map on every call), go through one multi-head self-attention
-    with biased q/k/v projections and an output projection into the joint embedding space.
+    the square grid of the others resized, or cropped, to the feature map on every call), go through one multi-head
+    self-attention with biased q/k/v projections and an output projection into the joint embedding space.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, grid: int, projection_dim: int, interpolation: str):
@@ -209,6 +222,13 @@ class DenseClipResNetVisionModel(nn.Module):
         return (tuple(features), *self.attention_pool(hidden_states))
 
 
+def stored_table_mode(mode: str) -> str:
+    """How a stored positional table is resized once to another grid (`resize_position_embeddings`): with the
+    per-call mode, except for `"crop"`, whose table is made bilinearly (the authors' detectors interpolate CLIP's 7x7
+    grid to 42x42 at initialisation, then crop it on every call)."""
+    return "bilinear" if mode == "crop" else mode
+
+
 def resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: int) -> None:
     """Stores `pool`'s positional grid for `image_size` x `image_size` inputs (stride 32); no pool, no grid."""
     if image_size % PYRAMID_STRIDES[-1]:
@@ -216,5 +236,7 @@ def resize_attention_pool_grid(pool: DenseClipAttentionPool | None, image_size: 
     if pool is None:
         return
     side = image_size // PYRAMID_STRIDES[-1]
-    table = resize_position_embedding(pool.position_embedding.detach(), (side, side), pool.interpolation)
+    table = resize_position_embedding(
+        pool.position_embedding.detach(), (side, side), stored_table_mode(pool.interpolation)
+    )
     pool.position_embedding = nn.Parameter(table.clone())

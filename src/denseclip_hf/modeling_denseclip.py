@@ -85,6 +85,7 @@ from .modeling_clip_resnet import (
     multi_head_attention,
     resize_attention_pool_grid,
     resize_position_embedding,
+    stored_table_mode,
 )
 from .protocol_denseclip import protocol_logits, protocol_probabilities
 from .tensor_ops import resize_bilinear
@@ -387,7 +388,7 @@ class DenseClipViTImageEncoder(DenseClipImageEncoder):
             raise ValueError(f"image_size={image_size} must be a multiple of the patch size {embeddings.patch_size}.")
         side = image_size // embeddings.patch_size
         table = resize_position_embedding(
-            embeddings.position_embedding.weight.detach(), (side, side), self.interpolation
+            embeddings.position_embedding.weight.detach(), (side, side), stored_table_mode(self.interpolation)
         )
         embeddings.position_embedding = nn.Embedding.from_pretrained(table.clone(), freeze=False)
         embeddings.image_size, embeddings.num_patches, embeddings.num_positions = image_size, side * side, len(table)
@@ -927,26 +928,65 @@ class DenseClipDecoder(nn.Module):
 
 
 class DenseClipFPN(nn.Module):
-    """Feature Pyramid Network neck: 1x1 laterals, nearest top-down sums, 3x3 output convolutions."""
+    """Feature Pyramid Network neck (mmseg's / mmdet's `FPN`): 1x1 laterals on the input levels from `start_level` on,
+    nearest top-down sums, 3x3 output convolutions (plain convolutions with bias, no activation); then `extra_levels`
+    coarser levels, each of half the previous size (rounded up).
 
-    def __init__(self, in_channels: list[int], channels: int):
+    The extra levels are stride-2 3x3 convolutions (`extra_convs`) when `extra_level_convs`: the first reads the last
+    input level (mmdet's `add_extra_convs="on_input"`), the next ones the previous output, with no activation between
+    (RetinaNet's P6, P7); otherwise they max-pool the previous output with kernel 1 and stride 2 (Mask R-CNN's P6).
+    The segmentation models use 4 levels and none extra.
+
+    Weights start as mmseg's FPN (`conv_init="xavier_uniform"`), or as the authors' detectors, which never apply their
+    FPN's init config: mmcv `ConvModule`'s own init, `"kaiming_normal"` (fan-out, ReLU gain), zero biases.
+    """
+
+    def __init__(
+        self,
+        in_channels: list[int],
+        channels: int,
+        start_level: int = 0,
+        extra_levels: int = 0,
+        extra_level_convs: bool = False,
+        conv_init: str = "xavier_uniform",
+    ):
         super().__init__()
-        self.lateral_convs = nn.ModuleList(nn.Conv2d(width, channels, 1) for width in in_channels)
-        self.fpn_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in in_channels)
+        if conv_init not in ("xavier_uniform", "kaiming_normal"):
+            raise ValueError(f"conv_init={conv_init!r} must be 'xavier_uniform' or 'kaiming_normal'.")
+        self.start_level, self.extra_levels, self.conv_init = start_level, extra_levels, conv_init
+        inputs = in_channels[start_level:]
+        self.lateral_convs = nn.ModuleList(nn.Conv2d(width, channels, 1) for width in inputs)
+        self.fpn_convs = nn.ModuleList(nn.Conv2d(channels, channels, 3, padding=1) for _ in inputs)
+        self.extra_convs = nn.ModuleList(
+            nn.Conv2d(inputs[-1] if level == 0 else channels, channels, 3, stride=2, padding=1)
+            for level in range(extra_levels if extra_level_convs else 0)
+        )
 
     def _init_denseclip_weights(self) -> None:
-        for conv in [*self.lateral_convs, *self.fpn_convs]:
-            init.xavier_uniform_(conv.weight)
+        for conv in [*self.lateral_convs, *self.fpn_convs, *self.extra_convs]:
+            if self.conv_init == "kaiming_normal":
+                init.kaiming_normal_(conv.weight, mode="fan_out", nonlinearity="relu")
+            else:
+                init.xavier_uniform_(conv.weight)
             init.zeros_(conv.bias)
 
     def forward(self, features: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
-        """4 maps `(batch, in_channels[i], h_i, w_i)` -> 4 maps `(batch, channels, h_i, w_i)`."""
-        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, features, strict=True)]
+        """Maps `(batch, in_channels[i], h_i, w_i)` -> the maps of levels `start_level` on, then the extra levels, all
+        `(batch, channels, h, w)`."""
+        inputs = features[self.start_level :]
+        laterals = [conv(feature) for conv, feature in zip(self.lateral_convs, inputs, strict=True)]
         for level in range(len(laterals) - 1, 0, -1):
             laterals[level - 1] = laterals[level - 1] + F.interpolate(
                 laterals[level], size=laterals[level - 1].shape[-2:], mode="nearest"
             )
-        return tuple(conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=True))
+        outputs = [conv(lateral) for conv, lateral in zip(self.fpn_convs, laterals, strict=True)]
+        hidden_states = inputs[-1]
+        for conv in self.extra_convs:
+            hidden_states = conv(hidden_states)
+            outputs.append(hidden_states)
+        for _ in range(self.extra_levels - len(self.extra_convs)):
+            outputs.append(F.max_pool2d(outputs[-1], 1, stride=2))
+        return tuple(outputs)
 
 
 class DenseClipSemanticFPNHead(nn.Module):
@@ -1419,7 +1459,8 @@ class DenseClipModel(DenseClipPreTrainedModel):
             self._check_text_embeddings(text_embeddings)
         text_embeddings = self.prompting(text_embeddings, image)  # Eqs. 5-6
         score_map = pixel_text_score_map(image.dense_embedding, text_embeddings)  # Eq. 2
-        pyramid = join_score_map(image.pyramid, score_map, self.config.score_map_level)  # x' = [x, s]
+        joined = score_map / self.config.temperature if self.config.join_score_map_over_temperature else score_map
+        pyramid = join_score_map(image.pyramid, joined, self.config.score_map_level)  # x' = [x, s] (or [x, s / tau])
         return DenseClipModelOutput(
             last_hidden_state=pyramid[-1],
             pyramid=pyramid,
