@@ -76,15 +76,20 @@ import denseclip_hf
 loaded = sorted(name for name in sys.modules if name.startswith("denseclip_hf."))
 assert loaded == [
     "denseclip_hf.assets",
+    "denseclip_hf.box_ops",
     "denseclip_hf.configuration_denseclip",
+    "denseclip_hf.configuration_denseclip_detection",
     "denseclip_hf.image_processing_denseclip",
+    "denseclip_hf.image_processing_denseclip_detection",
     "denseclip_hf.loading_denseclip",
     "denseclip_hf.loss_denseclip",
     "denseclip_hf.modeling_clip_resnet",
     "denseclip_hf.modeling_denseclip",
+    "denseclip_hf.modeling_denseclip_detection",
     "denseclip_hf.protocol_denseclip",
     "denseclip_hf.tensor_ops",
 ], loaded
+assert "cv2" not in sys.modules and "pycocotools" not in sys.modules  # the detection extra, loaded when used
 from denseclip_hf.checkpoint_conversion import convert_clip_checkpoint
 from denseclip_hf.convert_denseclip_original_to_hf import convert_denseclip_checkpoint
 assert denseclip_hf.convert_clip_checkpoint is convert_clip_checkpoint
