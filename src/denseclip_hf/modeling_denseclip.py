@@ -40,6 +40,7 @@ import torch.nn.functional as F
 from huggingface_hub.errors import StrictDataclassError
 from safetensors import SafetensorError
 from torch import nn
+from torch.fx.experimental.symbolic_shapes import statically_known_true
 from transformers import (
     MODEL_FOR_BACKBONE_MAPPING,
     AutoBackbone,
@@ -185,9 +186,16 @@ def multi_head_attention(
     return attended.transpose(1, 2).flatten(2)
 
 
+def _same_size(size: Sequence[int], other: Sequence[int]) -> bool:
+    """Whether two `(height, width)` sizes are equal. Under `torch.export` with dynamic sizes (symbolic ints): True
+    only where they are equal for every input size, so that an exported graph keeps the resize (exact where the sizes
+    turn out equal) instead of baking in the example input's decision as a constant."""
+    return all(statically_known_true(side == other_side) for side, other_side in zip(size, other, strict=True))
+
+
 def _resize(hidden_states: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-    """Bilinear resize (align_corners=False); a no-op when the size already matches."""
-    if tuple(hidden_states.shape[-2:]) == tuple(size):
+    """Bilinear resize (align_corners=False); a no-op when the size already matches (`_same_size`)."""
+    if _same_size(hidden_states.shape[-2:], size):
         return hidden_states
     return F.interpolate(hidden_states, size=size, mode="bilinear", align_corners=False)
 
@@ -204,7 +212,7 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     """Resizes a positional embedding table `(1 + side * side, channels)`: row 0 (class / mean token) is kept, the
     square grid of the others is interpolated (align_corners=False) to `size` -> `(1 + height * width, channels)`."""
     side = math.isqrt(table.shape[0] - 1)
-    if (side, side) == tuple(size):
+    if _same_size((side, side), size):
         return table
     grid = table[1:].reshape(1, side, side, -1).permute(0, 3, 1, 2)
     grid = F.interpolate(grid, size=size, mode=mode, align_corners=False)
