@@ -33,7 +33,7 @@ from transformers import AutoConfig
 
 from . import onnx_inference, sliding_windows
 from .configuration_denseclip import DenseClipConfig, check_test_protocol, input_size_multiple
-from .file_utils import fsync_directory, write_text_atomically
+from .file_utils import fsync_directory, fsync_file, write_text_atomically
 from .image_processing_denseclip import DenseClipImageProcessor
 from .modeling_denseclip import DenseClipForSemanticSegmentation
 from .onnx_inference import (
@@ -50,6 +50,10 @@ logger = logging.getLogger(__name__)
 # that no feature map has a side of 1 (torch.export assumes sizes of 0 and 1 to be special and refuses to cover them).
 MINIMUM_INPUT_SIZE = 64
 QUANTIZATION_METHODS = ("dynamic", "static")
+# What each int8 method quantizes. Dynamic quantization leaves convolutions in float32: ONNX Runtime's dynamic int8
+# convolution (ConvInteger) is slower on CPU than its float32 one (docs/deployment.md).
+DYNAMIC_QUANTIZED_OPERATORS = ["MatMul", "Gemm"]
+STATIC_QUANTIZED_OPERATORS = ["Conv", "MatMul", "Gemm"]
 # The export's own check of ONNX Runtime against eager: a larger difference is a broken export (float32 rounding of
 # the tiny and the full-size models stays below 1e-4 of the logits' scale).
 EXPORT_TOLERANCE = 1e-3
@@ -143,11 +147,12 @@ def quantize_onnx(
     """Writes an int8 copy of the ONNX model `onnx_path` to `output_path` with ONNX Runtime's quantization, and
     returns its settings (for `onnx_config.json`).
 
-    `method="dynamic"`: int8 weights of the matrix multiplications and convolutions, activations quantized per call
-    from their range (`quantize_dynamic`, no data needed). `"static"`: int8 weights (per channel) and activations in
-    QDQ format, the activation ranges calibrated (min-max) on `calibration_inputs`, float32 `(batch, 3, height,
-    width)` arrays as the graph takes them (`quantize_static`). Both start from ONNX Runtime's pre-processing
-    (shape inference and graph optimization, `quant_pre_process`)."""
+    `method="dynamic"`: int8 weights of the matrix multiplications, activations quantized per call from their range
+    (`quantize_dynamic`, no data needed); convolutions stay float32 (`DYNAMIC_QUANTIZED_OPERATORS`). `"static"`: int8
+    weights (per channel) and activations of the convolutions and matrix multiplications in QDQ format, the activation
+    ranges calibrated (min-max) on `calibration_inputs`, float32 `(batch, 3, height, width)` arrays as the graph takes
+    them (`quantize_static`). Both start from ONNX Runtime's pre-processing (graph optimization,
+    `quant_pre_process`)."""
     from onnxruntime.quantization import (
         CalibrationDataReader,
         CalibrationMethod,
@@ -164,8 +169,15 @@ def quantize_onnx(
         prepared = Path(scratch) / "prepared.onnx"
         quant_pre_process(str(onnx_path), str(prepared), skip_symbolic_shape=True)
         if method == "dynamic":
-            quantize_dynamic(prepared, output_path, weight_type=QuantType.QInt8)
-            return {"method": "dynamic", "weight_type": "int8", "activations": "uint8, range per call"}
+            quantize_dynamic(
+                prepared, output_path, weight_type=QuantType.QInt8, op_types_to_quantize=DYNAMIC_QUANTIZED_OPERATORS
+            )
+            return {
+                "method": "dynamic",
+                "operators": DYNAMIC_QUANTIZED_OPERATORS,
+                "weights": "int8",
+                "activations": "uint8, range per call",
+            }
         inputs = [np.ascontiguousarray(array, dtype=np.float32) for array in calibration_inputs or ()]
         if not inputs:
             raise ValueError("quantize='static' needs calibration inputs: pass calibration images.")
@@ -187,10 +199,12 @@ def quantize_onnx(
             activation_type=QuantType.QUInt8,
             weight_type=QuantType.QInt8,
             calibrate_method=CalibrationMethod.MinMax,
+            op_types_to_quantize=STATIC_QUANTIZED_OPERATORS,
         )
     return {
         "method": "static",
-        "weight_type": "int8 per channel",
+        "operators": STATIC_QUANTIZED_OPERATORS,
+        "weights": "int8 per channel",
         "activations": "uint8, min-max calibrated",
         "calibration_inputs": len(inputs),
     }
@@ -284,6 +298,9 @@ def export_onnx(
         processor.save_pretrained(partial)
         for module in (onnx_inference, sliding_windows):
             shutil.copyfile(module.__file__, partial / Path(module.__file__).name)
+        for path in partial.iterdir():
+            fsync_file(path)
+        fsync_directory(partial)
         if output_dir.exists():
             raise FileExistsError(f"{output_dir} was created during the export: the export never overwrites a folder.")
         os.rename(partial, output_dir)
