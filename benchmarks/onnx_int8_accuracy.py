@@ -45,13 +45,10 @@ def main() -> None:
         calibration = calibration_inputs(data.train["image"], processor, spec_multiple)
         static_path = folder / "model_int8_static.onnx"
         quantize_onnx(folder / "model.onnx", static_path, "static", calibration)
-        float32 = DenseClipOnnxSegmenter.from_pretrained(folder)
         segmenters = {
-            "ONNX Runtime float32": float32,
+            "ONNX Runtime float32": DenseClipOnnxSegmenter.from_pretrained(folder),
             "ONNX Runtime int8 dynamic": DenseClipOnnxSegmenter.from_pretrained(folder, quantized=True),
-            "ONNX Runtime int8 static": DenseClipOnnxSegmenter(
-                onnxruntime.InferenceSession(str(static_path), providers=["CPUExecutionProvider"]), float32.spec
-            ),
+            "ONNX Runtime int8 static": DenseClipOnnxSegmenter.from_pretrained(folder, model_file=static_path.name),
         }
         names = ["eager float32", *segmenters]
         confusion = {name: 0 for name in names}

@@ -21,7 +21,7 @@ from transformers import ResNetConfig
 from denseclip_hf import DenseClipForSemanticSegmentation, DenseClipImageProcessor
 from denseclip_hf.export import MINIMUM_INPUT_SIZE, export_onnx
 from denseclip_hf.export import main as export_main
-from denseclip_hf.onnx_inference import DenseClipOnnxSegmenter, resize_bilinear
+from denseclip_hf.onnx_inference import DenseClipOnnxSegmenter
 
 # The exported variants: the CLIP ViT and ResNet DenseCLIP, and any backbone (a transformers ResNet) with the CLIP +
 # Semantic FPN baseline's prompting (no text), each with a 64-pixel sliding window.
@@ -137,7 +137,8 @@ def test_folder_describes_the_graph(exported):
     assert [check["max_abs_difference"] < 1e-4 for check in spec["checked_against_eager"]] == [True, True]
     saved = DenseClipImageProcessor.from_pretrained(exported.folder).to_dict()
     assert {key: value for key, value in saved.items() if key != "auto_map"} == exported.processor.to_dict()
-    assert (exported.folder / "onnx_inference.py").is_file() and (exported.folder / "sliding_windows.py").is_file()
+    for name in ("onnx_inference.py", "sliding_windows.py", "resize.onnx"):
+        assert (exported.folder / name).is_file()
 
 
 @pytest.mark.parametrize("exported", ["resnet", "backbone_baseline"], indirect=True)
@@ -269,11 +270,12 @@ def test_export_rejects_bad_input(tokenizer, tiny_clip_dir, tmp_path, capsys):
     assert "already exists" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("exported", ["vit"], indirect=True)
 @pytest.mark.parametrize(
-    ("shape", "size"), [((2, 3, 16, 24), (64, 96)), ((1, 5, 13, 7), (4, 30)), ((3, 9, 11), (9, 11)), ((4, 6), (5, 5))]
+    ("shape", "size"), [((2, 3, 16, 24), (64, 96)), ((1, 5, 13, 7), (4, 30)), ((3, 9, 64, 96), (37, 51))]
 )
-def test_resize_bilinear_is_torchs(shape, size):
-    array = torch.randn(shape, generator=torch.Generator().manual_seed(7))
-    batched = array.reshape(-1, 1, *shape[-2:])
-    expected = F.interpolate(batched, size=size, mode="bilinear", align_corners=False).reshape(*shape[:-2], *size)
-    torch.testing.assert_close(torch.from_numpy(resize_bilinear(array.numpy(), size)), expected, atol=1e-6, rtol=1e-6)
+def test_resize_is_torchs_bilinear(exported, shape, size):
+    logits = torch.randn(shape, generator=torch.Generator().manual_seed(7))
+    expected = F.interpolate(logits, size=size, mode="bilinear", align_corners=False)
+    got = exported.segmenter.resize(logits.numpy(), size)
+    torch.testing.assert_close(torch.from_numpy(got), expected, **TOLERANCE)

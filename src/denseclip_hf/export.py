@@ -42,6 +42,7 @@ from .onnx_inference import (
     ONNX_FORMAT_VERSION,
     ONNX_INT8_MODEL_NAME,
     ONNX_MODEL_NAME,
+    ONNX_RESIZE_MODEL_NAME,
 )
 
 logger = logging.getLogger(__name__)
@@ -136,6 +137,38 @@ def _check_against_eager(
                 f"{shape}: the export is broken. Please report it with the model's config."
             )
     return checks
+
+
+def resize_model() -> Any:
+    """The graph `resize.onnx` (an `onnx.ModelProto`): `logits` `(n, c, h, w)` float32 and `size` `(2,)` int64 ->
+    `resized` `(n, c, size[0], size[1])`, a bilinear resize with half-pixel centres and no antialiasing (ONNX
+    `Resize`, opset 18): torch's `F.interpolate(..., mode="bilinear", align_corners=False)`."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    nodes = [
+        helper.make_node("Shape", ["logits"], ["batch_and_channels"], start=0, end=2),
+        helper.make_node("Concat", ["batch_and_channels", "size"], ["sizes"], axis=0),
+        helper.make_node(
+            "Resize",
+            ["logits", "", "", "sizes"],
+            ["resized"],
+            mode="linear",
+            coordinate_transformation_mode="half_pixel",
+        ),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "bilinear_resize",
+        [
+            helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", "c", "h", "w"]),
+            helper.make_tensor_value_info("size", TensorProto.INT64, [2]),
+        ],
+        [helper.make_tensor_value_info("resized", TensorProto.FLOAT, ["n", "c", "height", "width"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 18)])
+    onnx.checker.check_model(model)
+    return model
 
 
 def quantize_onnx(
@@ -295,6 +328,7 @@ def export_onnx(
             )
         spec = onnx_spec(config, multiple, program.model.opset_imports.get("", None), checks, quantization)
         write_text_atomically(partial / ONNX_CONFIG_NAME, json.dumps(spec, indent=2) + "\n")
+        (partial / ONNX_RESIZE_MODEL_NAME).write_bytes(resize_model().SerializeToString())
         processor.save_pretrained(partial)
         for module in (onnx_inference, sliding_windows):
             shutil.copyfile(module.__file__, partial / Path(module.__file__).name)
@@ -330,6 +364,7 @@ def onnx_spec(
         "model_file": ONNX_MODEL_NAME,
         "int8_model_file": ONNX_INT8_MODEL_NAME if quantization is not None else None,
         "int8_quantization": quantization,
+        "resize_model_file": ONNX_RESIZE_MODEL_NAME,
         "graph": "the single pass: model(pixel_values, test_mode='plain').logits, class text embeddings constant",
         "inputs": [
             {

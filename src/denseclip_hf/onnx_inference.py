@@ -3,10 +3,11 @@
 The exported graph is the model's single pass (`model(pixel_values, test_mode="plain").logits`, class text embeddings
 stored in it as a constant). `DenseClipOnnxSegmenter` runs it and, around it, the authors' test protocol as the
 PyTorch model does (`forward` in eval mode, `predict_probabilities`): each input cut to a multiple of the image
-encoder's input granularity, the logits bilinearly resized (`resize_bilinear`, torch's `align_corners=False`), sliding
-windows placed by `sliding_windows` (the model's own function) and averaged, multi-scale and flipped inputs
-soft-maxed and averaged. Its outputs are what `DenseClipImageProcessor.post_process_semantic_segmentation` takes; its
-own `post_process_semantic_segmentation` does the same in NumPy.
+encoder's input granularity, the logits bilinearly resized (by the folder's `resize.onnx` graph, torch's
+`align_corners=False`), sliding windows placed by `sliding_windows` (the model's own function) and averaged,
+multi-scale and flipped inputs soft-maxed and averaged. Its outputs are what
+`DenseClipImageProcessor.post_process_semantic_segmentation` takes; its own `post_process_semantic_segmentation`
+does the same without torch.
 
 This file imports NumPy, ONNX Runtime and the sibling `sliding_windows.py` only. Importing it as
 `denseclip_hf.onnx_inference` loads the `denseclip_hf` package, which imports torch; an exported folder therefore
@@ -30,30 +31,13 @@ except ImportError:  # loaded as a plain file from an exported folder, next to i
 # What an exported folder holds (written by `denseclip_hf.export`).
 ONNX_MODEL_NAME = "model.onnx"
 ONNX_INT8_MODEL_NAME = "model_int8.onnx"
+# A graph that resizes logits `(n, c, h, w)` to `size` `(2,)` int64 bilinearly, as torch's `F.interpolate(...,
+# mode="bilinear", align_corners=False)` (half-pixel centres, no antialiasing): ONNX Runtime's multi-threaded kernel.
+ONNX_RESIZE_MODEL_NAME = "resize.onnx"
 ONNX_CONFIG_NAME = "onnx_config.json"
 ONNX_FORMAT = "denseclip-onnx"
 ONNX_FORMAT_VERSION = 1
 TEST_MODES = ("slide", "whole")
-
-
-def resize_bilinear(array: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Bilinear resize of the last two axes of `array` `(..., h, w)` to `size` `(H, W)` -> float32 `(..., H, W)`, as
-    torch's `F.interpolate(..., mode="bilinear", align_corners=False)` (no antialiasing): source coordinates
-    `(i + 0.5) * h / H - 0.5`, clamped at 0, in float32. Equal to torch's to float rounding."""
-    array = np.asarray(array, dtype=np.float32)
-    for axis, length in ((-1, int(size[1])), (-2, int(size[0]))):
-        source = array.shape[axis]
-        if source == length:
-            continue
-        scale = np.float32(source) / np.float32(length)
-        position = np.maximum(scale * (np.arange(length, dtype=np.float32) + np.float32(0.5)) - np.float32(0.5), 0)
-        low = position.astype(np.int64)
-        high = low + (low < source - 1)
-        weight_high = np.clip(position - low, 0, 1).astype(np.float32)
-        shape = (-1, 1) if axis == -2 else (-1,)
-        weight_high = weight_high.reshape(shape)
-        array = np.take(array, low, axis=axis) * (1 - weight_high) + np.take(array, high, axis=axis) * weight_high
-    return array
 
 
 def softmax_over_classes(logits: np.ndarray) -> np.ndarray:
@@ -86,8 +70,9 @@ class DenseClipOnnxSegmenter:
     `DenseClipImageProcessor(...)(images, return_tensors="np")["pixel_values"]`.
     """
 
-    def __init__(self, session: Any, spec: dict):
+    def __init__(self, session: Any, resize_session: Any, spec: dict):
         self.session = session
+        self.resize_session = resize_session
         self.spec = spec
         self.input_name = spec["inputs"][0]["name"]
         self.output_name = spec["outputs"][0]["name"]
@@ -107,13 +92,15 @@ class DenseClipOnnxSegmenter:
         folder: str | os.PathLike,
         *,
         quantized: bool = False,
+        model_file: str | None = None,
         providers: Sequence[Any] | None = None,
         session_options: Any = None,
     ) -> "DenseClipOnnxSegmenter":
-        """Loads an exported folder: `model.onnx` (`quantized=True`: `model_int8.onnx`, written by `--quantize`) and
-        `onnx_config.json`. `providers` are ONNX Runtime execution providers (default: every available one, e.g.
-        `["CUDAExecutionProvider", "CPUExecutionProvider"]` with onnxruntime-gpu); `session_options` an
-        `onnxruntime.SessionOptions`. A folder that is not an export is an `OSError` saying what to run."""
+        """Loads an exported folder: `model.onnx` (`quantized=True`: `model_int8.onnx`, written by `--quantize`;
+        `model_file`: another graph file of the folder), `resize.onnx` and `onnx_config.json`. `providers` are ONNX
+        Runtime execution providers (default: every available one, e.g. `["CUDAExecutionProvider",
+        "CPUExecutionProvider"]` with onnxruntime-gpu); `session_options` an `onnxruntime.SessionOptions`. A folder
+        that is not an export is an `OSError` saying what to run."""
         import onnxruntime
 
         folder = Path(folder)
@@ -130,16 +117,16 @@ class DenseClipOnnxSegmenter:
                 f"{spec.get('format')!r}, version {spec.get('format_version')!r}): export the model again with this "
                 "version of denseclip_hf."
             )
-        name = spec["int8_model_file"] if quantized else spec["model_file"]
+        name = model_file or (spec["int8_model_file"] if quantized else spec["model_file"])
         if name is None or not (folder / name).is_file():
             hint = "export with `--quantize dynamic` (or static)" if quantized else "export the model again"
             raise OSError(f"{folder} has no {'int8 ' if quantized else ''}ONNX model ({name}): {hint}.")
-        session = onnxruntime.InferenceSession(
-            str(folder / name),
-            sess_options=session_options,
-            providers=list(providers) if providers is not None else onnxruntime.get_available_providers(),
-        )
-        return cls(session, spec)
+        providers = list(providers) if providers is not None else onnxruntime.get_available_providers()
+
+        def session(path: Path) -> Any:
+            return onnxruntime.InferenceSession(str(path), sess_options=session_options, providers=providers)
+
+        return cls(session(folder / name), session(folder / spec["resize_model_file"]), spec)
 
     def _check_pixel_values(self, pixel_values: Any, purpose: str = "") -> np.ndarray:
         """`pixel_values` as a float32 `(batch, channels, height, width)` array; a `TypeError` / `ValueError` that
@@ -163,6 +150,13 @@ class DenseClipOnnxSegmenter:
             )
         return np.ascontiguousarray(array, dtype=np.float32)
 
+    def resize(self, logits: np.ndarray, size: Sequence[int]) -> np.ndarray:
+        """Logits `(n, c, h, w)` bilinearly resized to `size` `(H, W)` -> float32 `(n, c, H, W)`, as torch's
+        `F.interpolate(..., mode="bilinear", align_corners=False)` computes them (to float rounding: ONNX Runtime
+        maps output to input coordinates with the scale H / h where torch uses h / H)."""
+        logits = np.ascontiguousarray(logits, dtype=np.float32)
+        return self.resize_session.run(None, {"logits": logits, "size": np.asarray(size, dtype=np.int64)})[0]
+
     def run_graph(self, pixel_values: np.ndarray) -> np.ndarray:
         """The exported single pass on float32 `(batch, channels, height, width)` with sides that are multiples of
         `input_size_multiple` -> logits `(batch, num_labels, h, w)` at stride 4."""
@@ -184,12 +178,12 @@ class DenseClipOnnxSegmenter:
         number of windows covering each pixel."""
         batch, _, height, width = pixel_values.shape
         if mode == "whole":
-            return resize_bilinear(self.single_pass_logits(pixel_values), (height, width))
+            return self.resize(self.single_pass_logits(pixel_values), (height, width))
         window, corners = sliding_windows(height, width, crop_size, stride)
         crops = np.concatenate(
             [pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners]
         )
-        window_logits = resize_bilinear(self.single_pass_logits(crops), window)
+        window_logits = self.resize(self.single_pass_logits(crops), window)
         window_logits = window_logits.reshape(len(corners), batch, *window_logits.shape[1:])
         summed = np.zeros((batch, window_logits.shape[2], height, width), dtype=np.float32)
         coverage = np.zeros((height, width), dtype=np.float32)
@@ -269,7 +263,7 @@ class DenseClipOnnxSegmenter:
         for item in inputs:
             for mirrored in (False, True) if flip else (False,):
                 view = np.ascontiguousarray(item[..., ::-1]) if mirrored else item
-                logits = resize_bilinear(self.protocol_logits(view, mode, crop, steps), size)
+                logits = self.resize(self.protocol_logits(view, mode, crop, steps), size)
                 probabilities = softmax_over_classes(logits)
                 probabilities = probabilities[..., ::-1] if mirrored else probabilities
                 total = probabilities if total is None else total + probabilities
@@ -298,7 +292,7 @@ class DenseClipOnnxSegmenter:
                 f"got {target_sizes!r}: pass the original image sizes."
             )
         return [
-            resize_bilinear(image_logits, size).argmax(axis=0)
+            self.resize(image_logits[None], size)[0].argmax(axis=0)
             for image_logits, size in zip(logits, sizes.tolist(), strict=True)
         ]
 
@@ -307,8 +301,8 @@ __all__ = [
     "ONNX_CONFIG_NAME",
     "ONNX_INT8_MODEL_NAME",
     "ONNX_MODEL_NAME",
+    "ONNX_RESIZE_MODEL_NAME",
     "DenseClipOnnxSegmenter",
     "OnnxSegmenterOutput",
-    "resize_bilinear",
     "softmax_over_classes",
 ]
