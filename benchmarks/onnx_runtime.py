@@ -58,7 +58,7 @@ def measure(encoder: str, size: int, repeats: int, device: str, threads: int | N
     if device == "cpu":
         paths["ONNX Runtime int8 dynamic"] = folder / "model_int8.onnx"
         paths["ONNX Runtime int8 static"] = folder / "model_int8_static.onnx"
-        calibration = [torch.randn(1, 3, size, size, generator=generator).numpy() for _ in range(8)]
+        calibration = [torch.randn(1, 3, size, size, generator=generator).numpy() for _ in range(4)]
         quantize_onnx(folder / "model.onnx", paths["ONNX Runtime int8 static"], "static", calibration)
     model.to(device)
     inputs = pixel_values.numpy()
@@ -132,7 +132,9 @@ def main() -> None:
         torch.set_num_threads(args.threads)
     with tempfile.TemporaryDirectory() as scratch:
         rows = [
-            row for model in args.models for row in measure(*MODELS[model], args.repeats, args.device, Path(scratch))
+            row
+            for model in args.models
+            for row in measure(*MODELS[model], args.repeats, args.device, args.threads, Path(scratch))
         ]
     threads = {"torch": torch.get_num_threads(), "onnxruntime": args.threads or "default (one per core)"}
     save_results(
