@@ -25,7 +25,8 @@ from denseclip_hf import (
     convert_denseclip_checkpoint,
 )
 from denseclip_hf.image_processing_denseclip import MULTI_SCALE_RATIOS
-from denseclip_hf.protocol_denseclip import slide_logits, sliding_window_starts
+from denseclip_hf.protocol_denseclip import slide_logits
+from denseclip_hf.sliding_windows import sliding_window_starts
 from denseclip_hf.training.evaluation import EvaluationProtocol
 
 FAMILIES = ("vit", "rn")

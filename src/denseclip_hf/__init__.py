@@ -63,10 +63,13 @@ for _config_class in (DenseClipConfig, DenseClipRetinaNetConfig, DenseClipMaskRC
     AutoVideoProcessor.register(_config_class, video_processor_classes={}, exist_ok=True)
 
 # Loaded on first use, so that `import denseclip_hf` stays light: the converters (which import the model, never the
-# other way round) and the training helpers (which import `datasets` and `accelerate`).
+# other way round), the training helpers (which import `datasets` and `accelerate`) and the ONNX export and ONNX
+# Runtime wrapper (the `export` extra).
 _LAZY_EXPORTS = {
     "convert_clip_checkpoint": "checkpoint_conversion",
     "convert_denseclip_checkpoint": "convert_denseclip_original_to_hf",
+    "export_onnx": "export",
+    "DenseClipOnnxSegmenter": "onnx_inference",
     "SYNTHETIC_CLASS_NAMES": "synthetic",
     "load_synthetic_dataset": "synthetic",
     "SegmentationAugmentation": "training.transforms",

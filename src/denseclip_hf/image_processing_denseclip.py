@@ -696,7 +696,9 @@ class DenseClipImageProcessor(PilBackend):
         """Class-id maps from the model's `outputs.logits` `(batch, num_labels, height, width)`.
 
         Args:
-            outputs: Model output with a `logits` attribute, e.g. a `DenseClipSemanticSegmenterOutput`.
+            outputs: Model output with a `logits` attribute (a torch tensor or a NumPy array), e.g. a
+                `DenseClipSemanticSegmenterOutput`, or the output of the ONNX Runtime wrapper
+                (`denseclip_hf.onnx_inference.DenseClipOnnxSegmenter`).
             target_sizes: `(height, width)` per image (list of pairs or a `(batch, 2)` tensor), usually the original
                 image sizes. The logits are resized there bilinearly (`align_corners=False`) before the argmax;
                 `None` keeps the logits' size.
@@ -709,6 +711,8 @@ class DenseClipImageProcessor(PilBackend):
             `return_segmentation_scores`, a list of `SemanticSegmentationPostProcessorOutput`.
         """
         logits = getattr(outputs, "logits", None)
+        if isinstance(logits, np.ndarray):
+            logits = torch.from_numpy(logits)
         if not isinstance(logits, torch.Tensor) or logits.ndim != 4:
             raise TypeError(
                 "outputs must have `logits` of shape (batch, num_labels, height, width), e.g. the model's output; got "

@@ -18,6 +18,7 @@ from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
 from .configuration_denseclip import PYRAMID_STRIDES, DenseClipResNetConfig
+from .tensor_ops import same_size
 
 
 def multi_head_attention(
@@ -39,7 +40,7 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     (`mode="crop"`, the authors' detectors) its top-left `size` part is taken -> `(1 + height * width, channels)`.
     A `ValueError` when `size` does not fit in the grid for `"crop"`."""
     side = math.isqrt(table.shape[0] - 1)
-    if (side, side) == tuple(size):
+    if same_size((side, side), size):
         return table
     if mode == "crop":
         height, width = size

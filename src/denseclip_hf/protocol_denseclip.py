@@ -12,18 +12,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
+from .sliding_windows import sliding_windows
 from .tensor_ops import channels_last_float, resize_bilinear
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
-
-
-def sliding_window_starts(length: int, crop: int, stride: int) -> list[int]:
-    """Offsets of the windows along one side of `length` pixels: one every `stride` pixels, the last one moved back to
-    end at the border; a side no longer than `crop` has a single window at 0 that spans it whole."""
-    if length <= crop:
-        return [0]
-    count = -(-(length - crop) // stride) + 1
-    return [min(index * stride, length - crop) for index in range(count)]
 
 
 def slide_logits(
@@ -32,18 +24,13 @@ def slide_logits(
     """The authors' `slide_inference`: logits `(batch, num_labels, H, W)` at the input resolution.
 
     `pixel_values` `(batch, 3, H, W)` is cut into windows of `crop_size` every `stride` pixels (see
-    `sliding_window_starts`; a side shorter than the crop is taken whole, so every window has the same size). All
+    `sliding_windows`; a side shorter than the crop is taken whole, so every window has the same size). All
     windows of the batch run through `logits_fn` as one batch (exact: in eval mode no layer mixes samples); each
     window's logits are bilinearly resized to the window, summed into place and divided by the number of windows
     covering each pixel. Accumulated in float32.
     """
     batch, _, height, width = pixel_values.shape
-    window = (min(crop_size[0], height), min(crop_size[1], width))
-    corners = [
-        (top, left)
-        for top in sliding_window_starts(height, crop_size[0], stride[0])
-        for left in sliding_window_starts(width, crop_size[1], stride[1])
-    ]
+    window, corners = sliding_windows(height, width, crop_size, stride)
     crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
     window_logits = resize_bilinear(channels_last_float(logits_fn(crops)), window).unflatten(0, (len(corners), batch))
     summed = torch.empty(
