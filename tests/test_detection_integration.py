@@ -46,6 +46,7 @@ CODE_FILES = {
     "modeling_denseclip.py",
     "modeling_denseclip_detection.py",
     "protocol_denseclip.py",
+    "sliding_windows.py",
     "tensor_ops.py",
 }
 AUTO_MAPS = {

@@ -23,6 +23,7 @@ MODEL_CODE = [
     "modeling_clip_resnet.py",
     "modeling_denseclip.py",
     "protocol_denseclip.py",
+    "sliding_windows.py",
     "tensor_ops.py",
 ]
 MODEL_FILES = sorted(["config.json", "model.safetensors", *MODEL_CODE])
@@ -87,6 +88,7 @@ assert loaded == [
     "denseclip_hf.modeling_denseclip",
     "denseclip_hf.modeling_denseclip_detection",
     "denseclip_hf.protocol_denseclip",
+    "denseclip_hf.sliding_windows",
     "denseclip_hf.tensor_ops",
 ], loaded
 assert "cv2" not in sys.modules and "pycocotools" not in sys.modules  # the detection extra, loaded when used

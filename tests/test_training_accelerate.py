@@ -76,9 +76,8 @@ def test_bf16_mixed_precision_trains_and_evaluates_on_cpu(tmp_path, monkeypatch)
         label = np.asarray(example["label"]).astype(np.int64)
         with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
             outputs = model(**processor(images=example["image"], return_tensors="pt"))  # the test protocol
-            plain = model(
-                **processor(images=example["image"], test_mode="whole", return_tensors="pt"), test_mode="plain"
-            )
+            whole = processor(images=example["image"], test_mode="whole", return_tensors="pt")
+            plain = model(whole["pixel_values"], test_mode="plain")
         assert plain.logits.dtype == torch.bfloat16  # autocast acts on the model...
         assert outputs.logits.dtype == torch.float32  # ...and the protocol accumulates the windows in float32
         predictions.append(processor.post_process_semantic_segmentation(outputs, [label.shape])[0].numpy())
