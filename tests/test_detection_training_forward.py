@@ -7,8 +7,10 @@ boxes (checked against a NumPy focal loss), and bad labels."""
 import numpy as np
 import pytest
 import torch
-from detection_fixtures import DETECTORS, fixture, is_retinanet, load_detector
+from detection_fixtures import DETECTORS, FIXTURE_SIZE, fixture, is_retinanet, load_detector, rgb_image
+from test_image_processing_detection import coco_annotations
 
+from denseclip_hf import DenseClipDetectionImageProcessor
 from denseclip_hf.loss_denseclip_detection import detection_loss_names
 from denseclip_hf.modeling_denseclip_detection import ImageFrame
 
@@ -122,6 +124,20 @@ def test_losses_match_the_authors(name):
     if not is_retinanet(name):
         for image, stored in enumerate(fixture(name)[0][f"expected_train.img{i}.rpn_proposals"] for i in range(2)):
             assert_same_proposals(own_proposals[image], stored)
+
+
+def test_the_processors_training_batch_gives_the_authors_losses():
+    """The user's path: COCO annotations of the original images through the processor (the authors' train
+    pipeline), its output into the model as it is."""
+    name = "retinanet"
+    inputs = DenseClipDetectionImageProcessor(size=FIXTURE_SIZE)(
+        [rgb_image(name, image) for image in range(2)],
+        annotations=coco_annotations(fixture(name)[1], with_masks=False),
+        return_tensors="pt",
+    )
+    with torch.no_grad():
+        outputs = load_detector(name)(**inputs)
+    assert_losses_match(outputs, name)
 
 
 def test_the_seeded_generator_alone_reproduces_the_authors_samples():
