@@ -42,6 +42,7 @@ CODE_FILES = {
     "image_processing_denseclip_detection.py",
     "loading_denseclip.py",
     "loss_denseclip.py",
+    "loss_denseclip_detection.py",
     "modeling_clip_resnet.py",
     "modeling_denseclip.py",
     "modeling_denseclip_detection.py",

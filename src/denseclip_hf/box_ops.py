@@ -550,6 +550,13 @@ def _bags(
     return cells, weights, offsets.view(-1)
 
 
+def boxes_to_rois(boxes: Sequence[torch.Tensor]) -> torch.Tensor:
+    """mmdet `bbox2roi`: each image's boxes `boxes[i] (n_i, >= 4)` (extra columns, e.g. scores, dropped) ->
+    `(sum n_i, 5)` RoIs, rows `(i, x1, y1, x2, y2)` image by image (`(0, 5)` for no image)."""
+    rois = [torch.cat([box.new_full((len(box), 1), index), box[:, :4]], dim=1) for index, box in enumerate(boxes)]
+    return torch.cat(rois) if rois else torch.zeros(0, 5)
+
+
 def map_roi_levels(rois: torch.Tensor, num_levels: int, finest_scale: float = 56) -> torch.Tensor:
     """mmdet `SingleRoIExtractor.map_roi_levels`: `(N, 5)` RoIs -> `(N,)` int64 pyramid level
     `floor(log2(sqrt(w * h) / finest_scale + 1e-6))` clamped to `[0, num_levels - 1]` (float32; with 56 and 4 levels:
@@ -909,8 +916,6 @@ def sampled_rois(samples: Sequence[SamplingResult], positives_only: bool = False
     """mmdet `bbox2roi` of the sampled boxes of a batch: `(N, 5)` rows `(image_index, x1, y1, x2, y2)`, per image its
     positives then its negatives (`positives_only`: the positives, the mask head's RoIs); the row order of
     `rcnn_targets` and `mask_targets`."""
-    rois = []
-    for image, sample in enumerate(samples):
-        boxes = sample.pos_boxes if positives_only else torch.cat([sample.pos_boxes, sample.neg_boxes])
-        rois.append(torch.cat([boxes.new_full((len(boxes), 1), image), boxes], dim=1))
-    return torch.cat(rois) if rois else torch.zeros(0, 5)
+    return boxes_to_rois(
+        [sample.pos_boxes if positives_only else torch.cat([sample.pos_boxes, sample.neg_boxes]) for sample in samples]
+    )

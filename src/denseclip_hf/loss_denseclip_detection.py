@@ -418,8 +418,10 @@ def mask_targets(
         clipped = boxes.clone()
         clipped[:, 0::2] = clipped[:, 0::2].clamp(0, width)
         clipped[:, 1::2] = clipped[:, 1::2].clamp(0, height)
-        rois = torch.cat([torch.arange(len(boxes), device=boxes.device).to(boxes.dtype)[:, None], clipped], dim=1)
-        bitmaps = masks.index_select(0, sample.pos_assigned_gt.to(masks.device)).to(boxes.dtype)[:, None]
+        # Each positive pools from its own gt bitmap (the RoI's batch index): one float copy of the image's masks,
+        # not one per positive (mmdet's `index_select`: up to 128 full-image bitmaps per image on COCO).
+        rois = torch.cat([sample.pos_assigned_gt.to(boxes)[:, None], clipped], dim=1)
+        bitmaps = masks.to(boxes.device, boxes.dtype)[:, None]
         targets.append((roi_align(bitmaps, rois, mask_size, 1.0, 0, True)[:, 0] >= 0.5).float())
     if not targets:
         device = gt_masks[0].device if len(gt_masks) else None

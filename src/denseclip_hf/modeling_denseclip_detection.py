@@ -10,7 +10,9 @@ map joined to C5 as cos / tau, the attention pool's positions cropped) through a
 
 The test-time post-processing (mmdet's `simple_test`: selection, decoding, rescaling, NMS) is part of the forward and
 written as plain functions (`dense_detections`, `rpn_proposals`, `rcnn_detections`) on one image's head outputs. Box
-coding, NMS and RoIAlign are `box_ops`. Modules and weights:
+coding, NMS and RoIAlign are `box_ops`. With `labels` the forward also computes the authors' training losses (mmdet's
+`forward_train`: anchor / R-CNN / mask targets and losses from `loss_denseclip_detection`, Eq. 8 from
+`loss_denseclip`). Modules and weights:
 
     DenseClipForObjectDetection (RetinaNet)           DenseClipForInstanceSegmentation (Mask R-CNN)
     ├── denseclip: DenseClipModel                     ├── denseclip: DenseClipModel
@@ -39,19 +41,43 @@ from transformers.models.auto.modeling_auto import (
     MODEL_FOR_INSTANCE_SEGMENTATION_MAPPING_NAMES,
     MODEL_FOR_OBJECT_DETECTION_MAPPING_NAMES,
 )
-from transformers.utils import ModelOutput, logging
+from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .box_ops import AnchorGenerator, batched_nms, decode_deltas, multi_level_roi_align
+from .box_ops import (
+    AnchorGenerator,
+    MaxIoUAssigner,
+    RandomSampler,
+    SamplingResult,
+    batched_nms,
+    boxes_to_rois,
+    decode_deltas,
+    multi_level_roi_align,
+    sampled_rois,
+)
 from .configuration_denseclip_detection import (
     DenseClipDetectionConfig,
     DenseClipMaskRCNNConfig,
     DenseClipRetinaNetConfig,
 )
 from .loading_denseclip import declare_pipeline_support
+from .loss_denseclip import detection_score_map_loss
+from .loss_denseclip_detection import (
+    SCORE_MAP_LOSS_NAMES,
+    anchor_head_losses,
+    anchor_targets,
+    detection_loss_names,
+    mask_loss,
+    mask_targets,
+    rcnn_losses,
+    rcnn_targets,
+    total_detection_loss,
+)
 from .modeling_denseclip import DenseClipFPN, DenseClipModel, DenseClipModelOutput, DenseClipPreTrainedModel
 
-logger = logging.get_logger(__name__)
+# Training: each image's anchors are those inside its `image_size` padded to a multiple of this (mmdet's `pad_shape`
+# with the authors' `Pad(size_divisor=32)`, the processor's default `size_divisor`); the batch grid beyond is padding.
+PAD_SIZE_DIVISOR = 32
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -64,12 +90,21 @@ class DenseClipDetectionOutput(ModelOutput):
     r"""
     What both DenseCLIP detectors return. Per-image results are tuples with one tensor per image (images have
     different numbers of detections), each sorted by decreasing score (the authors' order before `bbox2result`).
+    In training mode with `labels` the forward stops after the losses, as mmdet's `forward_train`: the detections
+    (`pred_boxes`, `scores`, `labels`, `frame_sizes`, and Mask R-CNN's masks and test-time proposals) are `None`.
 
     Args:
-        loss (`torch.FloatTensor` of shape `()`, *optional*):
-            The training loss (not computed yet: `None`).
-        loss_dict (`dict[str, torch.FloatTensor]`, *optional*):
-            The loss terms (not computed yet: `None`).
+        loss (`torch.FloatTensor` of shape `()`, *optional*, returned with `labels`):
+            The training loss: the sum of the `loss_dict` entries whose key contains "loss" (mmdet's `_parse_losses`),
+            each weighted by its `config.*_loss_weight`.
+        loss_dict (`dict[str, torch.FloatTensor]`, *optional*, returned with `labels`):
+            The scalar terms under the keys of the authors' mmdet logs (`detection_loss_names`), per-level terms
+            summed. RetinaNet: `loss_cls` (focal), `loss_bbox` (L1), `loss_seg` (Eq. 8); Mask R-CNN: `loss_rpn_cls`,
+            `loss_rpn_bbox`, `loss_cls`, `acc` (the box head's accuracy in percent, logged, not in `loss`),
+            `loss_bbox`, `loss_mask`, `loss_aux_seg` (Eq. 8). The CLIP baselines have no Eq. 8 term.
+        level_losses (`dict[str, tuple(torch.FloatTensor)]`, *optional*, returned with `labels`):
+            The anchor head's terms per FPN level (RetinaNet: `loss_cls`, `loss_bbox` on P3-P7; Mask R-CNN:
+            `loss_rpn_cls`, `loss_rpn_bbox` on P2-P6), weighted; `loss_dict` holds their sums.
         pred_boxes (`tuple(torch.FloatTensor)`):
             Per image `(n_i, 4)` boxes `(x1, y1, x2, y2)` in pixels of the frame given by `frame_sizes`: the
             original image when the model got `scale_factors` (the authors' `rescale=True`), else the input image.
@@ -94,6 +129,7 @@ class DenseClipDetectionOutput(ModelOutput):
 
     loss: torch.FloatTensor | None = None
     loss_dict: dict[str, torch.FloatTensor] | None = None
+    level_losses: dict[str, tuple[torch.FloatTensor, ...]] | None = None
     pred_boxes: tuple[torch.FloatTensor, ...] | None = None
     scores: tuple[torch.FloatTensor, ...] | None = None
     labels: tuple[torch.LongTensor, ...] | None = None
@@ -362,11 +398,24 @@ def image_frames(
     ]
 
 
-def check_detection_labels(labels: Any, batch: int, num_labels: int) -> list[dict[str, torch.Tensor]]:
+def check_detection_labels(
+    labels: Any,
+    batch: int,
+    num_labels: int,
+    image_sizes: Sequence[tuple[int, int]] | None = None,
+    input_size: tuple[int, int] | None = None,
+) -> list[dict[str, torch.Tensor]]:
     """The entry check of a detector's `labels`: one dict per image (the processor's `labels`) with `class_labels`
     `(n,)` class indices in `0..num_labels-1`, `boxes` `(n, 4)` `(x1, y1, x2, y2)` in the input frame with
-    `x2 >= x1` and `y2 >= y1` (zero-size boxes allowed), and optionally `masks` `(n, H, W)`. Returns the dicts with
-    tensors; otherwise a `TypeError` / `ValueError` naming the image and the problem."""
+    `x2 > x1` and `y2 > y1`, and optionally `masks` `(n, H, W)`: with `image_sizes` (each image's `(h, w)`) and
+    `input_size` (the padded input's), masks must cover their image (`H >= h`, `W >= w`) and fit in the input (the
+    processor pads them like the image). Returns the dicts with tensors; otherwise a `TypeError` / `ValueError` naming
+    the image and the problem.
+
+    Zero-size boxes are rejected: they have no box regression target (`log(0)` in the deltas), and mmdet's assigners
+    would make them every anchor's match (RetinaNet's `min_pos_iou=0`) or a proposal of their own (R-CNN), so the
+    authors' losses would be infinite or NaN. Their COCO loader, as `DenseClipDetectionImageProcessor`, drops boxes
+    under one pixel."""
     if not isinstance(labels, (list, tuple)) or len(labels) != batch:
         raise TypeError(
             f"labels must be a list with one dict per image ({batch}), got {type(labels).__name__}"
@@ -389,10 +438,11 @@ def check_detection_labels(labels: Any, batch: int, num_labels: int) -> list[dic
             raise ValueError(
                 f"labels[{index}]['class_labels'] must be in 0..{num_labels - 1}, got {classes.tolist()}."
             )
-        if not bool(torch.isfinite(boxes).all()) or bool((boxes[:, 2:] < boxes[:, :2]).any()):
+        if not bool(torch.isfinite(boxes).all()) or bool((boxes[:, 2:] <= boxes[:, :2]).any()):
             raise ValueError(
-                f"labels[{index}]['boxes'] must be finite (x1, y1, x2, y2) with x2 >= x1 and y2 >= y1, got "
-                f"{boxes.tolist()[:5]}."
+                f"labels[{index}]['boxes'] must be finite (x1, y1, x2, y2) with x2 > x1 and y2 > y1, got "
+                f"{boxes.tolist()[:5]}: zero-size boxes have no regression target; drop them (the processor drops "
+                "boxes under one pixel, as the authors' COCO loader)."
             )
         entry = {"class_labels": classes.long(), "boxes": boxes}
         if "masks" in target.keys() and target["masks"] is not None:
@@ -401,6 +451,14 @@ def check_detection_labels(labels: Any, batch: int, num_labels: int) -> list[dic
                 raise ValueError(
                     f"labels[{index}]['masks'] must be (n={len(classes)}, H, W), got {tuple(masks.shape)}."
                 )
+            if image_sizes is not None and input_size is not None:
+                (height, width), (max_height, max_width) = image_sizes[index], input_size
+                if not (height <= masks.shape[1] <= max_height and width <= masks.shape[2] <= max_width):
+                    raise ValueError(
+                        f"labels[{index}]['masks'] are {tuple(masks.shape[1:])} pixels: they must cover the image "
+                        f"({height}, {width}) and fit in the input ({max_height}, {max_width}), in the input frame "
+                        "as the boxes (the processor's masks are padded like the image)."
+                    )
             entry["masks"] = masks
         checked.append(entry)
     return checked
@@ -547,11 +605,13 @@ class DenseClipDetectionPreTrainedModel(DenseClipPreTrainedModel):
 
     The Auto classes a saved folder names (`auto_map`, for loading with `trust_remote_code=True`) are
     `auto_classes`: the pipelines look a model up by theirs (`object-detection`: `AutoModelForObjectDetection`,
-    `image-segmentation`: `AutoModelForImageSegmentation`)."""
+    `image-segmentation`: `AutoModelForImageSegmentation`). `architecture` names the detector's training losses
+    (`detection_loss_names`)."""
 
     config_class = DenseClipDetectionConfig
     extra_level_convs: ClassVar[bool]
     auto_classes: ClassVar[tuple[str, ...]]
+    architecture: ClassVar[str]
 
     def __init__(self, config: DenseClipDetectionConfig):
         super().__init__(config)
@@ -597,30 +657,83 @@ class DenseClipDetectionPreTrainedModel(DenseClipPreTrainedModel):
         outputs = self.denseclip(pixel_values, output_hidden_states=output_hidden_states)
         return outputs, self.fpn(outputs.pyramid)
 
-    def _check_labels(self, labels: Any, batch: int) -> None:
-        if labels is not None:
-            check_detection_labels(labels, batch, self.config.num_labels)
-            logger.warning_once(
-                "DenseCLIP detectors do not compute training losses yet: `labels` are checked, `loss` is None."
+    def _targets(
+        self, labels: Any, frames: Sequence[ImageFrame], pixel_values: torch.Tensor
+    ) -> list[dict[str, torch.Tensor]] | None:
+        """The checked `labels` (`check_detection_labels`) on the model's device, boxes in float32; None without."""
+        if labels is None:
+            return None
+        sizes = [frame.image_size for frame in frames]
+        checked = check_detection_labels(labels, len(frames), self.config.num_labels, sizes, pixel_values.shape[-2:])
+        device = pixel_values.device
+        return [
+            {
+                key: value.to(device, torch.float32) if key == "boxes" else value.to(device)
+                for key, value in target.items()
+            }
+            for target in checked
+        ]
+
+    def _valid_flags(
+        self, sizes: Sequence[Sequence[int]], frames: Sequence[ImageFrame], device: torch.device
+    ) -> list[list[torch.Tensor]]:
+        """Each image's anchors on its own part of the batch grid (mmdet's `inside_flags` with `allowed_border=-1`):
+        those of cells inside its `pad_shape`, its `image_size` padded to a multiple of `PAD_SIZE_DIVISOR`."""
+        return [
+            self.anchor_generator.valid_flags(
+                sizes, [-(-side // PAD_SIZE_DIVISOR) * PAD_SIZE_DIVISOR for side in frame.image_size], device
             )
+            for frame in frames
+        ]
+
+    def _loss_outputs(
+        self,
+        head_losses: dict[str, torch.Tensor | list[torch.Tensor]],
+        outputs: DenseClipModelOutput,
+        targets: Sequence[dict[str, torch.Tensor]],
+        input_size: Sequence[int],
+    ) -> dict[str, Any]:
+        """`loss`, `loss_dict` and `level_losses` of the output from the heads' terms (keys of
+        `detection_loss_names`, per-level terms as lists) and Eq. 8 on the score map (DenseCLIP models; its target
+        grid is the padded input's, `input_size // 4`, as the authors' `img.shape`), in the authors' key order."""
+        config = self.config
+        losses = dict(head_losses)
+        if outputs.score_map is not None:
+            losses[SCORE_MAP_LOSS_NAMES[self.architecture]] = config.score_map_loss_weight * detection_score_map_loss(
+                outputs.score_map,
+                [target["boxes"] for target in targets],
+                [target["class_labels"] for target in targets],
+                tuple(input_size),
+                temperature=config.temperature,
+            )
+        names = detection_loss_names(self.architecture, score_map_loss=outputs.score_map is not None)
+        losses = {name: losses[name] for name in names}
+        loss, loss_dict = total_detection_loss(losses)
+        level_losses = {name: tuple(value) for name, value in losses.items() if isinstance(value, list)}
+        return {"loss": loss, "loss_dict": loss_dict, "level_losses": level_losses}
 
     def _common_outputs(
         self,
         outputs: DenseClipModelOutput,
         features: tuple[torch.Tensor, ...],
         frames: list[ImageFrame],
-        detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]],
+        detections: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] | None,
     ) -> dict[str, Any]:
-        boxes, scores, labels = (tuple(parts) for parts in zip(*detections, strict=True))
-        return {
-            "pred_boxes": boxes,
-            "scores": scores,
-            "labels": labels,
-            "frame_sizes": torch.tensor([frame.frame_size for frame in frames], dtype=torch.long),
+        common = {
             "feature_maps": features,
             "score_map": outputs.score_map,
             "text_embeddings": outputs.text_embeddings,
             "hidden_states": outputs.hidden_states,
+        }
+        if detections is None:
+            return common
+        boxes, scores, labels = (tuple(parts) for parts in zip(*detections, strict=True))
+        return {
+            **common,
+            "pred_boxes": boxes,
+            "scores": scores,
+            "labels": labels,
+            "frame_sizes": torch.tensor([frame.frame_size for frame in frames], dtype=torch.long),
         }
 
 
@@ -642,8 +755,18 @@ _FORWARD_ARGS = r"""
             (`frame_sizes`). Default: `image_sizes / scale`, rounded.
         labels (`list[dict]`, *optional*):
             Per image `{"class_labels": (n,), "boxes": (n, 4) (x1, y1, x2, y2) in the input frame, "masks": (n, H,
-            W)}` (the processor's `labels`), checked (`check_detection_labels`). Training losses are not computed yet
-            (`loss` is `None`).
+            W)}` (the processor's `labels`; Mask R-CNN needs the masks, in the input frame, padded like the image),
+            checked (`check_detection_labels`: zero-size boxes are an error). With them the output has the authors'
+            training losses (`loss`, `loss_dict`, `level_losses`), in eval mode too (the authors' own comparison:
+            BN running statistics, no dropout). In training mode the forward then stops after the losses (no
+            detections). Each image's anchors are those inside its `image_sizes` padded to a multiple of 32 (mmdet's
+            `pad_shape`); Eq. 8's target grid is the padded input's (`height // 4, width // 4`). An image without
+            boxes is a result: all its anchors are negatives (RetinaNet, RPN), the R-CNN sampler draws negatives
+            only, and a batch without any box gives an Eq. 8 term of 0 (where the authors' code divides 0 by 0).
+        generator (`torch.Generator`, *optional*):
+            A CPU generator for the random samplers of Mask R-CNN's training (RPN anchors, then R-CNN proposals, image
+            by image, as mmdet draws): seeded like the authors' `torch.manual_seed`, it draws the same samples on the
+            same torch build. Default: torch's global generator (as mmdet). RetinaNet samples nothing.
         output_hidden_states (`bool` or `list[int]`, *optional*):
             Also return the image encoder's stem and its levels C2-C5 (see `DenseClipModel.forward`).
         return_dict (`bool`, *optional*):
@@ -654,12 +777,14 @@ _FORWARD_ARGS = r"""
 class DenseClipForObjectDetection(DenseClipDetectionPreTrainedModel):
     """DenseCLIP RetinaNet (paper Table 3; with `prompting_type="none"`, the CLIP baseline): `DenseClipModel`, an FPN
     (P3-P5 from C3-C5', P6 and P7 by stride-2 convolutions from C5', C5 joined with s / tau) and RetinaNet's head;
-    the forward ends with the authors' test post-processing (`dense_detections`) on each image."""
+    the forward ends with the authors' test post-processing (`dense_detections`) on each image. With `labels`: the
+    focal and L1 losses of the head (`head_losses`) and Eq. 8 on the score map (`loss_seg`)."""
 
     config: DenseClipRetinaNetConfig
     config_class = DenseClipRetinaNetConfig
     extra_level_convs = True
     auto_classes = ("AutoModelForObjectDetection",)
+    architecture = "retinanet"
 
     def __init__(self, config: DenseClipRetinaNetConfig):
         super().__init__(config)
@@ -683,45 +808,93 @@ class DenseClipForObjectDetection(DenseClipDetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
         **kwargs,
     ) -> DenseClipObjectDetectionOutput:
+        config = self.config
         frames = image_frames(pixel_values, image_sizes, scale_factors, original_sizes)
-        self._check_labels(labels, len(frames))
+        targets = self._targets(labels, frames, pixel_values)
         outputs, features = self._features(pixel_values, output_hidden_states)
         class_logits, box_deltas = self.head(features)
-        anchors = self.anchor_generator.grid_anchors([feature.shape[-2:] for feature in features], features[0].device)
-        config = self.config
-        with torch.no_grad():
-            detections = [
-                dense_detections(
-                    [level[index] for level in class_logits],
-                    [level[index] for level in box_deltas],
-                    anchors,
-                    frame,
-                    score_threshold=config.score_threshold,
-                    nms_pre=config.nms_pre,
-                    iou_threshold=config.nms_iou_threshold,
-                    max_detections=config.max_detections,
-                )
-                for index, frame in enumerate(frames)
-            ]
+        sizes = [feature.shape[-2:] for feature in features]
+        anchors = self.anchor_generator.grid_anchors(sizes, features[0].device)
+        losses = {}
+        if targets is not None:
+            head_losses = self.head_losses(
+                class_logits, box_deltas, anchors, self._valid_flags(sizes, frames, features[0].device), targets
+            )
+            losses = self._loss_outputs(head_losses, outputs, targets, pixel_values.shape[-2:])
+        detections = None
+        if not (self.training and targets is not None):
+            with torch.no_grad():
+                detections = [
+                    dense_detections(
+                        [level[index] for level in class_logits],
+                        [level[index] for level in box_deltas],
+                        anchors,
+                        frame,
+                        score_threshold=config.score_threshold,
+                        nms_pre=config.nms_pre,
+                        iou_threshold=config.nms_iou_threshold,
+                        max_detections=config.max_detections,
+                    )
+                    for index, frame in enumerate(frames)
+                ]
         return DenseClipObjectDetectionOutput(
+            **losses,
             **self._common_outputs(outputs, features, frames, detections),
             class_logits=class_logits,
             box_deltas=box_deltas,
         )
+
+    def head_losses(
+        self,
+        class_logits: Sequence[torch.Tensor],
+        box_deltas: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        valid_flags: Sequence[Sequence[torch.Tensor]],
+        targets: Sequence[dict[str, torch.Tensor]],
+    ) -> dict[str, list[torch.Tensor]]:
+        """The RetinaNet head's training losses (mmdet 2.28 `AnchorHead.loss`): per level `l` the head's
+        `class_logits[l] (B, A * K, h_l, w_l)` and `box_deltas[l] (B, A * 4, h_l, w_l)`, the batch grid's
+        `anchors[l] (h_l * w_l * A, 4)`, each image's `valid_flags[i][l]` and `targets[i]` (`boxes`,
+        `class_labels`). Every valid anchor is assigned (`MaxIoUAssigner` with the config's thresholds, no
+        sampling); returns `{"loss_cls": [...], "loss_bbox": [...]}` per level, the sigmoid focal loss and the L1
+        loss on the deltas of the positives, each divided by `sum_i max(#positives_i, 1)` and weighted
+        (`classification_loss_weight`, `box_loss_weight`). An image without boxes: all its anchors are negatives."""
+        config = self.config
+        assigner = MaxIoUAssigner(
+            config.assigner_pos_iou_threshold, config.assigner_neg_iou_threshold, config.assigner_min_pos_iou
+        )
+        head_targets = anchor_targets(
+            anchors,
+            valid_flags,
+            [target["boxes"] for target in targets],
+            [target["class_labels"] for target in targets],
+            config.num_labels,
+            assigner,
+        )
+        losses_cls, losses_bbox = anchor_head_losses(
+            class_logits, box_deltas, head_targets, "focal", config.focal_loss_gamma, config.focal_loss_alpha
+        )
+        return {
+            "loss_cls": [config.classification_loss_weight * loss for loss in losses_cls],
+            "loss_bbox": [config.box_loss_weight * loss for loss in losses_bbox],
+        }
 
 
 class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
     """DenseCLIP Mask R-CNN (paper Table 4; with `prompting_type="none"`, the CLIP baseline): `DenseClipModel`, an FPN
     (P2-P5 from C2-C5', P6 by max-pooling), the RPN with per-level NMS (`rpn_proposals`), RoIAlign from the level
     each proposal maps to, the box head (`rcnn_detections`) and the mask head on the final detections; the forward
-    follows the authors' `simple_test` on each image."""
+    follows the authors' `simple_test` on each image. With `labels`: the RPN's, box head's and mask head's losses
+    (`head_losses`, the authors' `forward_train`) and Eq. 8 on the score map (`loss_aux_seg`)."""
 
     config: DenseClipMaskRCNNConfig
     config_class = DenseClipMaskRCNNConfig
     extra_level_convs = False
     auto_classes = ("AutoModelForInstanceSegmentation", "AutoModelForImageSegmentation", "AutoModelForObjectDetection")
+    architecture = "mask_rcnn"
 
     def __init__(self, config: DenseClipMaskRCNNConfig):
         super().__init__(config)
@@ -740,13 +913,16 @@ class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
         rpn_box_deltas: Sequence[torch.Tensor],
         frames: Sequence[ImageFrame],
         nms_pre: int | None = None,
+        anchors: Sequence[torch.Tensor] | None = None,
     ) -> list[torch.Tensor]:
         """Each image's proposals `(p_i, 5)` (`rpn_proposals`) from the RPN's outputs, with `nms_pre` anchors per
-        level (default `config.rpn_nms_pre`, the test setting; training uses `config.rpn_train_nms_pre`)."""
+        level (default `config.rpn_nms_pre`, the test setting; training uses `config.rpn_train_nms_pre`). `anchors`:
+        the levels' anchor grids when already made (`anchor_generator.grid_anchors` of the RPN's level sizes)."""
         config = self.config
-        anchors = self.anchor_generator.grid_anchors(
-            [level.shape[-2:] for level in rpn_objectness], rpn_objectness[0].device
-        )
+        if anchors is None:
+            anchors = self.anchor_generator.grid_anchors(
+                [level.shape[-2:] for level in rpn_objectness], rpn_objectness[0].device
+            )
         with torch.no_grad():
             return [
                 rpn_proposals(
@@ -763,13 +939,14 @@ class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
             ]
 
     def roi_features(self, features: Sequence[torch.Tensor], boxes: Sequence[torch.Tensor], size: int) -> torch.Tensor:
-        """RoIAlign (`aligned=True`, `config.roi_sampling_ratio`) of each image's `boxes[i]` `(n_i, >= 4)` (input
-        frame) from the FPN level its size maps to (`config.roi_finest_scale`) among those of strides up to 32:
-        `(sum n_i, C, size, size)`."""
+        """RoIAlign of each image's `boxes[i]` `(n_i, >= 4)` (input frame): `pool_rois` of their `boxes_to_rois`."""
+        return self.pool_rois(features, boxes_to_rois(boxes), size)
+
+    def pool_rois(self, features: Sequence[torch.Tensor], rois: torch.Tensor, size: int) -> torch.Tensor:
+        """RoIAlign (`aligned=True`, `config.roi_sampling_ratio`) of `rois` `(N, 5)` rows `(image, x1, y1, x2, y2)` in
+        the input frame, each from the FPN level its size maps to (`config.roi_finest_scale`) among those of strides
+        up to 32: `(N, C, size, size)`."""
         config = self.config
-        rois = torch.cat(
-            [torch.cat([box.new_full((len(box), 1), index), box[:, :4]], 1) for index, box in enumerate(boxes)]
-        )
         return multi_level_roi_align(
             features[: len(config.roi_strides)],
             rois,
@@ -789,18 +966,40 @@ class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
         labels: list[dict[str, torch.Tensor]] | None = None,
         output_hidden_states: bool | list[int] | None = None,
         return_dict: bool | None = None,
+        generator: torch.Generator | None = None,
         **kwargs,
     ) -> DenseClipInstanceSegmentationOutput:
         config = self.config
         frames = image_frames(pixel_values, image_sizes, scale_factors, original_sizes)
-        self._check_labels(labels, len(frames))
+        targets = self._targets(labels, frames, pixel_values)
+        if targets is not None and any("masks" not in target for target in targets):
+            raise ValueError(
+                "Mask R-CNN's training loss needs instance masks: give each labels dict 'masks' (n, H, W) (the "
+                "processor's labels for COCO annotations with a 'segmentation')."
+            )
         outputs, features = self._features(pixel_values, output_hidden_states)
         # RoIAlign reads channels-last maps; converted once for the box and the mask heads.
         roi_levels = [
             feature.contiguous(memory_format=torch.channels_last) for feature in features[: len(config.roi_strides)]
         ]
         rpn_objectness, rpn_box_deltas = self.rpn(features)
-        proposals = self.propose(rpn_objectness, rpn_box_deltas, frames)
+        sizes = [level.shape[-2:] for level in rpn_objectness]
+        anchors = self.anchor_generator.grid_anchors(sizes, features[0].device)
+        losses = {}
+        if targets is not None:
+            valid_flags = self._valid_flags(sizes, frames, features[0].device)
+            head_losses = self.head_losses(
+                roi_levels, rpn_objectness, rpn_box_deltas, anchors, valid_flags, frames, targets, generator
+            )
+            losses = self._loss_outputs(head_losses, outputs, targets, pixel_values.shape[-2:])
+        if self.training and targets is not None:
+            return DenseClipInstanceSegmentationOutput(
+                **losses,
+                **self._common_outputs(outputs, features, frames, None),
+                rpn_objectness=rpn_objectness,
+                rpn_box_deltas=rpn_box_deltas,
+            )
+        proposals = self.propose(rpn_objectness, rpn_box_deltas, frames, anchors=anchors)
         counts = [len(image_proposals) for image_proposals in proposals]
         roi_class_logits, roi_box_deltas = self.box_head(self.roi_features(roi_levels, proposals, config.box_roi_size))
         roi_class_logits, roi_box_deltas = roi_class_logits.split(counts), roi_box_deltas.split(counts)
@@ -822,6 +1021,7 @@ class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
             ]
             pred_masks, mask_boxes = self._masks(roi_levels, frames, detections)
         return DenseClipInstanceSegmentationOutput(
+            **losses,
             **self._common_outputs(outputs, features, frames, detections),
             pred_masks=pred_masks,
             mask_boxes=mask_boxes,
@@ -831,6 +1031,88 @@ class DenseClipForInstanceSegmentation(DenseClipDetectionPreTrainedModel):
             roi_class_logits=tuple(roi_class_logits),
             roi_box_deltas=tuple(roi_box_deltas),
         )
+
+    def head_losses(
+        self,
+        roi_levels: Sequence[torch.Tensor],
+        rpn_objectness: Sequence[torch.Tensor],
+        rpn_box_deltas: Sequence[torch.Tensor],
+        anchors: Sequence[torch.Tensor],
+        valid_flags: Sequence[Sequence[torch.Tensor]],
+        frames: Sequence[ImageFrame],
+        targets: Sequence[dict[str, torch.Tensor]],
+        generator: torch.Generator | None = None,
+    ) -> dict[str, torch.Tensor | list[torch.Tensor]]:
+        """Mask R-CNN's training losses (mmdet 2.28 `TwoStageDetector.forward_train` with `StandardRoIHead`), from
+        the FPN levels the RoI heads pool from (`roi_levels`, P2-P5), the RPN's outputs per level, the batch grid's
+        `anchors`, each image's `valid_flags`, `frames` and `targets` (`boxes`, `class_labels`, `masks`):
+
+        1. RPN: the valid anchors assigned (`rpn_assigner_*`) and sampled (`rpn_sampler_*`), image by image;
+           `loss_rpn_cls` (sigmoid cross-entropy) and `loss_rpn_bbox` (L1) per level, divided by the sampled count.
+        2. Proposals with the training setting (`rpn_train_nms_pre` per level; not differentiated), per image
+           assigned (`rcnn_assigner_*`) and sampled over `[gt boxes; proposals]` (`rcnn_sampler_*`, gt boxes added
+           as proposals), image by image after the RPN's draws, from `generator`.
+        3. Box head on the sampled RoIs (positives then negatives per image): `loss_cls` (softmax cross-entropy),
+           `acc` (percent), `loss_bbox` (L1 on the gt class's deltas, `box_coder_stds`, divided by all sampled RoIs).
+        4. Mask head on the positives: `loss_mask`, the binary cross-entropy of the gt class's 28 x 28 logits
+           against the gt masks cropped to the RoIs (`mask_targets`).
+
+        Each term is weighted by its `config.*_loss_weight`. An image without boxes gives the RPN only negatives
+        and the R-CNN sampler draws negatives only; a batch without positives has 0 box and mask terms."""
+        config = self.config
+        boxes = [target["boxes"] for target in targets]
+        labels = [target["class_labels"] for target in targets]
+        rpn_assigner = MaxIoUAssigner(
+            config.rpn_assigner_pos_iou_threshold,
+            config.rpn_assigner_neg_iou_threshold,
+            config.rpn_assigner_min_pos_iou,
+        )
+        rpn_sampler = RandomSampler(config.rpn_sampler_num, config.rpn_sampler_pos_fraction)
+        rpn_targets = anchor_targets(
+            anchors, valid_flags, boxes, None, 1, rpn_assigner, rpn_sampler, generator=generator
+        )
+        rpn_cls, rpn_bbox = anchor_head_losses(rpn_objectness, rpn_box_deltas, rpn_targets, "sigmoid_cross_entropy")
+
+        proposals = self.propose(rpn_objectness, rpn_box_deltas, frames, config.rpn_train_nms_pre, anchors)
+        rcnn_assigner = MaxIoUAssigner(
+            config.rcnn_assigner_pos_iou_threshold,
+            config.rcnn_assigner_neg_iou_threshold,
+            config.rcnn_assigner_min_pos_iou,
+        )
+        rcnn_sampler = RandomSampler(
+            config.rcnn_sampler_num,
+            config.rcnn_sampler_pos_fraction,
+            add_gt_as_proposals=config.rcnn_sampler_add_gt_as_proposals,
+        )
+        samples: list[SamplingResult] = [
+            rcnn_sampler.sample(
+                rcnn_assigner.assign(image_proposals, gt_boxes, gt_labels),
+                image_proposals,
+                gt_boxes,
+                gt_labels,
+                generator,
+            )
+            for image_proposals, gt_boxes, gt_labels in zip(proposals, boxes, labels, strict=True)
+        ]
+        class_logits, box_deltas = self.box_head(
+            self.pool_rois(roi_levels, sampled_rois(samples), config.box_roi_size)
+        )
+        rcnn = rcnn_losses(
+            class_logits, box_deltas, rcnn_targets(samples, config.num_labels, stds=config.box_coder_stds)
+        )
+        mask_logits = self.mask_head(
+            self.pool_rois(roi_levels, sampled_rois(samples, positives_only=True), config.mask_roi_size)
+        )
+        masks = mask_targets(samples, [target["masks"] for target in targets], config.mask_size)
+        positive_labels = torch.cat([sample.pos_gt_labels for sample in samples])
+        return {
+            "loss_rpn_cls": [config.rpn_classification_loss_weight * loss for loss in rpn_cls],
+            "loss_rpn_bbox": [config.rpn_box_loss_weight * loss for loss in rpn_bbox],
+            "loss_cls": config.classification_loss_weight * rcnn["loss_cls"],
+            "acc": rcnn["acc"],
+            "loss_bbox": config.box_loss_weight * rcnn["loss_bbox"],
+            "loss_mask": config.mask_loss_weight * mask_loss(mask_logits, masks, positive_labels),
+        }
 
     def _masks(
         self,
