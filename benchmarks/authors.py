@@ -1,5 +1,7 @@
 """The same model made to compute what the authors' segmentor computes (their code needs mmcv/mmseg, which do not
-run here): the baseline of the side-by-side benchmarks. It changes one instance only, never the package.
+run here): the baseline of the side-by-side benchmarks. It changes one instance only, never the package. Their
+detectors (mmdet) compute as this package's at inference but for the text tower (`text_as_the_authors`; their NMS and
+RoIAlign are mmcv's compiled ops, which do not run here either, so both sides run this package's).
 
 - Text tower: every position of every class prompt (K x 13 positions) on every forward, where this package runs the
   shared start token and contexts once and stops after the longest name (`DenseClipTextEncoder`), and caches the
@@ -19,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from denseclip_hf import DenseClipForSemanticSegmentation
+from denseclip_hf import DenseClipForSemanticSegmentation, DenseClipModel
 from denseclip_hf.configuration_denseclip import resolve_test_protocol
 
 
@@ -62,17 +64,23 @@ def authors_loss(model: DenseClipForSemanticSegmentation, logits, score_map, lab
     return decode_loss + config.identity_loss_weight * identity_loss, decode_loss, identity_loss
 
 
-def behave_as_the_authors(model: DenseClipForSemanticSegmentation) -> list[nn.Parameter]:
-    """Makes `model` compute as the authors' segmentor (see the module docstring). Returns the text tower's
-    parameters, which a training benchmark puts in the optimizer with learning rate 0."""
-    denseclip = model.denseclip
+def text_as_the_authors(denseclip: DenseClipModel) -> list[nn.Parameter]:
+    """Makes the base model of a segmentor or a detector run its text tower as the authors' code does: every position
+    of every prompt, on every forward (no cache), the tower's weights taking gradients. Returns its parameters."""
     text_encoder = denseclip.text_encoder
     text_encoder._encode = lambda class_token_ids, contexts: full_text_tower(text_encoder, class_token_ids, contexts)
     text_encoder.requires_grad_(True)
     denseclip._can_cache_text_embeddings = lambda: False
+    return list(text_encoder.parameters())
+
+
+def behave_as_the_authors(model: DenseClipForSemanticSegmentation) -> list[nn.Parameter]:
+    """Makes `model` compute as the authors' segmentor (see the module docstring). Returns the text tower's
+    parameters, which a training benchmark puts in the optimizer with learning rate 0."""
+    text_parameters = text_as_the_authors(model.denseclip)
     model.compute_loss = partial(authors_loss, model)
     model.predict_probabilities = partial(authors_predict_probabilities, model)
-    return list(text_encoder.parameters())
+    return text_parameters
 
 
 def authors_slide_logits(model: DenseClipForSemanticSegmentation, pixel_values: torch.Tensor) -> torch.Tensor:

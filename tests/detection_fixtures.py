@@ -19,7 +19,7 @@ from denseclip_hf import (
     DenseClipRetinaNetConfig,
     tokenize_class_names,
 )
-from denseclip_hf.detection_checkpoint_keys import convert_authors_detection_state_dict
+from denseclip_hf.convert_denseclip_original_to_hf import convert_authors_detection_state_dict
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DETECTORS = ["retinanet", "maskrcnn", "clip_retinanet", "clip_maskrcnn"]

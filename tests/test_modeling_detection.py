@@ -22,7 +22,7 @@ from detection_fixtures import (
 )
 
 from denseclip_hf import DenseClipDetectionImageProcessor, DenseClipMaskRCNNConfig, DenseClipRetinaNetConfig
-from denseclip_hf.detection_checkpoint_keys import convert_authors_detection_state_dict
+from denseclip_hf.convert_denseclip_original_to_hf import convert_authors_detection_state_dict
 from denseclip_hf.modeling_clip_resnet import resize_position_embedding
 from denseclip_hf.modeling_denseclip import visual_context
 from denseclip_hf.modeling_denseclip_detection import (
