@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 
 from ..configuration_denseclip import DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
-from .optimization import WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS
+from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import RECIPES
 
 PAPER_URL = "https://arxiv.org/abs/2112.01518"
@@ -201,7 +201,7 @@ After `import denseclip_hf`, `trust_remote_code` is not needed.
 {settings_table}
 
 AdamW; the CLIP text encoder is frozen; no weight decay on
-{WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS[optimization.weight_decay_exemptions]}. Augmentation: random rescale
+{WEIGHT_DECAY_EXEMPTIONS[optimization.weight_decay_exemptions].description}. Augmentation: random rescale
 (ratio {ratio_range} of the {image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}),
 horizontal flip, photometric distortion.
 
