@@ -623,11 +623,12 @@ class DenseClipConfig(PreTrainedConfig):
             One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
             the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
         test_mode (`str`, *optional*, defaults to `"slide"`):
-            The test protocol an eval-mode forward without labels follows (so does the `image-segmentation`
-            pipeline), and the default of `predict_probabilities`: `"slide"` (the authors', every number of the
-            paper) runs the model on `test_crop_size` windows every `test_stride` pixels and averages the
-            overlapping logits; `"whole"` runs it once on the whole image. Both return logits at the input
-            resolution. See docs/inference.md.
+            The model's test protocol: the default of `predict_probabilities` and of evaluation (training
+            validation, `examples/evaluate_seg.py`), and what the converter writes into the image processor, whose
+            output asks `forward` for it (`model(**processor(images=...))`, the `image-segmentation` pipeline).
+            `"slide"` (the authors', every number of the paper) runs the model on `test_crop_size` windows every
+            `test_stride` pixels and averages the overlapping logits; `"whole"` runs it once on the whole image. Both
+            give logits at the input resolution. See docs/inference.md.
         test_crop_size (`int` or `list[int]`, *optional*):
             Sliding-window size (an int, or `[height, width]`); each side at least 32 and, for a ViT, a multiple of
             the patch size. Defaults to the authors': 640 for a ViT (ViT-B/16), 512 for a ResNet (RN50, RN101).

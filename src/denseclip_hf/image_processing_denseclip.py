@@ -359,18 +359,23 @@ class DenseClipImageProcessor(PilBackend):
     r"""Image processor for [`DenseClipForSemanticSegmentation`] (Pillow + NumPy backend, no torchvision).
 
     Turns images into `pixel_values` `(batch, 3, height, width)` float32 and, optionally, label maps into `labels`
-    `(batch, height, width)` int64 of exactly the same height and width. The defaults reproduce the DenseCLIP authors'
-    test pipeline for the ViT-B/16 ADE20K model (mmseg `Resize(img_scale=(2048, 640), keep_ratio=True)`, `Normalize`
-    with CLIP's mean/std) for their sliding-window test; for a single pass over the whole image (`test_mode="whole"`,
-    or label maps for the loss) `size_divisor` makes every output fit the model (patch 16, pyramid stride 32).
-    With `scale_ratios` one call prepares the inputs of the authors' multi-scale test (`MULTI_SCALE_RATIOS`).
+    `(batch, height, width)` int64 of exactly the same height and width. For images without label maps the output
+    also holds `test_mode`, the protocol `DenseClipForSemanticSegmentation.forward` then runs (`model(**inputs)`, the
+    `image-segmentation` pipeline); with label maps it does not, and the model makes its single pass with the loss.
+
+    The defaults reproduce the DenseCLIP authors' test pipeline for the ViT-B/16 ADE20K model (mmseg
+    `Resize(img_scale=(2048, 640), keep_ratio=True)`, `Normalize` with CLIP's mean/std) for their sliding-window test;
+    for a single pass over the whole image (`test_mode="whole"`, or label maps for the loss) `size_divisor` makes
+    every output fit the model (patch 16, pyramid stride 32). With `scale_ratios` one call prepares the inputs of the
+    authors' multi-scale test (`MULTI_SCALE_RATIOS`).
 
     Settings (each can be given to the constructor or overridden per call):
         do_convert_rgb (`bool`, defaults to `True`):
             Convert every image to 3-channel RGB: grey (`L`, `I;16`, `I`, 1-channel arrays) is replicated, alpha
             (`LA`, `RGBA`, `PA`, transparent palettes, 4-channel arrays) is composited over white, palette (`P`)
-            images take their palette colours; 16-bit data is divided by 257 (0-65535 -> 0-255, not clipped). With
-            `False` images must already have 3 channels.
+            images take their palette colours; 16-bit data is divided by 257 (0-65535 -> 0-255, not clipped)
+            (`image_to_rgb_array`). With `False` images keep their channels, as in transformers' processors (give one
+            `image_mean` / `image_std` per channel, or one for all).
         do_resize (`bool`, defaults to `True`):
             Resize images (and label maps) per `size` and `size_divisor`.
         size (`dict[str, int]`, defaults to `{"shortest_edge": 640, "longest_edge": 2048}`):
@@ -385,8 +390,9 @@ class DenseClipImageProcessor(PilBackend):
             disables it. Not applied under `test_mode="slide"` without label maps (the authors' windows have the
             crop size, so they resize without rounding), nor when `do_resize=False`.
         test_mode (`str`, defaults to `"slide"`):
-            The model's test protocol (`DenseClipConfig.test_mode`) the images are prepared for: `"slide"` resizes
-            exactly as the authors do, `"whole"` also applies `size_divisor`.
+            The model's test protocol (`DenseClipConfig.test_mode`) the images are prepared for, and which the output
+            asks the model to run (images without label maps): `"slide"` resizes exactly as the authors do,
+            `"whole"` also applies `size_divisor`.
         scale_ratios (`list[float]`, *optional*):
             Prepare a multi-scale test: each image is resized (keep ratio) once per ratio, to `size` times the ratio
             (each bound truncated to an int, as mmseg's `img_ratios`; the authors: `MULTI_SCALE_RATIOS`, 0.5-1.75 of
@@ -459,7 +465,8 @@ class DenseClipImageProcessor(PilBackend):
         Returns:
             `BatchFeature` with `pixel_values` `(batch, 3, height, width)` float32 (with `scale_ratios`: a list of
             them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
-            arrays when `return_tensors=None`).
+            arrays when `return_tensors=None`); without either, `test_mode` (the protocol for the model's
+            `forward`).
         """
         check_size_setting(kwargs.get("size"))
         try:
@@ -513,7 +520,8 @@ class DenseClipImageProcessor(PilBackend):
         rescale_factor: float | None = None,
         **kwargs: Any,
     ) -> np.ndarray:
-        """One raw image -> `(3, height, width)` array in the 8-bit value range (uint8, or float32 for 16-bit/float).
+        """One raw image -> `(3, height, width)` array in the 8-bit value range (uint8, or float32 for 16-bit/float);
+        `(channels, height, width)` with `do_convert_rgb=False`.
 
         Float arrays are kept as given; their alpha channel (if any) counts `1 / rescale_factor` as opaque when
         `do_rescale`, else 1.
