@@ -74,44 +74,72 @@ BLOCKS = [block for path in DOCUMENTS for block in code_blocks(path)]
 PYTHON = [block for block in BLOCKS if block.language == "python"]
 RUN_FILES = sorted({block.path for block in PYTHON if block.not_run is None})
 
-# Runs the blocks of one file in one namespace; each block compiles under its Markdown file's name, padded so that a
-# traceback gives the line in the Markdown file.
+# Runs the blocks of each file in a namespace and a working folder of its own, all files in one Python process (one
+# import of torch and transformers); each block compiles under its Markdown file's name, padded so that a traceback
+# gives the line in the Markdown file. Prints {file: traceback or None} as JSON.
 DRIVER = textwrap.dedent(
     """
-    import json
-    import sys
+    import json, os, sys, traceback
 
-    namespace = {"__name__": "__main__"}
-    for block in json.loads(open(sys.argv[1]).read()):
-        source = "\\n" * block["line"] + block["source"]
-        exec(compile(source, block["path"], "exec"), namespace)
+    results = {}
+    for document, blocks in json.loads(open(sys.argv[1]).read()).items():
+        folder = os.path.join(sys.argv[2], str(len(results)))
+        os.makedirs(folder)
+        os.chdir(folder)
+        namespace = {"__name__": "__main__"}
+        try:
+            for block in blocks:
+                exec(compile("\\n" * block["line"] + block["source"], document, "exec"), namespace)
+            results[document] = None
+        except BaseException:
+            results[document] = traceback.format_exc()
+    print(json.dumps(results))
     """
 )
 
 
-def offline_environment() -> dict[str, str]:
-    """This process's environment, with the package's sources first on the path and the Hub unreachable."""
+def offline_environment(tmp_path: Path) -> dict[str, str]:
+    """This process's environment, with the package's sources first on the path, the Hub unreachable and remote code
+    cached in `tmp_path`."""
     path = os.pathsep.join(filter(None, [str(ROOT / "src"), os.environ.get("PYTHONPATH")]))
-    return {**os.environ, "PYTHONPATH": path, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    return {
+        **os.environ,
+        "PYTHONPATH": path,
+        "HF_HUB_OFFLINE": "1",
+        "TRANSFORMERS_OFFLINE": "1",
+        "HF_MODULES_CACHE": str(tmp_path / "hf-modules"),
+    }
+
+
+@pytest.fixture(scope="module")
+def documents_run(tmp_path_factory) -> dict[str, str | None]:
+    """Runs the Python blocks of every document (not those marked `not run`): {document: traceback, or None}."""
+    tmp_path = tmp_path_factory.mktemp("docs")
+    blocks = {
+        str(path.relative_to(ROOT)): [
+            {"line": block.line, "source": block.source}
+            for block in PYTHON
+            if block.path == path and block.not_run is None
+        ]
+        for path in RUN_FILES
+    }
+    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
+    result = subprocess.run(
+        [sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json"), str(tmp_path / "work")],
+        cwd=tmp_path,
+        env=offline_environment(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert result.returncode == 0, result.stderr[-6000:]
+    return json.loads(result.stdout.splitlines()[-1])
 
 
 @pytest.mark.parametrize("path", RUN_FILES, ids=[str(path.relative_to(ROOT)) for path in RUN_FILES])
-def test_python_blocks_run(path: Path, tmp_path: Path):
-    blocks = [
-        {"path": str(block.path.relative_to(ROOT)), "line": block.line, "source": block.source}
-        for block in PYTHON
-        if block.path == path and block.not_run is None
-    ]
-    (tmp_path / "blocks.json").write_text(json.dumps(blocks))
-    result = subprocess.run(
-        [sys.executable, "-c", DRIVER, str(tmp_path / "blocks.json")],
-        cwd=tmp_path,
-        env=offline_environment(),
-        capture_output=True,
-        text=True,
-        timeout=600,
-    )
-    assert result.returncode == 0, result.stderr[-6000:]
+def test_python_blocks_run(path: Path, documents_run: dict[str, str | None]):
+    error = documents_run[str(path.relative_to(ROOT))]
+    assert error is None, error[-6000:]
 
 
 NOT_RUN_BLOCKS = [block for block in PYTHON if block.not_run is not None]
@@ -195,12 +223,12 @@ HELP_DRIVER = textwrap.dedent(
 
 
 @pytest.fixture(scope="module")
-def script_helps() -> dict[str, str]:
+def script_helps(tmp_path_factory) -> dict[str, str]:
     scripts = sorted({command.script for command in COMMANDS})
     result = subprocess.run(
         [sys.executable, "-c", HELP_DRIVER, *scripts],
         cwd=ROOT,
-        env=offline_environment(),
+        env=offline_environment(tmp_path_factory.mktemp("helps")),
         capture_output=True,
         text=True,
         timeout=600,

@@ -1551,7 +1551,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             output_size: `(height, width)` of the result, usually the original image size.
             flip: Also run each input mirrored horizontally (the authors' multi-scale test uses it).
             mode, crop_size, stride: `"slide"` or `"whole"`, the window size and the window step (int or
-                `(height, width)`). Default: `config.test_mode`, `config.test_crop_size`, `config.test_stride`.
+                `(height, width)`). What is left out follows `resolve_test_protocol`: `config.test_mode`,
+                `config.test_crop_size`, `config.test_stride`, except that a `crop_size` given without a `stride` gets
+                two thirds of it (the authors' rule).
 
         Returns:
             `torch.FloatTensor` `(batch, num_labels, *output_size)`, float32, summing to 1 over the classes. Its
