@@ -163,11 +163,12 @@ def test_every_marker_belongs_to_a_python_block():
 
 @dataclass(frozen=True)
 class Command:
-    """A command of a shell block that runs one of the package's scripts, and the flags it passes to the script."""
+    """A command of a shell block that runs one of the package's scripts, and the flags it passes to the script, each
+    with the word after it (its value, or `None` when another flag or nothing follows)."""
 
     block: CodeBlock
     script: str  # "examples/train_seg.py", "benchmarks/inference.py" or "-m denseclip_hf.<module>"
-    flags: tuple[str, ...]
+    flags: tuple[tuple[str, str | None], ...]
 
 
 def shell_commands(block: CodeBlock) -> list[Command]:
@@ -184,8 +185,14 @@ def shell_commands(block: CodeBlock) -> list[Command]:
                 script, arguments = f"-m {words[index + 1]}", words[index + 2 :]
             else:
                 continue
-            flags = tuple(argument.split("=")[0] for argument in arguments if argument.startswith("--"))
-            commands.append(Command(block, script, flags))
+            flags = []
+            for position, argument in enumerate(arguments):
+                if argument.startswith("--"):
+                    flag, _, value = argument.partition("=")
+                    following = arguments[position + 1] if position + 1 < len(arguments) else None
+                    value = value or (None if following is None or following.startswith("-") else following)
+                    flags.append((flag, value))
+            commands.append(Command(block, script, tuple(flags)))
             break
     return commands
 
@@ -241,11 +248,16 @@ def script_helps(tmp_path_factory) -> dict[str, str]:
     "command", COMMANDS, ids=[f"{command.block.name}:{command.script.removeprefix('-m ')}" for command in COMMANDS]
 )
 def test_shell_commands_pass_flags_the_scripts_have(command: Command, script_helps: dict[str, str]):
+    """Each flag is one the script lists; the value of a flag with choices (`--recipe`, `--mode`) is one of them."""
     help_text = script_helps[command.script]
     assert "usage:" in help_text, f"{command.script} --help printed no usage:\n{help_text}"
     offered = set(re.findall(r"(?<![\w-])--[\w-]+", help_text))
-    unknown = [flag for flag in command.flags if flag not in offered]
+    unknown = [flag for flag, _ in command.flags if flag not in offered]
     assert not unknown, f"{command.block.name}: {command.script} has no flag {unknown}"
+    for flag, value in command.flags:
+        choices = re.search(rf"{flag} \{{([^}}]+)\}}", help_text)
+        if choices and value is not None:
+            assert value in choices.group(1).split(","), f"{command.block.name}: {flag} {value} is not a choice"
 
 
 def test_documents_have_code_to_check():
