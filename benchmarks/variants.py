@@ -8,6 +8,8 @@ segmenter, with and without the text tower (150 class prompts through 12 layers,
 baseline, `prompting_type="none"`, has none).
 """
 
+import argparse
+
 import torch
 from configs import ade20k_config
 from torch.utils.flop_counter import FlopCounterMode
@@ -47,6 +49,9 @@ def measure(prompting_type: str, crop: int = CROP) -> dict[str, float]:
 
 
 def main() -> None:
+    argparse.ArgumentParser(
+        description="Parameters and GFLOPs of the Table 2 prompting variants (no options)."
+    ).parse_args()
     print(
         "| prompting_type | paper row (Table 2) | params (M) | without text tower | paper | GFLOPs 512x512 | "
         "without text tower | paper |"

@@ -430,7 +430,7 @@ def test_label_map_errors():
         processor(image, segmentation_maps=[np.zeros(24, dtype=np.uint8)])
     with pytest.raises(ValueError, match=r"has shape \(2, 5, 6\): expected a 2-D \(height, width\) array"):
         processor(image, segmentation_maps=[np.zeros((2, 5, 6), dtype=np.uint8)])
-    with pytest.raises(ValueError, match=r"Segmentation map 0 has unsupported type str: pass PIL images, NumPy"):
+    with pytest.raises(TypeError, match=r"Segmentation map 0 has unsupported type str: pass a PIL image, a"):
         processor(image, segmentation_maps="labels.png")
     with pytest.raises(ValueError, match=r"holds non-integer values"):
         processor(image, segmentation_maps=np.full((5, 6), 0.5))

@@ -7,6 +7,9 @@ import pytest
 from conftest import fake_checkpoint, write_pair
 from transformers import HfArgumentParser
 
+from denseclip_hf.configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES, TEST_MODES
+from denseclip_hf.convert_denseclip_original_to_hf import argument_parser as converter_parser
+from denseclip_hf.loss_denseclip import LOSS_REDUCTIONS
 from denseclip_hf.training.arguments import (
     ARGUMENT_GROUPS,
     RECIPE_SETTING_GROUPS,
@@ -14,6 +17,8 @@ from denseclip_hf.training.arguments import (
     parse_training_args,
 )
 from denseclip_hf.training.data import load_segmentation_data
+from denseclip_hf.training.evaluation_job import EVALUATION_ARGUMENT_GROUPS
+from denseclip_hf.training.optimization import WEIGHT_DECAY_EXEMPTIONS
 from denseclip_hf.training.recipes import RECIPE_SETTINGS, RECIPES
 
 
@@ -215,3 +220,33 @@ def test_table5_recipes_set_the_model(tmp_path, name, backbone, decoder, channel
     assert (args.augmentation.crop_size, RECIPES[name].paper_miou) == (512, paper_miou)
     other = parse_training_args(["--recipe", name, "--output_dir", str(tmp_path), "--decoder_type", "semantic_fpn"])
     assert other.model.decoder_type == "semantic_fpn"
+
+
+def _flag_help(parser, flag: str) -> tuple[list[str], str]:
+    """The choices and the help text of `flag` in an argparse parser."""
+    action = parser._option_string_actions[flag]
+    return list(action.choices), action.help
+
+
+@pytest.mark.parametrize(
+    ("parser", "flag", "choices"),
+    [
+        (lambda: HfArgumentParser(ARGUMENT_GROUPS), "--prompting_type", PROMPTING_TYPES),
+        (lambda: HfArgumentParser(ARGUMENT_GROUPS), "--decoder_type", DECODER_TYPES),
+        (lambda: HfArgumentParser(ARGUMENT_GROUPS), "--loss_reduction", LOSS_REDUCTIONS),
+        (
+            lambda: HfArgumentParser(ARGUMENT_GROUPS),
+            "--weight_decay_exemptions",
+            {name: exemption.description for name, exemption in WEIGHT_DECAY_EXEMPTIONS.items()},
+        ),
+        (lambda: HfArgumentParser(EVALUATION_ARGUMENT_GROUPS), "--mode", TEST_MODES),
+        (converter_parser, "--loss_reduction", LOSS_REDUCTIONS),
+    ],
+    ids=["prompting", "decoder", "loss", "weight decay", "evaluation mode", "converter loss"],
+)
+def test_choice_flags_offer_and_explain_every_choice(parser, flag, choices):
+    """Each choice list is spelled once: a flag's choices are its constant's names, its help explains each one."""
+    offered, text = _flag_help(parser(), flag)
+    assert offered == list(choices)
+    for name, meaning in choices.items():
+        assert f"{name}: {meaning}" in text

@@ -7,6 +7,7 @@ import pytest
 from conftest import write_pair
 from PIL import Image
 
+from denseclip_hf import DenseClipImageProcessor
 from denseclip_hf.synthetic import SYNTHETIC_CLASS_NAMES, load_synthetic_dataset
 from denseclip_hf.training.data import (
     ADE20K_CLASS_NAMES,
@@ -101,6 +102,46 @@ def test_augmentation_is_deterministic_aligned_and_padded():
         padded += (~valid).any()
         assert np.all(pixel_values[:, ~valid] == 0)  # padding is 0 after normalization, label 255
     assert padded > 0  # ratios < 0.73 make the image smaller than the crop
+
+
+def images_in_other_modes(size: int = 32) -> dict[str, Image.Image | np.ndarray]:
+    """One seeded picture with transparency or without colour, in the forms a dataset may hold it."""
+    rng = np.random.default_rng(7)
+    rgb = rng.integers(0, 256, (size, size, 3), dtype=np.uint8)
+    alpha = rng.integers(0, 256, (size, size, 1), dtype=np.uint8)
+    alpha[0, 0], alpha[0, 1] = 0, 255
+    palette = Image.fromarray(rng.integers(0, 4, (size, size), dtype=np.uint8), mode="P")
+    palette.putpalette([10, 20, 30, 200, 100, 0, 0, 255, 7, 90, 90, 90])
+    palette.info["transparency"] = 1
+    return {
+        "RGBA": Image.fromarray(np.concatenate([rgb, alpha], axis=-1), mode="RGBA"),
+        "RGBA array": np.concatenate([rgb, alpha], axis=-1),
+        "LA": Image.fromarray(np.concatenate([rgb[..., :1], alpha], axis=-1), mode="LA"),
+        "P with a transparent colour": palette,
+        "L": Image.fromarray(rgb[..., 0]),
+        "I;16": Image.fromarray(rgb[..., 0].astype(np.uint16) * 257 + 100),
+    }
+
+
+@pytest.mark.parametrize("mode", list(images_in_other_modes()))
+def test_augmentation_trains_on_the_pixels_the_processor_evaluates(mode):
+    image = images_in_other_modes()[mode]
+    label = Image.fromarray(np.arange(32 * 32, dtype=np.uint8).reshape(32, 32) % 4, mode="P")
+    # Every random step off: rescale by 1 to the image's own size, a crop of the whole image, no flip, no distortion.
+    augment = SegmentationAugmentation(
+        crop_size=32, scale=(32, 32), ratio_range=(1.0, 1.0), cat_max_ratio=1.0, flip_probability=0.0,
+        photometric_distortion=False,
+    )  # fmt: skip
+    pixel_values, labels = augment(image, label, np.random.default_rng(0))
+    evaluated = DenseClipImageProcessor(do_resize=False)(images=image, return_tensors="np")["pixel_values"][0]
+    # 16-bit data trains rounded to 8 bits (the photometric distortion works on uint8): half a grey level / std.
+    tolerance = 0.5 / 255 / min(augment.image_std) if mode == "I;16" else 1e-6
+    np.testing.assert_allclose(pixel_values, evaluated, atol=tolerance, rtol=0)
+    np.testing.assert_array_equal(labels, np.asarray(label))
+    if mode in ("RGBA", "LA", "P with a transparent colour"):  # transparency matters: dropping it trains elsewhere
+        dropped = np.asarray(image.convert("RGB"), dtype=np.float32) / 255
+        dropped = (dropped - np.array(augment.image_mean)) / np.array(augment.image_std)
+        assert np.abs(dropped.transpose(2, 0, 1) - pixel_values).max() > 0.5
 
 
 def test_random_crop_avoids_a_dominant_class():

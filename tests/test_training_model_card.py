@@ -15,7 +15,7 @@ RESULTS.update(total_train_batch_size=32)
 
 
 @pytest.mark.parametrize(
-    ("vision_config", "flags", "title", "base_model", "dataset", "paper"),
+    ("vision_config", "flags", "title", "base_model", "dataset", "paper", "parts", "protocol"),
     [
         (
             None,
@@ -24,6 +24,8 @@ RESULTS.update(total_train_batch_size=32)
             "openai/clip-vit-base-patch16",
             "scene_parse_150",
             "50.6 mIoU single-scale and 51.3 multi-scale",
+            {},
+            "slide 640x640 windows, stride 426x426, single scale",  # the authors' ViT-B/16 test_cfg
         ),
         (
             DenseClipResNetConfig(),
@@ -32,15 +34,17 @@ RESULTS.update(total_train_batch_size=32)
             None,
             None,
             "43.5 mIoU single-scale and 44.7 multi-scale",
+            {"prompting_type": "language_only", "decoder_type": "upernet", "test_mode": "whole"},
+            "whole image, single scale",
         ),
     ],
 )
 def test_model_card_metadata_parses_and_the_text_names_model_recipe_and_paper(
-    tmp_path, monkeypatch, vision_config, flags, title, base_model, dataset, paper
+    tmp_path, monkeypatch, vision_config, flags, title, base_model, dataset, paper, parts, protocol
 ):
     monkeypatch.chdir(tmp_path)
     (tmp_path / "RN50.pt").write_bytes(b"a local checkpoint file")
-    config = DenseClipConfig(vision_config=vision_config, id2label={0: "sky", 1: "tree"})
+    config = DenseClipConfig(vision_config=vision_config, id2label={0: "sky", 1: "tree"}, **parts)
     flags = [*flags, "--output_dir", str(tmp_path / "out")] + (["--dataset_name", dataset] if dataset else [])
     args = parse_training_args(flags)
     card = ModelCard(model_card(config, RESULTS, args, "someone/denseclip-test"))  # raises on invalid metadata
@@ -60,5 +64,10 @@ def test_model_card_metadata_parses_and_the_text_names_model_recipe_and_paper(
 
     text = card.text
     assert title in text and paper in text and "arxiv.org/abs/2112.01518" in text
-    assert f"`{flags[3]}`" in text and f"recipe\n`{flags[1]}`" in text
+    assert f"`{flags[3]}`" in text and f"recipe `{flags[1]}`" in " ".join(text.split())
     assert "| mIoU | 51.23 |" in text and "| tree | n/a | n/a |" in text
+    # What the model is and how it was validated: the config's parts and its test protocol, as validation ran it.
+    prompting, decoder = parts.get("prompting_type", "post_model"), parts.get("decoder_type", "semantic_fpn")
+    words = " ".join(text.split())
+    assert f"prompting: `{prompting}`" in words and f"decoder: `{decoder}`" in words
+    assert f"validation images under the model's test protocol: {protocol} " in words

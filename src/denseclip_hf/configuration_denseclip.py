@@ -29,14 +29,31 @@ _INTERPOLATION_MODES = ("bilinear", "bicubic", "crop")
 # Label value that the losses and the metrics ignore (`DenseClipConfig.semantic_loss_ignore_index`'s default, the
 # processor's reduced-label background and padding): mmseg's and transformers' 255.
 IGNORE_INDEX = 255
-# How the class text embeddings meet the image (`prompting_type`), and what turns the pyramid into logits
-# (`decoder_type`). The modeling file maps each name to its module.
-PROMPTING_TYPES = ("post_model", "language_only", "pre_model", "none")
-DECODER_TYPES = ("semantic_fpn", "upernet")
-# Test protocols (the authors' `test_cfg.mode`): one pass over the whole image, or sliding windows.
-TEST_MODES = ("slide", "whole")
+# The choices of a setting, each name with what it means: how the class text embeddings meet the image
+# (`prompting_type`) and what turns the pyramid into logits (`decoder_type`), which the modeling file maps to their
+# modules (`PROMPTINGS`, `DECODERS`); the test protocols (`test_mode`, the authors' `test_cfg.mode`). Command lines
+# take their `choices` and help from here (`describe_choices`).
+PROMPTING_TYPES = {
+    "post_model": "the paper's DenseCLIP: learnable contexts, and the class embeddings attend to the image (Eqs. 5-6)",
+    "language_only": "learnable contexts only (Table 2, row 3)",
+    "pre_model": "learnable queries attend to the image and become the contexts (Eq. 4; Table 2, row 4)",
+    "none": "no text at all: the CLIP image encoder and the decoder alone (Table 1's CLIP + Semantic FPN baselines)",
+}
+DECODER_TYPES = {
+    "semantic_fpn": "the Semantic FPN (Sec. 4.1)",
+    "upernet": "UperNet (Table 5's Swin models)",
+}
+TEST_MODES = {
+    "slide": "sliding windows of the crop size (the authors' single-scale test)",
+    "whole": "one pass over the whole image",
+}
 # The coarsest pyramid stride: no model input may be smaller.
 _MIN_INPUT_SIZE = PYRAMID_STRIDES[-1]
+
+
+def describe_choices(choices: dict[str, str]) -> str:
+    """The choices of a setting for help texts and messages: `slide: sliding windows ...; whole: one pass ...`."""
+    return "; ".join(f"{name}: {meaning}" for name, meaning in choices.items())
 
 
 def default_vision_feature_layers(num_hidden_layers: int) -> list[int]:
@@ -98,7 +115,7 @@ def check_test_protocol(
     """Checks a test protocol for a model with `vision_config`; returns `(mode, (crop_h, crop_w), (stride_h,
     stride_w))` or raises a `ValueError` that names the setting (`names`, as seen by `owner`) and the fix."""
     mode_name, crop_name, stride_name = names
-    _check(mode in TEST_MODES, mode_name, repr(mode), f"must be one of {TEST_MODES}", owner)
+    _check(mode in TEST_MODES, mode_name, repr(mode), f"must be one of {tuple(TEST_MODES)}", owner)
     crop, steps = _pair(crop_size), _pair(stride)
     multiple = input_size_multiple(vision_config)
     _check(crop is not None, crop_name, crop_size, "must be a positive int or [height, width]", owner)
@@ -614,11 +631,12 @@ class DenseClipConfig(PreTrainedConfig):
             One RGB colour `[r, g, b]` (0-255) per label, in `id2label` order, for drawing segmentations. Not used by
             the model; the converter of the authors' checkpoints keeps their `PALETTE` here.
         test_mode (`str`, *optional*, defaults to `"slide"`):
-            The test protocol an eval-mode forward without labels follows (so does the `image-segmentation`
-            pipeline), and the default of `predict_probabilities`: `"slide"` (the authors', every number of the
-            paper) runs the model on `test_crop_size` windows every `test_stride` pixels and averages the
-            overlapping logits; `"whole"` runs it once on the whole image. Both return logits at the input
-            resolution. See docs/inference.md.
+            The model's test protocol: the default of `predict_probabilities` and of evaluation (training
+            validation, `examples/evaluate_seg.py`), and what the converter writes into the image processor, whose
+            output asks `forward` for it (`model(**processor(images=...))`, the `image-segmentation` pipeline).
+            `"slide"` (the authors', every number of the paper) runs the model on `test_crop_size` windows every
+            `test_stride` pixels and averages the overlapping logits; `"whole"` runs it once on the whole image. Both
+            give logits at the input resolution. See docs/inference.md.
         test_crop_size (`int` or `list[int]`, *optional*):
             Sliding-window size (an int, or `[height, width]`); each side at least 32 and, for a ViT, a multiple of
             the patch size. Defaults to the authors': 640 for a ViT (ViT-B/16), 512 for a ResNet (RN50, RN101).
@@ -733,7 +751,7 @@ class DenseClipConfig(PreTrainedConfig):
             f"must not exceed the text tower's {positions} positions",
         )
         for name, choices in (("prompting_type", PROMPTING_TYPES), ("decoder_type", DECODER_TYPES)):
-            _check(getattr(self, name) in choices, name, getattr(self, name), f"must be one of {choices}")
+            _check(getattr(self, name) in choices, name, getattr(self, name), f"must be one of {tuple(choices)}")
         for name in ("context_decoder_layers", "context_decoder_hidden_size", "context_decoder_heads"):
             _check(getattr(self, name) >= 1, name, getattr(self, name), "must be >= 1")
         _check(
@@ -759,7 +777,7 @@ class DenseClipConfig(PreTrainedConfig):
             self.loss_reduction in LOSS_REDUCTIONS,
             "loss_reduction",
             self.loss_reduction,
-            f"must be one of {LOSS_REDUCTIONS}",
+            f"must be one of {tuple(LOSS_REDUCTIONS)}",
         )
         _check(
             len(self.upernet_pool_scales) >= 1 and all(scale >= 1 for scale in self.upernet_pool_scales),
@@ -873,6 +891,7 @@ __all__ = [
     "ImageEncoderSettings",
     "check_test_protocol",
     "default_score_map_level",
+    "describe_choices",
     "default_test_window",
     "default_vision_feature_layers",
     "image_encoder_settings",

@@ -81,7 +81,13 @@ from .checkpoint_conversion import (
     unwrap_state_dict,
     with_key_mapping,
 )
-from .configuration_denseclip import ClipResNetSettings, ClipViTSettings, DenseClipConfig, image_encoder_settings
+from .configuration_denseclip import (
+    ClipResNetSettings,
+    ClipViTSettings,
+    DenseClipConfig,
+    describe_choices,
+    image_encoder_settings,
+)
 from .configuration_denseclip_detection import (
     AUTHORS_DETECTION_IMAGE_SIZE,
     DenseClipDetectionConfig,
@@ -89,6 +95,7 @@ from .configuration_denseclip_detection import (
 from .image_processing_denseclip import DenseClipImageProcessor
 from .image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from .loading_denseclip import CLIP_KEY_MAPPING, tokenize_class_names
+from .loss_denseclip import LOSS_REDUCTIONS
 from .mmcv_config import config_value, parse_config_text
 from .modeling_denseclip import DenseClipForSemanticSegmentation
 from .modeling_denseclip_detection import (
@@ -830,7 +837,8 @@ def _read_class_names(value: str) -> list[str]:
     return names
 
 
-def main(argv: list[str] | None = None) -> None:
+def argument_parser() -> argparse.ArgumentParser:
+    """The command line of `python -m denseclip_hf.convert_denseclip_original_to_hf`."""
     parser = argparse.ArgumentParser(
         description="Convert a DenseCLIP checkpoint of the authors (mmseg segmentation, mmdet RetinaNet or Mask "
         "R-CNN) to a transformers folder."
@@ -849,10 +857,19 @@ def main(argv: list[str] | None = None) -> None:
         "--context_decoder_heads", type=int, help="Context decoder heads (default: embedded config, else 4)"
     )
     parser.add_argument("--vision_feature_layers", type=int, nargs=4, help="ViT layers forming the pyramid")
-    parser.add_argument("--loss_reduction", choices=("mean_non_ignored", "mean_all_pixels"))
+    parser.add_argument(
+        "--loss_reduction",
+        choices=list(LOSS_REDUCTIONS),
+        help=f"How losses average (default: {DenseClipConfig.loss_reduction}). {describe_choices(LOSS_REDUCTIONS)}",
+    )
     parser.add_argument("--push_to_hub", metavar="REPO_ID", help="Also upload the folder to this Hub repository")
     parser.add_argument("--private", action="store_true", help="With --push_to_hub: create the repository private")
     parser.add_argument("--revision", help="With --push_to_hub: the branch to commit to (made from main if new)")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argument_parser()
     args = parser.parse_args(argv)
     if (args.private or args.revision) and not args.push_to_hub:
         parser.error("--private and --revision apply to --push_to_hub REPO_ID")

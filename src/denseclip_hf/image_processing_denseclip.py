@@ -4,8 +4,11 @@ Reproduces the authors' mmseg test pipeline of the ViT-B/16 ADE20K model (keep-r
 bilinear, OpenAI CLIP normalisation) on top of transformers' Pillow/NumPy backend, so it needs only Pillow, NumPy and
 PyTorch (no torchvision).
 
-This module imports nothing from `denseclip_hf`: it is also shipped next to saved checkpoints and loaded with
-`trust_remote_code=True` where the package is not installed.
+Its image and label-map conversions (`image_to_rgb_array`, `label_map_to_array`, `to_numpy`) are the package's one
+way of turning images into arrays: training augmentation, pictures and the detection processor use them too.
+
+It imports only its sibling `configuration_denseclip` (a flat relative import), so it is also shipped next to saved
+checkpoints and loaded with `trust_remote_code=True` where the package is not installed.
 """
 
 import os
@@ -31,14 +34,12 @@ from transformers.image_utils import (
 from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType, logging
 
+from .configuration_denseclip import IGNORE_INDEX, TEST_MODES
+
 logger = logging.get_logger(__name__)
 
-# Label value that marks pixels the loss and the metrics ignore (`DenseClipConfig.semantic_loss_ignore_index`).
-IGNORE_INDEX = 255
 # The authors' multi-scale test: these ratios of `size` (their `img_ratios`), each with a horizontal flip.
 MULTI_SCALE_RATIOS = (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)
-# The model's test protocols (`DenseClipConfig.test_mode`), which decide whether `size_divisor` applies.
-_TEST_MODES = ("slide", "whole")
 
 # Sentinel: "use this processor's own setting" (`None` is a real `size_divisor` value that disables rounding).
 _FROM_SETTINGS: Any = object()
@@ -103,14 +104,17 @@ def _channel_axis(array: np.ndarray, input_data_format: ChannelDimension | str |
     )
 
 
-def _to_numpy(array: Any) -> np.ndarray:
-    """A NumPy view/copy of a NumPy array or a torch tensor (any device, any dtype)."""
+def to_numpy(array: Any, name: str = "array") -> np.ndarray:
+    """A NumPy array from a NumPy array or a torch tensor (any device; float16 / bfloat16 become float32); anything
+    else is a `TypeError` that names `name`."""
     if isinstance(array, torch.Tensor):
         array = array.detach().cpu()
         if array.dtype in (torch.float16, torch.bfloat16):
             array = array.float()
         return array.numpy()
-    return np.asarray(array)
+    if not isinstance(array, np.ndarray):
+        raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(array).__name__}.")
+    return array
 
 
 def _array_to_eight_bit_range(array: np.ndarray) -> np.ndarray:
@@ -163,9 +167,8 @@ def _pil_image_to_rgb(image: Image.Image) -> np.ndarray:
             "(values in 0-255 with do_rescale=True, or in 0-1 with do_rescale=False)."
         )
     if "A" in image.getbands() or "transparency" in image.info:
-        rgba = image.convert("RGBA")
-        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"))
+        # The same compositing as for a 4-channel array, so that an image gives the same pixels in either form.
+        return _composite_on_white(np.asarray(image.convert("RGBA")), 255.0)
     return np.asarray(image.convert("RGB"))
 
 
@@ -195,19 +198,51 @@ def _array_image_to_rgb(
     raise ValueError(f"An image array has {channels} channels: expected 1 (grey), 3 (RGB) or 4 (RGBA).")
 
 
+def image_to_rgb_array(
+    image: Image.Image | np.ndarray | torch.Tensor,
+    input_data_format: ChannelDimension | str | None = None,
+    full_scale: float = 255.0,
+    as_uint8: bool = False,
+) -> np.ndarray:
+    """One image -> its RGB pixels `(height, width, 3)` in the 8-bit value range, the conversion of
+    `DenseClipImageProcessor(do_convert_rgb=True)`: grey is replicated, alpha composited over white
+    (`colour * a + white * (1 - a)`), palette images take their colours, 16-bit data is divided by 257.
+
+    Args:
+        image: A PIL image of any common mode, or a NumPy array / torch tensor `(height, width)`, `(height, width,
+            C)` or `(C, height, width)` with C in 1, 3, 4 (uint8, uint16 or float).
+        input_data_format: The channel axis of an array, where its shape leaves it ambiguous.
+        full_scale: The opaque alpha value (and white) of float arrays: 255 for 0-255 data, 1 for 0-1 data.
+        as_uint8: Round 16-bit and float results to uint8 (for code that works on 8-bit images: the training
+            augmentation, pictures); 8-bit images are returned unchanged either way.
+
+    Returns:
+        `(height, width, 3)` uint8 for 8-bit images (and with `as_uint8`), else float32 in 0-255.
+    """
+    if isinstance(image, Image.Image):
+        rgb = _pil_image_to_rgb(image)
+    else:
+        rgb = _array_image_to_rgb(to_numpy(image, "image"), input_data_format, full_scale, do_convert_rgb=True)
+    if as_uint8 and rgb.dtype != np.uint8:
+        return np.clip(np.round(rgb), 0, 255).astype(np.uint8)
+    return rgb
+
+
 def _image_to_channels_first(
     image: Any, do_convert_rgb: bool, input_data_format: ChannelDimension | str | None, full_scale: float
 ) -> np.ndarray:
     """One PIL image, NumPy array or torch tensor -> `(3, height, width)` array in the 8-bit value range (uint8, or
-    float32 for 16-bit/float data); `full_scale` is the opaque alpha value of float arrays. With
+    float32 for 16-bit/float data; `image_to_rgb_array`); `full_scale` is the opaque alpha value of float arrays. With
     `do_convert_rgb=False` the image keeps its channels, `(channels, height, width)`, as transformers' processors
     keep them (normalise with as many means and stds)."""
-    if isinstance(image, Image.Image):
-        rgb = _pil_image_to_rgb(image) if do_convert_rgb else np.asarray(image)
+    if do_convert_rgb:
+        rgb = image_to_rgb_array(image, input_data_format, full_scale)
+    elif isinstance(image, Image.Image):
+        rgb = np.asarray(image)
         if rgb.ndim == 2:
             rgb = rgb[..., None]
     else:
-        rgb = _array_image_to_rgb(_to_numpy(image), input_data_format, full_scale, do_convert_rgb)
+        rgb = _array_image_to_rgb(to_numpy(image, "image"), input_data_format, full_scale, do_convert_rgb=False)
     return np.ascontiguousarray(np.moveaxis(rgb, -1, 0))
 
 
@@ -240,48 +275,48 @@ def _size_rule(height: int, width: int, size: SizeDict) -> tuple[int, int]:
     raise ValueError(f"Unsupported size {dict(size)}: use {_SUPPORTED_SIZES}.")
 
 
-def _label_map_to_array(segmentation_map: Any, index: int) -> np.ndarray:
-    """Label map (PIL image, NumPy array or torch tensor) -> (height, width) int64 class ids.
+def label_map_to_array(label_map: Image.Image | np.ndarray | torch.Tensor, name: str = "The label map") -> np.ndarray:
+    """A label map -> `(height, width)` int64 class ids, the one conversion of the processor, the training data and
+    the pictures.
 
-    Palette ('P') images give their palette indices; 'L', 'I;16' and 'I' images keep their integer values.
+    Palette ('P') images give their palette indices; 'L', 'I;16' and 'I' images keep their integer values. Arrays and
+    tensors are `(height, width)`, `(1, height, width)` or `(height, width, 1)`, of integers (floats only if they hold
+    whole numbers). Anything else is a `ValueError` / `TypeError` whose message starts with `name`.
     """
     rgb_hint = (
         "label maps must hold one class id per pixel. Convert colour-coded maps to class ids first (look each colour "
         "up in the dataset's palette), or save them as palette ('P') or single-channel ('L', 'I;16') PNGs."
     )
-    if isinstance(segmentation_map, Image.Image):
-        bands = segmentation_map.getbands()
+    if isinstance(label_map, Image.Image):
+        bands = label_map.getbands()
         if len(bands) > 1:
-            raise ValueError(
-                f"Segmentation map {index} is a {len(bands)}-channel ({segmentation_map.mode}) image: {rgb_hint}"
-            )
-        array = np.asarray(segmentation_map)
-    elif not isinstance(segmentation_map, (np.ndarray, torch.Tensor)):
-        raise ValueError(
-            f"Segmentation map {index} has unsupported type {type(segmentation_map).__name__}: pass PIL images, NumPy "
-            "arrays or torch tensors (open label files with PIL.Image.open)."
+            raise ValueError(f"{name} is a {len(bands)}-channel ({label_map.mode}) image: {rgb_hint}")
+        array = np.asarray(label_map)
+    elif not isinstance(label_map, (np.ndarray, torch.Tensor)):
+        raise TypeError(
+            f"{name} has unsupported type {type(label_map).__name__}: pass a PIL image, a NumPy array or a torch "
+            "tensor (open label files with PIL.Image.open)."
         )
     else:
-        array = _to_numpy(segmentation_map)
+        array = to_numpy(label_map, name)
         if array.ndim == 3 and 1 in (array.shape[0], array.shape[-1]):
             array = array.squeeze(0) if array.shape[0] == 1 else array.squeeze(-1)
         elif array.ndim == 3 and (array.shape[0] in (3, 4) or array.shape[-1] in (3, 4)):
             channels = array.shape[-1] if array.shape[-1] in (3, 4) else array.shape[0]
-            raise ValueError(
-                f"Segmentation map {index} has shape {array.shape}, a {channels}-channel (RGB/RGBA) map: {rgb_hint}"
-            )
+            raise ValueError(f"{name} has shape {array.shape}, a {channels}-channel (RGB/RGBA) map: {rgb_hint}")
         if array.ndim != 2:
             raise ValueError(
-                f"Segmentation map {index} has shape {array.shape}: expected a 2-D (height, width) array of class "
-                "ids ((1, height, width) and (height, width, 1) are accepted too)."
+                f"{name} has shape {array.shape}: expected a 2-D (height, width) array of class ids ((1, height, "
+                "width) and (height, width, 1) are accepted too), one map per image."
             )
     if np.issubdtype(array.dtype, np.floating):
         if not np.array_equal(array, np.round(array)):
             raise ValueError(
-                f"Segmentation map {index} holds non-integer values: label maps must contain integer class ids."
+                f"{name} holds non-integer values: label maps must contain integer class ids (not scores: take "
+                "the argmax of logits, or post_process_semantic_segmentation's maps)."
             )
     elif not (np.issubdtype(array.dtype, np.integer) or array.dtype == np.bool_):
-        raise ValueError(f"Segmentation map {index} has unsupported dtype {array.dtype}: use an integer dtype.")
+        raise ValueError(f"{name} has unsupported dtype {array.dtype}: use an integer dtype.")
     return array.astype(np.int64)
 
 
@@ -324,18 +359,23 @@ class DenseClipImageProcessor(PilBackend):
     r"""Image processor for [`DenseClipForSemanticSegmentation`] (Pillow + NumPy backend, no torchvision).
 
     Turns images into `pixel_values` `(batch, 3, height, width)` float32 and, optionally, label maps into `labels`
-    `(batch, height, width)` int64 of exactly the same height and width. The defaults reproduce the DenseCLIP authors'
-    test pipeline for the ViT-B/16 ADE20K model (mmseg `Resize(img_scale=(2048, 640), keep_ratio=True)`, `Normalize`
-    with CLIP's mean/std) for their sliding-window test; for a single pass over the whole image (`test_mode="whole"`,
-    or label maps for the loss) `size_divisor` makes every output fit the model (patch 16, pyramid stride 32).
-    With `scale_ratios` one call prepares the inputs of the authors' multi-scale test (`MULTI_SCALE_RATIOS`).
+    `(batch, height, width)` int64 of exactly the same height and width. For images without label maps the output
+    also holds `test_mode`, the protocol `DenseClipForSemanticSegmentation.forward` then runs (`model(**inputs)`, the
+    `image-segmentation` pipeline); with label maps it does not, and the model makes its single pass with the loss.
+
+    The defaults reproduce the DenseCLIP authors' test pipeline for the ViT-B/16 ADE20K model (mmseg
+    `Resize(img_scale=(2048, 640), keep_ratio=True)`, `Normalize` with CLIP's mean/std) for their sliding-window test;
+    for a single pass over the whole image (`test_mode="whole"`, or label maps for the loss) `size_divisor` makes
+    every output fit the model (patch 16, pyramid stride 32). With `scale_ratios` one call prepares the inputs of the
+    authors' multi-scale test (`MULTI_SCALE_RATIOS`).
 
     Settings (each can be given to the constructor or overridden per call):
         do_convert_rgb (`bool`, defaults to `True`):
             Convert every image to 3-channel RGB: grey (`L`, `I;16`, `I`, 1-channel arrays) is replicated, alpha
             (`LA`, `RGBA`, `PA`, transparent palettes, 4-channel arrays) is composited over white, palette (`P`)
-            images take their palette colours; 16-bit data is divided by 257 (0-65535 -> 0-255, not clipped). With
-            `False` images must already have 3 channels.
+            images take their palette colours; 16-bit data is divided by 257 (0-65535 -> 0-255, not clipped)
+            (`image_to_rgb_array`). With `False` images keep their channels, as in transformers' processors (give one
+            `image_mean` / `image_std` per channel, or one for all).
         do_resize (`bool`, defaults to `True`):
             Resize images (and label maps) per `size` and `size_divisor`.
         size (`dict[str, int]`, defaults to `{"shortest_edge": 640, "longest_edge": 2048}`):
@@ -350,8 +390,9 @@ class DenseClipImageProcessor(PilBackend):
             disables it. Not applied under `test_mode="slide"` without label maps (the authors' windows have the
             crop size, so they resize without rounding), nor when `do_resize=False`.
         test_mode (`str`, defaults to `"slide"`):
-            The model's test protocol (`DenseClipConfig.test_mode`) the images are prepared for: `"slide"` resizes
-            exactly as the authors do, `"whole"` also applies `size_divisor`.
+            The model's test protocol (`DenseClipConfig.test_mode`) the images are prepared for, and which the output
+            asks the model to run (images without label maps): `"slide"` resizes exactly as the authors do,
+            `"whole"` also applies `size_divisor`.
         scale_ratios (`list[float]`, *optional*):
             Prepare a multi-scale test: each image is resized (keep ratio) once per ratio, to `size` times the ratio
             (each bound truncated to an int, as mmseg's `img_ratios`; the authors: `MULTI_SCALE_RATIOS`, 0.5-1.75 of
@@ -424,7 +465,8 @@ class DenseClipImageProcessor(PilBackend):
         Returns:
             `BatchFeature` with `pixel_values` `(batch, 3, height, width)` float32 (with `scale_ratios`: a list of
             them, one per ratio) and, with `segmentation_maps`, `labels` `(batch, height, width)` int64 (lists of
-            arrays when `return_tensors=None`).
+            arrays when `return_tensors=None`); without either, `test_mode` (the protocol for the model's
+            `forward`).
         """
         check_size_setting(kwargs.get("size"))
         try:
@@ -478,7 +520,8 @@ class DenseClipImageProcessor(PilBackend):
         rescale_factor: float | None = None,
         **kwargs: Any,
     ) -> np.ndarray:
-        """One raw image -> `(3, height, width)` array in the 8-bit value range (uint8, or float32 for 16-bit/float).
+        """One raw image -> `(3, height, width)` array in the 8-bit value range (uint8, or float32 for 16-bit/float);
+        `(channels, height, width)` with `do_convert_rgb=False`.
 
         Float arrays are kept as given; their alpha channel (if any) counts `1 / rescale_factor` as opaque when
         `do_rescale`, else 1.
@@ -606,9 +649,9 @@ class DenseClipImageProcessor(PilBackend):
         size_divisor = kwargs["size_divisor"]
         if size_divisor is not None and (not isinstance(size_divisor, int) or size_divisor < 1):
             raise ValueError(f"size_divisor must be a positive int or None, got {size_divisor!r}.")
-        if kwargs["test_mode"] not in _TEST_MODES:
+        if kwargs["test_mode"] not in TEST_MODES:
             raise ValueError(
-                f"test_mode must be one of {_TEST_MODES} (the model's `config.test_mode`), got "
+                f"test_mode must be one of {tuple(TEST_MODES)} (the model's `config.test_mode`), got "
                 f"{kwargs['test_mode']!r}."
             )
         scale_ratios = kwargs.pop("scale_ratios")
@@ -657,7 +700,9 @@ class DenseClipImageProcessor(PilBackend):
                     f"Got {len(raw_maps)} segmentation maps for {len(images)} images: pass exactly one label map per "
                     "image, in the same order."
                 )
-            label_maps = [_label_map_to_array(raw_map, index) for index, raw_map in enumerate(raw_maps)]
+            label_maps = [
+                label_map_to_array(raw_map, f"Segmentation map {index}") for index, raw_map in enumerate(raw_maps)
+            ]
             for index, (label, image) in enumerate(zip(label_maps, prepared, strict=True)):
                 if label.shape != image.shape[-2:]:
                     raise ValueError(
@@ -786,4 +831,11 @@ def check_target_sizes(target_sizes: Any, batch: int) -> list[tuple[int, int]]:
     return sizes
 
 
-__all__ = ["MULTI_SCALE_RATIOS", "DenseClipImageProcessor", "scaled_size"]
+__all__ = [
+    "MULTI_SCALE_RATIOS",
+    "DenseClipImageProcessor",
+    "image_to_rgb_array",
+    "label_map_to_array",
+    "scaled_size",
+    "to_numpy",
+]

@@ -13,9 +13,11 @@ import torch.nn.functional as F
 
 from .tensor_ops import channels_last_float, resize_bilinear
 
-# How per-pixel losses are averaged (`DenseClipConfig.loss_reduction`): over the labelled pixels (PyTorch's and
-# transformers' convention), or over all pixels with ignored ones counting as zero (mmseg 0.x, the authors').
-LOSS_REDUCTIONS = ("mean_non_ignored", "mean_all_pixels")
+# How per-pixel losses are averaged (`DenseClipConfig.loss_reduction`), each name with what it means.
+LOSS_REDUCTIONS = {
+    "mean_non_ignored": "the mean over the labelled pixels (PyTorch's and transformers' convention)",
+    "mean_all_pixels": "the mean over all pixels, ignored ones counting as zero (mmseg 0.x, the authors')",
+}
 
 
 def check_labels(labels: Any, batch: int, num_labels: int, ignore_index: int) -> torch.Tensor:

@@ -4,7 +4,7 @@ Read top to bottom, this file follows the data:
 pixels -> image encoder (CLIP ViT or ResNet) -> stride 4/8/16/32 pyramid, global and dense embeddings z_bar, z (Eq. 1)
 -> class text embeddings t from learnable contexts (Eq. 3; or from the image, pre-model, Eq. 4)
 -> prompting (post-model, Eqs. 5-6) -> pixel-text score map s (Eq. 2), joined to the pyramid (x' = [x, s])
--> decoder (Semantic FPN) -> logits -> losses (Eq. 7).
+-> decoder (Semantic FPN or UperNet) -> logits -> losses (Eq. 7, `loss_denseclip.py`).
 
 Image encoders, promptings and decoders are each one small interface (`DenseClipImageEncoder`, `DenseClipPrompting`,
 `DenseClipDecoder`) with its implementations registered by name (`IMAGE_ENCODERS`, `PROMPTINGS`, `DECODERS`); the
@@ -23,7 +23,7 @@ config says which (`image_encoder_family`, `prompting_type`, `decoder_type`). Mo
     │   │                                              visual_projection; the pyramid goes to the decoder as it is)
     │   └── class_token_ids                            buffer (not saved: it is in the config)
     └── decoder: DenseClipSemanticFPNDecoder           neck (FPN), head (Semantic FPN head)
-             or DenseClipUperNetDecoder               pyramid_pooling (PPM), laterals, fpn_convs, fusion
+             or DenseClipUperNetDecoder               pyramid_pooling (PPM), lateral_convs, fpn_convs, fusion
 """
 
 import math
@@ -528,8 +528,8 @@ class DenseClipBackboneImageEncoder(DenseClipImageEncoder):
         """Copies the weights of a backbone checkpoint (Hub id or folder; an image classifier's too) into
         `backbone`; a `ValueError` when its architecture differs from this encoder's."""
         config = self.backbone.config
-        # The backbone class itself: `AutoBackbone.from_pretrained` asks the Hub whether the name is a repository
-        # first, even for a local folder (transformers 5), which fails offline.
+        # The backbone class itself: `AutoBackbone.from_pretrained` (transformers 5.25) takes every name for a Hub
+        # repository id, even a local folder (an absolute path fails validation, a relative one asks the Hub).
         backbone = MODEL_FOR_BACKBONE_MAPPING[type(config)].from_pretrained(
             os.fspath(name_or_path), config=config, **hub_kwargs
         )
@@ -1434,8 +1434,9 @@ class DenseClipModel(DenseClipPreTrainedModel):
         pixel_values (`torch.FloatTensor` of shape `(batch, 3, height, width)`):
             Normalized images; height and width must be multiples of the patch size (ViT) or at least 32 (ResNet).
         output_hidden_states (`bool` or `list[int]`, *optional*):
-            Also return the 4 image-encoder pyramid levels before the score map is joined (`True`), or those of the
-            given indices (`[0, -1]`: strides 4 and 32; the others `None`). Default: `config.output_hidden_states`.
+            Also return the image encoder's stem output and its 4 pyramid levels before the score map is joined, 5
+            maps (`True`), or those of the given indices (`[0, -1]`: the stem and the stride-32 level; the others
+            `None`). Default: `config.output_hidden_states`.
         text_embeddings (`torch.FloatTensor` of shape `(num_labels, projection_dim)`, *optional*):
             Class text embeddings t to use instead of the model's own (as CLIPSeg's `conditional_embeddings`), before
             prompting: e.g. `get_text_embeddings(class_token_ids=...)` of other class names, as many as `num_labels`.
@@ -1500,7 +1501,7 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
         self,
         pixel_values: torch.Tensor,
         labels: torch.Tensor | None = None,
-        output_hidden_states: bool | None = None,
+        output_hidden_states: bool | list[int] | None = None,
         test_mode: str | None = None,
         text_embeddings: torch.Tensor | None = None,
         **kwargs,
@@ -1513,9 +1514,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             Class index per pixel (`config.semantic_loss_ignore_index` to ignore). Any size: logits and score map are
             bilinearly resized to it for the losses.
         output_hidden_states (`bool` or `list[int]`, *optional*):
-            Also return the 4 image-encoder pyramid levels (see `DenseClipModel.forward`). The single pass only: a
-            test protocol runs several passes (windows) or a resized input, and raises a `ValueError` when hidden
-            states are asked for (here or by `config.output_hidden_states`).
+            Also return the image encoder's stem and its 4 pyramid levels (see `DenseClipModel.forward`). The single
+            pass only: a test protocol runs several passes (windows) or a resized input, and raises a `ValueError`
+            when hidden states are asked for (here or by `config.output_hidden_states`).
         test_mode (`str`, *optional*):
             `None` or `"plain"` (the default, in training and in eval mode alike): the single pass, logits at 1/4 of
             the input `(batch, num_labels, height / 4, width / 4)`, score map, text embeddings, hidden states and,
@@ -1596,7 +1597,9 @@ class DenseClipForSemanticSegmentation(DenseClipPreTrainedModel):
             output_size: `(height, width)` of the result, usually the original image size.
             flip: Also run each input mirrored horizontally (the authors' multi-scale test uses it).
             mode, crop_size, stride: `"slide"` or `"whole"`, the window size and the window step (int or
-                `(height, width)`). Default: `config.test_mode`, `config.test_crop_size`, `config.test_stride`.
+                `(height, width)`). What is left out follows `resolve_test_protocol`: `config.test_mode`,
+                `config.test_crop_size`, `config.test_stride`, except that a `crop_size` given without a `stride` gets
+                two thirds of it (the authors' rule).
 
         Returns:
             `torch.FloatTensor` `(batch, num_labels, *output_size)`, float32, summing to 1 over the classes. Its

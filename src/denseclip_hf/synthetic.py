@@ -18,7 +18,7 @@ from datasets import ClassLabel, Dataset, Features, List
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFilter
 
-from .image_processing_denseclip import IGNORE_INDEX
+from .configuration_denseclip import IGNORE_INDEX
 
 SYNTHETIC_CLASS_NAMES = ["sky", "cloud", "grass", "water", "sand", "road", "tree", "house", "car", "rock"]
 SYNTHETIC_SPLIT_SIZES = {"train": 1000, "validation": 200}

@@ -23,8 +23,9 @@ from typing import Any, Literal
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from .configuration_denseclip import IGNORE_INDEX
 from .file_utils import write_atomically
-from .image_processing_denseclip import IGNORE_INDEX
+from .image_processing_denseclip import image_to_rgb_array, label_map_to_array, to_numpy
 
 # The heatmap colour ramp: viridis (perceptually uniform, readable in greyscale and by colour-blind viewers) sampled
 # at 0, 1/4, 1/2, 3/4 and 1, linearly interpolated in between.
@@ -540,64 +541,32 @@ def _scale_to_height(
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _to_numpy(array: Any, name: str) -> np.ndarray:
-    """A NumPy array from a NumPy array or a torch tensor (any device; half precision becomes float32)."""
-    if hasattr(array, "detach") and hasattr(array, "cpu"):  # a torch tensor, without importing torch here
-        array = array.detach().cpu()
-        if array.is_floating_point():
-            array = array.float()
-        return array.numpy()
-    if not isinstance(array, np.ndarray):
-        raise TypeError(f"{name} must be a NumPy array or a torch tensor, got {type(array).__name__}.")
-    return array
-
-
 def to_rgb_image(image: ImageLike) -> Image.Image:
-    """`image` (a PIL image of any mode, or a `(height, width[, 3 or 4])` uint8 array) as an RGB PIL image;
-    transparent images are composited over white, as `DenseClipImageProcessor` does."""
+    """`image` (a PIL image of any mode, or a `(height, width[, 3 or 4])` uint8 array) as an RGB PIL image, converted
+    as `DenseClipImageProcessor` converts it (`image_to_rgb_array`: transparent images composited over white, 16-bit
+    images scaled to 8 bits)."""
     if isinstance(image, np.ndarray):
         if image.dtype != np.uint8:
             raise TypeError(
                 f"An image array must be uint8 (0-255), got {image.dtype}: convert it, e.g. "
                 "(array * 255).round().astype(np.uint8) for floats in [0, 1], or pass a PIL image."
             )
-        if image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4)):
-            image = Image.fromarray(image)
-        else:
+        if not (image.ndim == 2 or (image.ndim == 3 and image.shape[2] in (3, 4))):
             raise ValueError(
                 f"An image array must be (height, width, 3), (height, width, 4) or (height, width), got shape "
                 f"{image.shape}: move the channels last."
             )
-    if not isinstance(image, Image.Image):
+    elif not isinstance(image, Image.Image):
         raise TypeError(f"image must be a PIL image or a uint8 NumPy array, got {type(image).__name__}.")
-    if image.width == 0 or image.height == 0:
-        raise ValueError(f"The image is empty ({image.width}x{image.height} pixels).")
-    if image.mode in ("RGBA", "LA", "PA") or (image.mode == "P" and "transparency" in image.info):
-        image = Image.alpha_composite(Image.new("RGBA", image.size, (*_BACKGROUND, 255)), image.convert("RGBA"))
-    return image.convert("RGB")
+    height, width = image.shape[:2] if isinstance(image, np.ndarray) else (image.height, image.width)
+    if width == 0 or height == 0:
+        raise ValueError(f"The image is empty ({width}x{height} pixels).")
+    return Image.fromarray(image_to_rgb_array(image, input_data_format="channels_last", as_uint8=True))
 
 
 def _label_array(label_map: Any, num_labels: int, ignore_index: int) -> np.ndarray:
-    """Checks a `(height, width)` map of class ids in `0..num_labels-1` or `ignore_index`; returns it as int64."""
-    if isinstance(label_map, Image.Image):
-        if label_map.mode not in ("L", "P", "I", "I;16"):
-            raise TypeError(
-                f"A label map image must hold one class id per pixel (mode 'L', 'P', 'I' or 'I;16'), got mode "
-                f"{label_map.mode!r}."
-            )
-        label_map = np.asarray(label_map)
-    labels = _to_numpy(label_map, "label_map")
-    if labels.ndim != 2:
-        raise ValueError(
-            f"label_map must be one (height, width) map of class ids, got shape {labels.shape}: for a batch pass "
-            "one map at a time."
-        )
-    if not np.issubdtype(labels.dtype, np.integer):
-        raise TypeError(
-            f"label_map must hold integer class ids, got dtype {labels.dtype}: pass "
-            "processor.post_process_semantic_segmentation(...) maps or logits.argmax(dim=1), not scores."
-        )
-    labels = labels.astype(np.int64)
+    """A `(height, width)` map of class ids in `0..num_labels-1` or `ignore_index` (`label_map_to_array`) as int64."""
+    labels = label_map_to_array(label_map, "label_map")
     bad = np.unique(labels[((labels < 0) | (labels >= num_labels)) & (labels != ignore_index)])
     if bad.size:
         raise ValueError(
@@ -609,7 +578,7 @@ def _label_array(label_map: Any, num_labels: int, ignore_index: int) -> np.ndarr
 
 
 def _float_array(values: Any, name: str) -> np.ndarray:
-    array = _to_numpy(values, name)
+    array = to_numpy(values, name)
     if not np.issubdtype(array.dtype, np.floating):
         raise TypeError(
             f"{name} must be floating point (cosine similarities from outputs.score_map), got dtype {array.dtype}."
@@ -670,7 +639,7 @@ def _class_index(names: list[str], class_: int | str) -> int:
 
 
 def _as_palette(palette: Any, num_labels: int | None) -> np.ndarray:
-    array = np.asarray(palette) if isinstance(palette, list | tuple) else _to_numpy(palette, "palette")
+    array = np.asarray(palette) if isinstance(palette, list | tuple) else to_numpy(palette, "palette")
     if array.ndim != 2 or array.shape[1] != 3:
         raise ValueError(f"palette must be (num_labels, 3) RGB colours, got shape {array.shape}.")
     if not (np.issubdtype(array.dtype, np.integer) or np.issubdtype(array.dtype, np.floating)):

@@ -22,9 +22,11 @@ from pathlib import Path
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
 
-from ..configuration_denseclip import PROMPTING_TYPES
+from ..configuration_denseclip import DECODER_TYPES, IGNORE_INDEX, PROMPTING_TYPES, describe_choices
+from ..loss_denseclip import LOSS_REDUCTIONS
 from .checkpointing import checkpoint_step, checkpoints_root
 from .data import SegmentationData, load_segmentation_data
+from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import RECIPE_SETTINGS, RECIPES, Recipe, default_recipe_name, recipes_help
 
 # The trackers Accelerate knows: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, swanlab, trackio.
@@ -38,6 +40,12 @@ def installed_trackers() -> list[str]:
 
 def _help(text: str) -> dict:
     return {"help": text}
+
+
+def choice_metadata(text: str, choices: dict[str, str]) -> dict:
+    """The `field` metadata of a flag that takes one of `choices` (names and what they mean, e.g. `PROMPTING_TYPES`):
+    argparse's `choices`, and a help of `text` followed by each choice and its meaning."""
+    return {"help": f"{text}. {describe_choices(choices)}.", "choices": list(choices)}
 
 
 def _check_positive(arguments, names: tuple[str, ...]) -> None:
@@ -71,19 +79,18 @@ class ModelArguments:
         ),
     )
     decoder_type: str | None = field(
-        default=None, metadata=_help("The decoder: semantic_fpn or upernet. Default: the recipe's.")
+        default=None, metadata=choice_metadata("The decoder (default: the recipe's)", DECODER_TYPES)
     )
     decode_head_channels: int | None = field(
         default=None, metadata=_help("Channels of the decode head. Default: the recipe's (UperNet: 512), else 256.")
     )
     prompting_type: str | None = field(
         default=None,
-        metadata={
-            "help": "How the class text embeddings meet the image, for a model built from CLIP or at random "
-            "(a DenseCLIP checkpoint keeps its own and must match): post_model (the paper's DenseCLIP) or "
-            "language_only (Table 2 row 3).",
-            "choices": list(PROMPTING_TYPES),
-        },
+        metadata=choice_metadata(
+            "How the class text embeddings meet the image, for a model built from CLIP or at random (a DenseCLIP "
+            "checkpoint keeps its own and must match; default: the recipe's)",
+            PROMPTING_TYPES,
+        ),
     )
 
 
@@ -107,7 +114,8 @@ class DataArguments:
     label_column_name: str = field(default="label", metadata=_help("The dataset column holding the label maps."))
     id2label: str | None = field(default=None, metadata=_help('A JSON file {"0": "wall", ...} of class names.'))
     do_reduce_labels: bool = field(
-        default=False, metadata=_help("Label 0 means 'unlabelled' (ADE20K): map 0 to 255 (ignored) and x to x - 1.")
+        default=False,
+        metadata=_help(f"Label 0 means 'unlabelled' (ADE20K): map 0 to {IGNORE_INDEX} (ignored) and x to x - 1."),
     )
     train_val_split: float | None = field(
         default=0.15, metadata=_help("Share of the training split held out when the dataset has no validation split.")
@@ -169,12 +177,10 @@ class OptimizationArguments:
     )
     weight_decay_exemptions: str | None = field(
         default=None,
-        metadata={
-            "help": "Parameters trained without weight decay: 'authors' (their configs under mmcv: the LayerNorms of "
-            "the vision-to-language decoder's layers only) or 'extended' (every norm layer, every bias, the "
-            "contexts and gamma).",
-            "choices": ["authors", "extended"],
-        },
+        metadata=choice_metadata(
+            "Parameters trained without weight decay",
+            {name: exemption.description for name, exemption in WEIGHT_DECAY_EXEMPTIONS.items()},
+        ),
     )
     sync_batchnorm: bool = field(
         default=True,
@@ -204,11 +210,7 @@ class OptimizationArguments:
     eval_steps: int | None = field(default=None, metadata=_help("Validate every N steps (and always at the end)."))
     dataloader_num_workers: int | None = field(default=None, metadata=_help("Data loading worker processes."))
     loss_reduction: str | None = field(
-        default=None,
-        metadata={
-            "help": "Cross-entropy mean over labelled pixels, or over all pixels, ignored ones as 0 (the authors').",
-            "choices": ["mean_non_ignored", "mean_all_pixels"],
-        },
+        default=None, metadata=choice_metadata("How the per-pixel cross-entropy is averaged", LOSS_REDUCTIONS)
     )
     seed: int = field(default=42, metadata=_help("Seed of initialization, shuffling, augmentation and dropout."))
 
@@ -470,5 +472,6 @@ __all__ = [
     "RECIPE_SETTING_GROUPS",
     "SegmentationTrainingArguments",
     "TrackingArguments",
+    "choice_metadata",
     "parse_training_args",
 ]

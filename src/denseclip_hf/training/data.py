@@ -21,9 +21,10 @@ from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError
 from torch.utils.data import DataLoader, Sampler
 
-from ..image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
+from ..configuration_denseclip import IGNORE_INDEX
+from ..image_processing_denseclip import DenseClipImageProcessor, label_map_to_array
 from ..synthetic import load_synthetic_dataset
-from .transforms import SegmentationAugmentation, label_map_to_array
+from .transforms import SegmentationAugmentation
 
 # The 150 ADE20K (SceneParsing) classes as named by mmseg's `ADE20KDataset.CLASSES`, which the DenseCLIP authors use
 # as text prompts (their "bed " with its trailing space tokenizes like "bed").
@@ -316,9 +317,10 @@ def load_segmentation_data(
 
 
 def check_label_range(dataset: Dataset, num_labels: int, do_reduce_labels: bool, num_samples: int = 8) -> None:
-    """Fails early, naming the likely fix, when the first label maps hold ids outside `[0, num_labels)` and 255."""
+    """Fails early, naming the likely fix, when the first label maps hold ids outside `[0, num_labels)` and
+    `IGNORE_INDEX`."""
     for index in range(min(num_samples, len(dataset))):
-        label = label_map_to_array(dataset[index]["label"])
+        label = label_map_to_array(dataset[index]["label"], f"Label map {index}")
         if do_reduce_labels:
             label = DenseClipImageProcessor.reduce_label(label)
         values = np.unique(label)
@@ -326,8 +328,8 @@ def check_label_range(dataset: Dataset, num_labels: int, do_reduce_labels: bool,
         if bad.size:
             hint = "" if do_reduce_labels else " If 0 means 'unlabelled' (ADE20K), pass --do_reduce_labels."
             raise ValueError(
-                f"Label map {index} holds ids {bad.tolist()[:5]} outside [0, {num_labels - 1}] (255 = ignored) for "
-                f"{num_labels} classes.{hint} Otherwise check --id2label."
+                f"Label map {index} holds ids {bad.tolist()[:5]} outside [0, {num_labels - 1}] ({IGNORE_INDEX} = "
+                f"ignored) for {num_labels} classes.{hint} Otherwise check --id2label."
             )
 
 

@@ -27,12 +27,12 @@ from transformers import AutoConfig, HfArgumentParser
 from transformers.utils import CONFIG_NAME, cached_file
 from transformers.utils.hub import extract_commit_hash
 
-from ..configuration_denseclip import DenseClipConfig
+from ..configuration_denseclip import TEST_MODES, DenseClipConfig
 from ..file_utils import write_text_atomically
 from ..image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from ..modeling_denseclip import DenseClipForSemanticSegmentation
 from ..visualization import palette_for, prediction_grid, save_figure
-from .arguments import DataArguments
+from .arguments import DataArguments, choice_metadata
 from .data import check_label_range, evaluation_dataloader
 from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
@@ -71,11 +71,9 @@ class ProtocolArguments:
 
     mode: str | None = field(
         default=None,
-        metadata={
-            "help": "slide: windows of --crop_size every --stride pixels (the paper's numbers); whole: one pass over "
-            "the whole image. Default: the model's config.test_mode.",
-            "choices": ["slide", "whole"],
-        },
+        metadata=choice_metadata(
+            "The test protocol (default: the model's config.test_mode; windows: --crop_size, --stride)", TEST_MODES
+        ),
     )
     crop_size: list[int] | None = field(
         default=None, metadata=_help("Window size, SIDE or HEIGHT WIDTH (default: the model's test_crop_size).")

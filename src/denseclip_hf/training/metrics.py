@@ -10,7 +10,7 @@ import math
 import numpy as np
 import torch
 
-from ..image_processing_denseclip import IGNORE_INDEX
+from ..configuration_denseclip import IGNORE_INDEX
 
 
 def confusion_matrix(

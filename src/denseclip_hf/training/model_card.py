@@ -7,9 +7,10 @@ from huggingface_hub import EvalResult, ModelCardData
 from huggingface_hub.utils import HFValidationError, validate_repo_id
 from transformers import PretrainedConfig
 
-from ..configuration_denseclip import DenseClipConfig
+from ..configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES, DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
-from .optimization import WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS
+from .evaluation import EvaluationProtocol
+from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import RECIPES
 
 PAPER_URL = "https://arxiv.org/abs/2112.01518"
@@ -142,6 +143,7 @@ def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainin
         single_scale, multi_scale = recipe.paper_miou
         both = f" and {multi_scale} multi-scale" if multi_scale is not None else ""
         paper = f" For this recipe the paper reports {single_scale} mIoU single-scale{both} on ADE20K validation."
+    protocol = EvaluationProtocol.for_model(config)  # the protocol validation ran (`loop.py`)
     metadata = model_card_data(config, results, args, repo_id).to_yaml()
     return f"""---
 {metadata}
@@ -151,14 +153,15 @@ def model_card(config: DenseClipConfig, results: dict, args: SegmentationTrainin
 {warning}
 [DenseCLIP]({PAPER_URL}) (Rao et al., CVPR 2022) turns CLIP into a dense predictor: the
 pixel-text score map between the image embedding and the class-name text embeddings, refined by context-aware
-prompting, is fed to a Semantic FPN decoder. This model predicts {config.num_labels} classes and was fine-tuned from
-{base} on {_training_data_description(args.data)} with `examples/train_seg.py` of `denseclip_hf`, recipe
-`{optimization.recipe}`: {recipe.description}.
+prompting, guides a segmentation decoder. This model's prompting: `{config.prompting_type}`,
+{PROMPTING_TYPES[config.prompting_type]}. Its decoder: `{config.decoder_type}`, {DECODER_TYPES[config.decoder_type]}.
+It predicts {config.num_labels} classes and was fine-tuned from {base} on {_training_data_description(args.data)} with
+`examples/train_seg.py` of `denseclip_hf`, recipe `{optimization.recipe}`: {recipe.description}.
 
 ## Validation results
 
-{results["eval_samples"]} validation images, single-scale whole-image inference (the paper evaluates with a sliding
-window, which this package does not implement yet).{paper}
+{results["eval_samples"]} validation images under the model's test protocol: {protocol.describe()} (the model's
+`test_mode`, `test_crop_size` and `test_stride`, which `examples/evaluate_seg.py` also uses by default).{paper}
 
 | metric | value (%) |
 |---|---|
@@ -201,7 +204,7 @@ After `import denseclip_hf`, `trust_remote_code` is not needed.
 {settings_table}
 
 AdamW; the CLIP text encoder is frozen; no weight decay on
-{WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS[optimization.weight_decay_exemptions]}. Augmentation: random rescale
+{WEIGHT_DECAY_EXEMPTIONS[optimization.weight_decay_exemptions].description}. Augmentation: random rescale
 (ratio {ratio_range} of the {image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}),
 horizontal flip, photometric distortion.
 

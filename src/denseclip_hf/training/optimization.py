@@ -8,6 +8,8 @@ Model internals are reached only through `model.base_model.image_encoder` (the p
 
 import math
 import re
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -46,12 +48,24 @@ def _extended_no_weight_decay(model: nn.Module) -> set[str]:
     return names
 
 
+@dataclass(frozen=True)
+class WeightDecayExemption:
+    """A grouping of the parameters trained without weight decay: what it exempts, in words (help texts, model
+    cards), and the function that names those parameters of a model."""
+
+    description: str
+    parameter_names: Callable[[nn.Module], set[str]]
+
+
 # `--weight_decay_exemptions`: which parameters train without weight decay.
-WEIGHT_DECAY_EXEMPTIONS = {"authors": _authors_no_weight_decay, "extended": _extended_no_weight_decay}
-# What each grouping exempts, in words (model cards).
-WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS = {
-    "authors": "the LayerNorms of the vision-to-language decoder's layers (the authors' grouping)",
-    "extended": "normalization layers, biases, the learnable contexts and gamma",
+WEIGHT_DECAY_EXEMPTIONS = {
+    "authors": WeightDecayExemption(
+        "the LayerNorms of the vision-to-language decoder's layers (the authors' grouping)", _authors_no_weight_decay
+    ),
+    "extended": WeightDecayExemption(
+        "every normalization layer, every bias, the learnable contexts, gamma and the pre-model queries",
+        _extended_no_weight_decay,
+    ),
 }
 
 
@@ -67,7 +81,7 @@ def no_weight_decay_parameter_names(model: nn.Module, exemptions: str = "authors
         raise ValueError(
             f"Unknown weight decay exemptions {exemptions!r}: pass one of {list(WEIGHT_DECAY_EXEMPTIONS)}."
         )
-    return WEIGHT_DECAY_EXEMPTIONS[exemptions](model)
+    return WEIGHT_DECAY_EXEMPTIONS[exemptions].parameter_names(model)
 
 
 def parameter_groups(
@@ -176,8 +190,8 @@ def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: in
 
 
 __all__ = [
-    "WEIGHT_DECAY_EXEMPTION_DESCRIPTIONS",
     "WEIGHT_DECAY_EXEMPTIONS",
+    "WeightDecayExemption",
     "no_weight_decay_parameter_names",
     "num_update_steps_per_epoch",
     "parameter_groups",

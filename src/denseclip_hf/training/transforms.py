@@ -12,7 +12,8 @@ import numpy as np
 from PIL import Image
 from transformers.image_utils import OPENAI_CLIP_MEAN, OPENAI_CLIP_STD
 
-from ..image_processing_denseclip import IGNORE_INDEX, DenseClipImageProcessor
+from ..configuration_denseclip import IGNORE_INDEX
+from ..image_processing_denseclip import DenseClipImageProcessor, image_to_rgb_array, label_map_to_array
 
 _RESIZE_RULE = DenseClipImageProcessor(size_divisor=None)
 
@@ -130,25 +131,16 @@ def pad_to(
     return pixel_values, label
 
 
-def label_map_to_array(label: Image.Image | np.ndarray) -> np.ndarray:
-    """A label map (palette `P`, `L` or `I;16` image, or a 2-D array) -> `(height, width)` int64 class ids."""
-    if isinstance(label, Image.Image) and len(label.getbands()) > 1:
-        raise ValueError(
-            f"A label map is a {label.mode} image: label maps must hold one class id per pixel (palette 'P' or 'L')."
-        )
-    array = np.asarray(label)
-    if array.ndim != 2:
-        raise ValueError(f"A label map has shape {array.shape}: expected (height, width) class ids.")
-    return array.astype(np.int64)
-
-
 @dataclass
 class SegmentationAugmentation:
     """The authors' training augmentation with its mmseg defaults (ADE20K ViT-B/16: `scale=(2048, 640)`, crop 640).
 
-    Call it with a PIL image, its label map and a `numpy.random.Generator`; it returns `pixel_values`
+    Call it with an image, its label map and a `numpy.random.Generator`; it returns `pixel_values`
     `(3, crop, crop)` float32 and `labels` `(crop, crop)` int64, padded with 0 / `ignore_index` where the rescaled
-    image is smaller than the crop.
+    image is smaller than the crop. Images and label maps become arrays as in `DenseClipImageProcessor`
+    (`image_to_rgb_array`, `label_map_to_array`: grey replicated, alpha composited over white, palette indices as
+    class ids), so a model trains on the pixels it is evaluated on; 16-bit and float images are rounded to 8 bits,
+    which the photometric distortion works on.
     """
 
     crop_size: int = 640
@@ -165,9 +157,7 @@ class SegmentationAugmentation:
     def __call__(
         self, image: Image.Image | np.ndarray, label: Image.Image | np.ndarray, rng: np.random.Generator
     ) -> tuple[np.ndarray, np.ndarray]:
-        if not isinstance(image, Image.Image):
-            image = Image.fromarray(np.asarray(image))
-        pixels = np.asarray(image.convert("RGB"))
+        pixels = image_to_rgb_array(image, as_uint8=True)
         labels = label_map_to_array(label)
         if labels.shape != pixels.shape[:2]:
             raise ValueError(f"A label map of size {labels.shape} belongs to an image of size {pixels.shape[:2]}.")
@@ -186,7 +176,6 @@ class SegmentationAugmentation:
 
 __all__ = [
     "SegmentationAugmentation",
-    "label_map_to_array",
     "normalize",
     "pad_to",
     "photometric_distortion",
