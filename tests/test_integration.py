@@ -84,6 +84,7 @@ assert loaded == [
     "denseclip_hf.image_processing_denseclip_detection",
     "denseclip_hf.loading_denseclip",
     "denseclip_hf.loss_denseclip",
+    "denseclip_hf.loss_denseclip_detection",
     "denseclip_hf.modeling_clip_resnet",
     "denseclip_hf.modeling_denseclip",
     "denseclip_hf.modeling_denseclip_detection",
