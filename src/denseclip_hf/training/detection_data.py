@@ -28,7 +28,7 @@ import io
 import json
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -227,7 +227,7 @@ def load_coco_split(
 
 
 def _load_coco_folder(
-    coco_dir: str | os.PathLike, train_split: str, validation_split: str
+    coco_dir: str | os.PathLike, train_split: str | None, validation_split: str
 ) -> tuple[Dataset | None, Dataset, list[int], list[str], str]:
     coco_dir = Path(coco_dir)
     validation_images, validation_file = _coco_split_paths(coco_dir, validation_split)
@@ -238,8 +238,10 @@ def _load_coco_folder(
         )
     category_ids, class_names = coco_categories(validation_file)
     validation = load_coco_split(validation_images, validation_file, category_ids, class_names)
-    train_images, train_file = _coco_split_paths(coco_dir, train_split)
     train = None
+    if train_split is None:
+        return train, validation, category_ids, class_names, str(validation_file)
+    train_images, train_file = _coco_split_paths(coco_dir, train_split)
     if train_file.is_file():
         train_ids, train_names = coco_categories(train_file)
         if train_ids != category_ids:
@@ -320,7 +322,7 @@ def _normalize_hub_split(dataset: Dataset, class_names: list[str]) -> Dataset:
 def _load_hub_dataset(
     dataset_name: str,
     dataset_config_name: str | None,
-    train_split: str,
+    train_split: str | None,
     validation_split: str,
     cache_dir: str | None,
 ) -> tuple[Dataset | None, Dataset, list[int], list[str]]:
@@ -333,7 +335,7 @@ def _load_hub_dataset(
     class_names = list(_category_feature(dataset[validation_split]).names)
     validation = _normalize_hub_split(dataset[validation_split], class_names)
     train = None
-    if train_split in dataset:
+    if train_split is not None and train_split in dataset:
         if list(_category_feature(dataset[train_split]).names) != class_names:
             raise ValueError(f"The {train_split!r} and {validation_split!r} splits of {dataset_name} name different "
                              "classes.")  # fmt: skip
@@ -354,6 +356,62 @@ def default_category_ids(class_names: list[str]) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+@dataclass
+class DetectionDataArguments:
+    """The detection dataset: a COCO folder, a Hub dataset in COCO format or (neither given) the synthetic scenes."""
+
+    _argument_group_name = "data"
+
+    coco_dir: str | None = field(
+        default=None,
+        metadata={"help": "A COCO folder: val2017/ + annotations/instances_val2017.json (and train2017/ + "
+        "annotations/instances_train2017.json for training)."},
+    )  # fmt: skip
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset in COCO format: image, objects with bbox ([x, y, w, h] pixels) and category "
+        "(ClassLabel)."},
+    )  # fmt: skip
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_split: str = field(
+        default="train", metadata={"help": "The training split (a COCO folder: train = train2017, else its name)."}
+    )
+    validation_split: str = field(
+        default="validation",
+        metadata={"help": "The validation split (a COCO folder: validation = val2017, else its name, e.g. val2014)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
+    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub datasets."})
+
+    def __post_init__(self):
+        if self.coco_dir is not None and self.dataset_name is not None:
+            raise ValueError("Pass either --coco_dir or --dataset_name, not both.")
+        if self.coco_dir is not None and not Path(self.coco_dir).is_dir():
+            raise ValueError(f"--coco_dir {self.coco_dir} is not a folder.")
+        for name in ("max_train_samples", "max_eval_samples"):
+            if getattr(self, name) is not None and getattr(self, name) <= 0:
+                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
+
+    @property
+    def source(self) -> str:
+        """`"coco"`, `"hub"` or `"synthetic"`."""
+        return "coco" if self.coco_dir else "hub" if self.dataset_name else "synthetic"
+
+    def load(self, with_training_split: bool = True) -> DetectionData:
+        """The data (see [`load_detection_data`]); without `with_training_split`, only the validation split."""
+        return load_detection_data(
+            coco_dir=self.coco_dir,
+            dataset_name=self.dataset_name,
+            dataset_config_name=self.dataset_config_name,
+            train_split=self.train_split if with_training_split else None,
+            validation_split=self.validation_split,
+            max_train_samples=self.max_train_samples,
+            max_eval_samples=self.max_eval_samples,
+            cache_dir=self.cache_dir,
+        )
+
+
 def training_examples(dataset: Dataset) -> Dataset:
     """The examples training learns from (mmdet's `_filter_imgs`): those with at least one annotation (of any kind,
     crowd and degenerate ones included, as mmdet counts them) and both sides at least `MIN_TRAINING_IMAGE_SIDE`."""
@@ -367,7 +425,7 @@ def load_detection_data(
     coco_dir: str | os.PathLike | None = None,
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
-    train_split: str = "train",
+    train_split: str | None = "train",
     validation_split: str = "validation",
     max_train_samples: int | None = None,
     max_eval_samples: int | None = None,
@@ -386,7 +444,8 @@ def load_detection_data(
       80 classes, else the labels. Without the training split, `train` is `None`.
 
     The training split keeps only [`training_examples`] (mmdet's filter); the validation split keeps every image.
-    `max_train_samples` / `max_eval_samples` keep the first examples of each split.
+    `max_train_samples` / `max_eval_samples` keep the first examples of each split. `train_split=None` loads no
+    training split (evaluation).
     """
     if coco_dir is not None and dataset_name is not None:
         raise ValueError("Pass either a COCO folder (--coco_dir) or a Hub dataset (--dataset_name), not both.")
@@ -400,8 +459,8 @@ def load_detection_data(
             dataset_name, dataset_config_name, train_split, validation_split, cache_dir
         )
     else:
-        train = load_synthetic_dataset("train", num_samples=max_train_samples, task="detection")
-        validation = load_synthetic_dataset("validation", num_samples=max_eval_samples, task="detection")
+        train = None if train_split is None else load_synthetic_dataset("train", max_train_samples, task="detection")
+        validation = load_synthetic_dataset("validation", max_eval_samples, task="detection")
         class_names = list(_category_feature(validation).names)
         category_ids = default_category_ids(class_names)
     if train is not None:
@@ -422,6 +481,7 @@ def load_detection_data(
 __all__ = [
     "COCO_CATEGORY_IDS",
     "DetectionData",
+    "DetectionDataArguments",
     "coco_annotations",
     "coco_categories",
     "default_category_ids",
