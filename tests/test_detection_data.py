@@ -27,6 +27,10 @@ from denseclip_hf.training.detection_data import (
     load_detection_data,
 )
 
+# Hub datasets and COCO folders are cached by `datasets`: in a folder of each test's own.
+pytestmark = pytest.mark.usefixtures("datasets_cache")
+
+
 # ---------------------------------------------------------------------------------------------------------------------
 # Synthetic scenes
 # ---------------------------------------------------------------------------------------------------------------------

@@ -32,10 +32,12 @@ from denseclip_hf.synthetic import SYNTHETIC_DETECTION_CLASS_NAMES, load_synthet
 from denseclip_hf.training.detection_data import load_detection_data
 from denseclip_hf.training.detection_evaluation import coco_metrics, detection_results, evaluate_detection
 from denseclip_hf.training.detection_evaluation_job import evaluate_detector, parse_detection_evaluation_args
+from denseclip_hf.visualization import detection_grid, draw_detections
 
 SCRIPT = Path(__file__).parents[1] / "examples" / "evaluate_det.py"
 MODELS = {"retinanet": DenseClipForObjectDetection, "maskrcnn": DenseClipForInstanceSegmentation}
 SUFFIXES = ("mAP", "mAP_50", "mAP_75", "mAP_s", "mAP_m", "mAP_l")
+pytestmark = pytest.mark.usefixtures("datasets_cache")  # COCO folders are cached by `datasets`: here, per test
 
 
 @pytest.fixture
@@ -147,12 +149,12 @@ def test_metrics_equal_an_independent_pycocotools_run_over_the_files(accelerator
     """Synthetic scenes (a crowd object among them), a random tiny detector: `coco_metrics` of the results equals
     `COCOeval` run here over the results file and a ground-truth json written to disk, and the results file
     round-trips through `COCO.loadRes` (segm areas from the masks)."""
-    dataset = load_synthetic_dataset("validation", 20, task="detection").select([0, 1, 2, 19])
+    dataset = load_synthetic_dataset("validation", 20, task="detection").select([0, 19])
     assert 1 in [flag for objects in dataset["objects"] for flag in objects["iscrowd"]]
     model = random_detector(name)
     category_ids = [1, 2, 3, 4]
     results = detection_results(model, processor(), dataset, accelerator, category_ids=category_ids)
-    assert len(results) == 4 * model.config.max_detections
+    assert len(results) == 2 * model.config.max_detections
     # The objects of the first scene found as well (boxes and masks as they are), so that the metrics are not all 0.
     objects = dataset[0]["objects"]
     for box, label, rle in zip(objects["bbox"], objects["category"], objects["segmentation"], strict=True):
@@ -169,8 +171,11 @@ def test_metrics_equal_an_independent_pycocotools_run_over_the_files(accelerator
         expected = independent_metrics(gt_file, results_file, iou_type)
         assert [from_dataset[f"{iou_type}_{suffix}"] for suffix in SUFFIXES] == expected
         assert 0 < from_dataset[f"{iou_type}_mAP_50"] < 1
-    evaluated = evaluate_detection(model, processor(), dataset, category_ids, accelerator, progress=False)
-    assert evaluated == coco_metrics(dataset, results[: 4 * model.config.max_detections], iou_types, category_ids)
+    # Two same-size images per forward: the same detections as one by one (in eval mode nothing mixes a batch).
+    evaluated = evaluate_detection(
+        model, processor(), dataset, category_ids, accelerator, batch_size=2, progress=False
+    )
+    assert evaluated == coco_metrics(dataset, results[: 2 * model.config.max_detections], iou_types, category_ids)
     loaded = COCO(str(gt_file)).loadRes(str(results_file))
     assert len(loaded.anns) == len(results)
     for annotation, result in zip(loaded.anns.values(), results, strict=True):
@@ -206,7 +211,7 @@ def test_no_detections_score_zero_and_bad_requests_raise():
     result = {"image_id": 0, "category_id": 0, "bbox": [1.0, 1.0, 5.0, 5.0], "score": 0.5}
     with pytest.raises(ValueError, match="results with a 'segmentation'"):
         coco_metrics(dataset, [result], ("segm",))
-    boxes_only = load_detection_data(coco_dir=None, max_eval_samples=1).validation.map(
+    boxes_only = dataset.map(
         lambda objects: {"objects": {**objects, "segmentation": [None] * len(objects["bbox"])}},
         input_columns=["objects"],
     )
@@ -327,3 +332,45 @@ def test_bad_flags_exit_with_a_message(capsys):
         with pytest.raises(SystemExit):
             parse_detection_evaluation_args(["--model_name_or_path", "x", *argv])
         assert message in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Pictures
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def test_draw_detections_blends_masks_and_outlines_boxes_in_class_colours():
+    image = np.full((40, 60, 3), 100, dtype=np.uint8)
+    mask = np.zeros((40, 60), dtype=bool)
+    mask[20:30, 5:15] = True
+    palette = np.array([[255, 0, 0], [0, 0, 255]], dtype=np.uint8)
+    boxes = torch.tensor([[30.0, 25.0, 50.0, 35.0], [4.0, 19.0, 16.0, 31.0]])
+    drawn = np.asarray(
+        draw_detections(image, boxes, [0, 1], [0.9, 0.5], {0: "car", 1: "tree"}, [np.zeros_like(mask), mask], palette)
+    )
+    assert drawn.shape == (40, 60, 3)
+    blended = np.rint(0.5 * 100 + 0.5 * palette[1]).astype(np.uint8)
+    assert (drawn[24:29, 6:14] == blended).all()  # inside the mask, away from the outline
+    assert (drawn[35, 40] == palette[0]).all() and (drawn[30, 50] == palette[0]).all()  # the car's box outline
+    assert (drawn[20:32, 4] == palette[1]).all()  # the tree's left edge
+    # Captions sit on tabs above the boxes (font_size_for(60) = 12 pixels + 2); nothing above them or right below.
+    assert (drawn[:5] == 100).all() and (drawn[36:, 20:] == 100).all()
+    with pytest.raises(ValueError, match="labels must be class ids 0..1"):
+        draw_detections(image, boxes, [0, 2], None, ["car", "tree"])
+    with pytest.raises(ValueError, match="one mask per detection at the image's size"):
+        draw_detections(image, boxes, [0, 1], None, ["car", "tree"], masks=[mask[:20]] * 2)
+
+
+def test_detection_grid_draws_ground_truth_and_predictions_per_image():
+    scenes = load_synthetic_dataset("validation", 2, task="detection")
+    truth = [{"boxes": [[1, 2, 30, 40]], "labels": [1], "masks": None}, {"boxes": [], "labels": []}]
+    found = {
+        "boxes": torch.tensor([[1.0, 2.0, 30.0, 40.0]]),
+        "labels": torch.tensor([1]),
+        "scores": torch.tensor([0.8]),
+    }
+    predictions = [found, {"boxes": torch.zeros(0, 4), "labels": torch.zeros(0)}]
+    grid = detection_grid(list(scenes["image"]), predictions, SYNTHETIC_DETECTION_CLASS_NAMES, truth, tile_height=64)
+    assert grid.height > 2 * 64 and grid.width > 2 * 64
+    with pytest.raises(ValueError, match="1 prediction entries"):
+        detection_grid(list(scenes["image"]), predictions[:1], SYNTHETIC_DETECTION_CLASS_NAMES)

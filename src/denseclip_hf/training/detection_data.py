@@ -28,6 +28,7 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -74,40 +75,51 @@ class DetectionData:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
-def _to_rle(segmentation: Any, height: int, width: int, where: str) -> dict | None:
-    """COCO polygons, uncompressed or compressed RLE -> compressed RLE `{"size", "counts": str}` (COCO's `annToRLE`:
-    polygons merged into one mask); `None` or `[]` -> `None` (no mask)."""
-    from pycocotools import mask as mask_utils
-
-    if segmentation is None or (isinstance(segmentation, (list, tuple)) and len(segmentation) == 0):
-        return None
-    if isinstance(segmentation, (list, tuple)):
+def _check_segmentation(segmentation: Any, height: int, width: int, where: str) -> None:
+    """A `ValueError` unless `segmentation` is `None`, COCO polygons or an RLE of the image's size."""
+    if segmentation is None or isinstance(segmentation, (list, tuple)):
         if not all(
             isinstance(polygon, (list, tuple)) and len(polygon) >= 6 and len(polygon) % 2 == 0
-            for polygon in segmentation
+            for polygon in segmentation or []
         ):
             raise ValueError(
                 f"{where} has segmentation {segmentation!r:.120}: polygons must be flat lists [x1, y1, x2, y2, ...] "
                 "of at least 3 points."
             )
-        rle = mask_utils.merge(mask_utils.frPyObjects([[float(v) for v in p] for p in segmentation], height, width))
     elif isinstance(segmentation, dict) and "counts" in segmentation and "size" in segmentation:
         if [int(side) for side in segmentation["size"]] != [height, width]:
             raise ValueError(
                 f"{where} has an RLE of size {list(segmentation['size'])} on an image of (height, width) "
                 f"{[height, width]}: the RLE must cover the whole image."
             )
-        counts = segmentation["counts"]
-        if isinstance(counts, (list, tuple)):
-            rle = mask_utils.frPyObjects({"size": [height, width], "counts": list(counts)}, height, width)
-        else:
-            return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
     else:
         raise ValueError(
             f"{where} has segmentation {segmentation!r:.120}: expected polygons [[x1, y1, ...], ...] or an RLE dict "
             '{"size": [height, width], "counts": ...}.'
         )
+
+
+def _to_rle(segmentation: Any, height: int, width: int) -> dict | None:
+    """Checked COCO polygons, uncompressed or compressed RLE -> compressed RLE `{"size", "counts": str}` (COCO's
+    `annToRLE`: polygons merged into one mask); `None` or `[]` -> `None` (no mask)."""
+    from pycocotools import mask as mask_utils
+
+    if not segmentation:
+        return None
+    if isinstance(segmentation, (list, tuple)):
+        polygons = [[float(value) for value in polygon] for polygon in segmentation]
+        rle = mask_utils.merge(mask_utils.frPyObjects(polygons, height, width))
+    elif isinstance(segmentation["counts"], (list, tuple)):
+        rle = mask_utils.frPyObjects({"size": [height, width], "counts": list(segmentation["counts"])}, height, width)
+    else:
+        counts = segmentation["counts"]
+        return {"size": [height, width], "counts": counts.decode("ascii") if isinstance(counts, bytes) else counts}
     return {"size": [height, width], "counts": rle["counts"].decode("ascii")}
+
+
+def _checked_rle(segmentation: Any, height: int, width: int, where: str) -> dict | None:
+    _check_segmentation(segmentation, height, width, where)
+    return _to_rle(segmentation, height, width)
 
 
 def _check_box(bbox: Any, where: str) -> list[float]:
@@ -175,21 +187,16 @@ def coco_categories(annotation_file: str | os.PathLike) -> tuple[list[int], list
     return [int(category["id"]) for category in categories], [str(category["name"]) for category in categories]
 
 
-def load_coco_split(
-    image_dir: str | os.PathLike, annotation_file: str | os.PathLike, category_ids: list[int], class_names: list[str]
-) -> Dataset:
-    """One split of a COCO folder (`image_dir` + its instances json) as a `Dataset` of [`detection_features`] with
-    classes `class_names`, every image of the json in its order, images decoded lazily from the files.
-
-    COCO category id `category_ids[i]` becomes label `i`; masks become compressed RLE. `ValueError`s: a missing image
-    file, an annotation whose `image_id` is not an image of the json or whose `category_id` is not one of
-    `category_ids`, a bbox that is not 4 finite numbers, `iscrowd` other than 0 / 1 (see the module docstring).
-    """
-    image_dir, annotation_file = Path(image_dir), Path(annotation_file)
+def _parse_coco(
+    image_dir: Path, annotation_file: Path, category_ids: Sequence[int]
+) -> tuple[list[dict], dict[int, list[dict]]]:
+    """The images of a COCO instances json and the annotations of each image id, every field checked (the
+    `ValueError`s of [`load_coco_split`])."""
     content = _read_json(annotation_file)
     label_of = {category_id: label for label, category_id in enumerate(category_ids)}
     images = content["images"]
-    per_image: dict[int, list[dict]] = {int(image["id"]): [] for image in images}
+    sizes = {int(image["id"]): (int(image["height"]), int(image["width"])) for image in images}
+    per_image: dict[int, list[dict]] = {image_id: [] for image_id in sizes}
     for number, annotation in enumerate(content["annotations"]):
         where = f"Annotation {number} (id {annotation.get('id')}) of {annotation_file}"
         if annotation.get("image_id") not in per_image:
@@ -199,35 +206,75 @@ def load_coco_split(
                 f"{where} has category_id {annotation.get('category_id')!r}, which is not one of the file's "
                 f"categories {sorted(label_of)}: fix the annotation or add the category to 'categories'."
             )
+        _check_box(annotation.get("bbox"), where)
+        _check_crowd(annotation.get("iscrowd", 0), where)
+        _check_segmentation(annotation.get("segmentation"), *sizes[annotation["image_id"]], where)
         per_image[annotation["image_id"]].append(annotation)
-    paths = [image_dir / image["file_name"] for image in images]
-    missing = [str(path) for path in paths if not path.is_file()]
+    missing = [
+        str(image_dir / image["file_name"]) for image in images if not (image_dir / image["file_name"]).is_file()
+    ]
     if missing:
         raise ValueError(
-            f"{len(missing)} of the {len(paths)} images listed in {annotation_file} are missing (e.g. {missing[0]}): "
+            f"{len(missing)} of the {len(images)} images listed in {annotation_file} are missing (e.g. {missing[0]}): "
             f"put every image file into {image_dir}, or remove the missing ones from the json."
         )
-    rows = []
-    for image, path in zip(images, paths, strict=True):
+    return images, per_image
+
+
+def _coco_examples(
+    image_dir: str, annotation_file: str, category_ids: tuple[int, ...], file_stamp: tuple[int, int]
+) -> Iterator[dict]:
+    """The examples of [`load_coco_split`], for `Dataset.from_generator` (which caches them by these arguments:
+    `file_stamp`, the json's size and modification time, makes a changed file a new dataset)."""
+    images, per_image = _parse_coco(Path(image_dir), Path(annotation_file), category_ids)
+    label_of = {category_id: label for label, category_id in enumerate(category_ids)}
+    for image in images:
         height, width = int(image["height"]), int(image["width"])
         objects = {name: [] for name in ("id", "bbox", "category", "area", "iscrowd", "segmentation")}
         for annotation in per_image[int(image["id"])]:
-            where = f"Annotation {annotation.get('id')} of image {image['id']} in {annotation_file}"
+            x, y, w, h = (float(value) for value in annotation["bbox"])
             objects["id"].append(int(annotation.get("id", len(objects["id"]))))
-            objects["bbox"].append(_check_box(annotation.get("bbox"), where))
+            objects["bbox"].append([x, y, w, h])
             objects["category"].append(label_of[annotation["category_id"]])
-            box_area = objects["bbox"][-1][2] * objects["bbox"][-1][3]
-            objects["area"].append(float(annotation.get("area", box_area)))
-            objects["iscrowd"].append(_check_crowd(annotation.get("iscrowd", 0), where))
-            objects["segmentation"].append(_to_rle(annotation.get("segmentation"), height, width, where))
-        rows.append({"image": str(path), "image_id": int(image["id"]), "width": width, "height": height})
-        rows[-1]["objects"] = objects
-    columns = {name: [row[name] for row in rows] for name in ("image", "image_id", "width", "height", "objects")}
-    return Dataset.from_dict(columns, features=detection_features(class_names))
+            objects["area"].append(float(annotation.get("area", w * h)))
+            objects["iscrowd"].append(int(annotation.get("iscrowd", 0)))
+            objects["segmentation"].append(_to_rle(annotation.get("segmentation"), height, width))
+        path = str(Path(image_dir) / image["file_name"])
+        yield {"image": path, "image_id": int(image["id"]), "width": width, "height": height, "objects": objects}
+
+
+def load_coco_split(
+    image_dir: str | os.PathLike,
+    annotation_file: str | os.PathLike,
+    category_ids: Sequence[int],
+    class_names: Sequence[str],
+    cache_dir: str | None = None,
+) -> Dataset:
+    """One split of a COCO folder (`image_dir` + its instances json) as a `Dataset` of [`detection_features`] with
+    classes `class_names`, every image of the json in its order, images decoded lazily from the files.
+
+    COCO category id `category_ids[i]` becomes label `i`; masks become compressed RLE (converting COCO train2017's
+    polygons takes minutes, so the examples are cached in the `datasets` cache, or `cache_dir`, until the json
+    changes). `ValueError`s, checked on every call: a missing image file, an annotation whose `image_id` is not an
+    image of the json or whose `category_id` is not one of `category_ids`, a bbox that is not 4 finite numbers,
+    `iscrowd` other than 0 / 1, a malformed segmentation (see the module docstring).
+    """
+    image_dir, annotation_file = Path(image_dir), Path(annotation_file)
+    _parse_coco(image_dir, annotation_file, category_ids)
+    stat = annotation_file.stat()
+    arguments = {
+        "image_dir": str(image_dir.resolve()),
+        "annotation_file": str(annotation_file.resolve()),
+        "category_ids": tuple(int(category_id) for category_id in category_ids),
+        "file_stamp": (stat.st_size, stat.st_mtime_ns),
+    }
+    return Dataset.from_generator(
+        _coco_examples, features=detection_features(class_names), gen_kwargs=arguments, cache_dir=cache_dir
+    )
 
 
 def _load_coco_folder(
-    coco_dir: str | os.PathLike, train_split: str | None, validation_split: str
+    coco_dir: str | os.PathLike, train_split: str | None, validation_split: str, cache_dir: str | None
 ) -> tuple[Dataset | None, Dataset, list[int], list[str], str]:
     coco_dir = Path(coco_dir)
     validation_images, validation_file = _coco_split_paths(coco_dir, validation_split)
@@ -237,7 +284,7 @@ def _load_coco_folder(
             f"{validation_images.name}/ and annotations/{validation_file.name} (and optionally the training split)."
         )
     category_ids, class_names = coco_categories(validation_file)
-    validation = load_coco_split(validation_images, validation_file, category_ids, class_names)
+    validation = load_coco_split(validation_images, validation_file, category_ids, class_names, cache_dir)
     train = None
     if train_split is None:
         return train, validation, category_ids, class_names, str(validation_file)
@@ -246,7 +293,7 @@ def _load_coco_folder(
         train_ids, train_names = coco_categories(train_file)
         if train_ids != category_ids:
             raise ValueError(f"{train_file} and {validation_file} list different categories: use one COCO release.")
-        train = load_coco_split(train_images, train_file, category_ids, train_names)
+        train = load_coco_split(train_images, train_file, category_ids, train_names, cache_dir)
     return train, validation, category_ids, class_names, str(validation_file)
 
 
@@ -306,7 +353,7 @@ def _normalize_hub_split(dataset: Dataset, class_names: list[str]) -> Dataset:
                     for value, place in zip(objects.get("iscrowd") or [0] * count, where, strict=True)
                 ],
                 "segmentation": [
-                    _to_rle(segmentation, height, width, place)
+                    _checked_rle(segmentation, height, width, place)
                     for segmentation, place in zip(segmentations, where, strict=True)
                 ],
             },
@@ -382,7 +429,9 @@ class DetectionDataArguments:
     )
     max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
-    cache_dir: str | None = field(default=None, metadata={"help": "Where to cache Hub datasets."})
+    cache_dir: str | None = field(
+        default=None, metadata={"help": "Where to cache Hub datasets and converted COCO annotations."}
+    )
 
     def __post_init__(self):
         if self.coco_dir is not None and self.dataset_name is not None:
@@ -452,7 +501,7 @@ def load_detection_data(
     annotation_file = None
     if coco_dir is not None:
         train, validation, category_ids, class_names, annotation_file = _load_coco_folder(
-            coco_dir, train_split, validation_split
+            coco_dir, train_split, validation_split, cache_dir
         )
     elif dataset_name is not None:
         train, validation, category_ids, class_names = _load_hub_dataset(
