@@ -248,32 +248,45 @@ def test_hub_dataset_in_our_format_round_trips(tmp_path):
     assert data.id2label == dict(enumerate(SYNTHETIC_DETECTION_CLASS_NAMES)) and data.category_ids == [0, 1, 2, 3]
 
 
-def test_hub_dataset_with_minimal_coco_style_columns(tmp_path):
-    """A cppe-5-like dataset: no width / height, no iscrowd, polygons as segmentation, a validation split only."""
-    features = Features(
-        {
-            "image": ImageFeature(),
-            "objects": {
-                "bbox": List(List(Value("float32"), length=4)),
-                "category": List(ClassLabel(names=list(COCO_CLASS_NAMES))),
-                "segmentation": List(List(List(Value("float64")))),
-            },
-        }
-    )
+@pytest.mark.parametrize("per_object_dicts", [False, True], ids=["dict-of-lists", "list-of-dicts"])
+def test_hub_dataset_with_minimal_coco_style_columns(tmp_path, per_object_dicts):
+    """A cppe-5-like dataset: no width / height, no iscrowd, polygons as segmentation, a validation split only; its
+    objects as the Hub's per-field lists or as a list of per-object dicts."""
+    fields = {
+        "bbox": List(Value("float32"), length=4),
+        "category": ClassLabel(names=list(COCO_CLASS_NAMES)),
+        "segmentation": List(List(Value("float64"))),
+    }
+    objects_feature = List(fields) if per_object_dicts else {name: List(field) for name, field in fields.items()}
+    features = Features({"image": ImageFeature(), "objects": objects_feature})
     image = Image.fromarray(np.zeros((30, 50, 3), dtype=np.uint8))
     polygon = [2.0, 3.0, 20.0, 3.0, 20.0, 13.0]
-    rows = {"image": [image], "objects": [{"bbox": [[2, 3, 18, 10]], "category": [79], "segmentation": [[polygon]]}]}
-    path = _write_hub_dataset(tmp_path, {"validation": Dataset.from_dict(rows, features=features)})
+    obj = {"bbox": [2, 3, 18, 10], "category": 79, "segmentation": [polygon]}
+    objects = [obj] if per_object_dicts else {name: [value] for name, value in obj.items()}
+    path = _write_hub_dataset(
+        tmp_path, {"validation": Dataset.from_dict({"image": [image], "objects": [objects]}, features=features)}
+    )
     data = load_detection_data(dataset_name=path)
     assert data.train is None and data.category_ids == list(COCO_CATEGORY_IDS)
+    assert data.validation.features == detection_features(list(COCO_CLASS_NAMES))
     example = data.validation[0]
     assert (example["image_id"], example["width"], example["height"]) == (0, 50, 30)
     objects = example["objects"]
     assert objects["id"] == [0] and objects["iscrowd"] == [0] and objects["area"] == [180.0]
+    assert objects["bbox"] == [[2.0, 3.0, 18.0, 10.0]] and objects["category"] == [79]
     expected = mask_utils.decode(mask_utils.merge(mask_utils.frPyObjects([polygon], 30, 50)))
     assert np.array_equal(mask_utils.decode(objects["segmentation"][0]), expected)
     with pytest.raises(ValueError, match="no 'train_2' split"):
         load_detection_data(dataset_name=path, validation_split="train_2")
+
+
+def test_hub_dataset_without_class_names_raises(tmp_path):
+    features = Features({"image": ImageFeature(), "objects": {"bbox": List(List(Value("float32"))),
+                                                              "category": List(Value("int64"))}})  # fmt: skip
+    rows = {"image": [Image.new("RGB", (8, 8))], "objects": [{"bbox": [[1, 1, 2, 2]], "category": [0]}]}
+    path = _write_hub_dataset(tmp_path, {"validation": Dataset.from_dict(rows, features=features)})
+    with pytest.raises(ValueError, match="no objects.category ClassLabel"):
+        load_detection_data(dataset_name=path)
 
 
 def test_default_category_ids():

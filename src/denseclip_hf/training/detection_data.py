@@ -303,9 +303,14 @@ def _load_coco_folder(
 
 
 def _category_feature(dataset: Dataset) -> ClassLabel:
+    """The `ClassLabel` of `objects.category`: `objects` a dict of per-object lists (the Hub's convention) or a list of
+    per-object dicts (`List({...})`)."""
     objects = dataset.features.get("objects")
-    category = objects.get("category") if isinstance(objects, dict) else None
-    feature = getattr(category, "feature", None)
+    if isinstance(objects, dict):
+        feature = getattr(objects.get("category"), "feature", None)
+    else:
+        per_object = getattr(objects, "feature", None)
+        feature = per_object.get("category") if isinstance(per_object, dict) else None
     if not isinstance(feature, ClassLabel):
         raise ValueError(
             f"The dataset's features {dataset.features} have no objects.category ClassLabel: a detection dataset in "
@@ -316,7 +321,8 @@ def _category_feature(dataset: Dataset) -> ClassLabel:
 
 
 def _normalize_hub_split(dataset: Dataset, class_names: list[str]) -> Dataset:
-    """A Hub split with `image` and `objects` (`bbox`, `category` at least) -> the features of
+    """A Hub split with `image` and `objects` (`bbox`, `category` at least; per-object lists or a list of per-object
+    dicts) -> the features of
     [`detection_features`]: a missing `image_id` is the row index, missing `width` / `height` are read from the image
     header, missing `id` count within the image, `area` defaults to the box's, `iscrowd` to 0, `segmentation` to none
     (polygons and RLE become compressed RLE)."""
@@ -335,6 +341,8 @@ def _normalize_hub_split(dataset: Dataset, class_names: list[str]) -> Dataset:
             with Image.open(source if isinstance(source, str) else io.BytesIO(source)) as opened:
                 width, height = opened.size
         objects = example["objects"]
+        if isinstance(objects, list):  # per-object dicts -> per-field lists
+            objects = {key: [obj[key] for obj in objects] for key in (objects[0] if objects else {"bbox": None})}
         count = len(objects["bbox"])
         where = [f"Object {number} of image {image_id}" for number in range(count)]
         boxes = [_check_box(box, place) for box, place in zip(objects["bbox"], where, strict=True)]
