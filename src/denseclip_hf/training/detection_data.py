@@ -411,9 +411,17 @@ def default_category_ids(class_names: list[str]) -> list[int]:
 # ---------------------------------------------------------------------------------------------------------------------
 
 
+def _check_at_least_one(value: int | None, name: str) -> None:
+    # (`arguments._check_positive` does the same for the segmentation flags; this module does not import the
+    # arguments module, which may import it.)
+    if value is not None and value <= 0:
+        raise ValueError(f"--{name} must be > 0, got {value}.")
+
+
 @dataclass
 class DetectionDataArguments:
-    """The detection dataset: a COCO folder, a Hub dataset in COCO format or (neither given) the synthetic scenes."""
+    """The detection dataset to evaluate on: a COCO folder, a Hub dataset in COCO format or (neither given) the
+    synthetic scenes."""
 
     _argument_group_name = "data"
 
@@ -428,14 +436,10 @@ class DetectionDataArguments:
         "(ClassLabel)."},
     )  # fmt: skip
     dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
-    train_split: str = field(
-        default="train", metadata={"help": "The training split (a COCO folder: train = train2017, else its name)."}
-    )
     validation_split: str = field(
         default="validation",
         metadata={"help": "The validation split (a COCO folder: validation = val2017, else its name, e.g. val2014)."},
     )
-    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Keep the first N validation examples."})
     cache_dir: str | None = field(
         default=None, metadata={"help": "Where to cache Hub datasets and converted COCO annotations."}
@@ -446,27 +450,46 @@ class DetectionDataArguments:
             raise ValueError("Pass either --coco_dir or --dataset_name, not both.")
         if self.coco_dir is not None and not Path(self.coco_dir).is_dir():
             raise ValueError(f"--coco_dir {self.coco_dir} is not a folder.")
-        for name in ("max_train_samples", "max_eval_samples"):
-            if getattr(self, name) is not None and getattr(self, name) <= 0:
-                raise ValueError(f"--{name} must be > 0, got {getattr(self, name)}.")
+        _check_at_least_one(self.max_eval_samples, "max_eval_samples")
 
     @property
     def source(self) -> str:
         """`"coco"`, `"hub"` or `"synthetic"`."""
         return "coco" if self.coco_dir else "hub" if self.dataset_name else "synthetic"
 
-    def load(self, with_training_split: bool = True) -> DetectionData:
-        """The data (see [`load_detection_data`]); without `with_training_split`, only the validation split."""
+    def load(self) -> DetectionData:
+        """The validation split (`train` is `None`; see [`load_detection_data`])."""
+        return self._load(train_split=None, max_train_samples=None)
+
+    def _load(self, train_split: str | None, max_train_samples: int | None) -> DetectionData:
         return load_detection_data(
             coco_dir=self.coco_dir,
             dataset_name=self.dataset_name,
             dataset_config_name=self.dataset_config_name,
-            train_split=self.train_split if with_training_split else None,
+            train_split=train_split,
             validation_split=self.validation_split,
-            max_train_samples=self.max_train_samples,
+            max_train_samples=max_train_samples,
             max_eval_samples=self.max_eval_samples,
             cache_dir=self.cache_dir,
         )
+
+
+@dataclass
+class DetectionTrainingDataArguments(DetectionDataArguments):
+    """The detection dataset to train on (and validate with): the evaluation flags and the training split's."""
+
+    train_split: str = field(
+        default="train", metadata={"help": "The training split (a COCO folder: train = train2017, else its name)."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Keep the first N training examples."})
+
+    def __post_init__(self):
+        super().__post_init__()
+        _check_at_least_one(self.max_train_samples, "max_train_samples")
+
+    def load(self) -> DetectionData:
+        """The training and validation splits (see [`load_detection_data`])."""
+        return self._load(train_split=self.train_split, max_train_samples=self.max_train_samples)
 
 
 def training_examples(dataset: Dataset) -> Dataset:
@@ -539,6 +562,7 @@ __all__ = [
     "COCO_CATEGORY_IDS",
     "DetectionData",
     "DetectionDataArguments",
+    "DetectionTrainingDataArguments",
     "coco_annotations",
     "coco_categories",
     "default_category_ids",

@@ -129,7 +129,7 @@ def evaluate_detector(args: DetectionEvaluationArguments) -> dict:
     configure_logging(accelerator)
     logger.info(accelerator.state, main_process_only=False)
     with accelerator.main_process_first():
-        data = args.data.load(with_training_split=False)
+        data = args.data.load()
     check_dataset_classes(config, data.id2label, hint=" (--coco_dir, --dataset_name)")
 
     model = DETECTOR_CLASSES[type(config)].from_pretrained(model_args.model_name_or_path, revision=model_args.revision)

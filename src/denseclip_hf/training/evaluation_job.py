@@ -118,7 +118,11 @@ class EvaluationOutputArguments:
     _argument_group_name = "run"
 
     per_device_eval_batch_size: int = field(
-        default=1, metadata=_help("Images per device and batch (images of the same size share a forward).")
+        default=1,
+        metadata=_help(
+            "Images per device and batch (segmentation: images of the same size share a forward; "
+            "detection: a batch is padded to its largest image, the authors test one image at a time)."
+        ),
     )
     output_dir: str | None = field(
         default=None, metadata=_help("Where to write the results. Default: outputs/evaluation/<model folder name>.")
@@ -126,9 +130,7 @@ class EvaluationOutputArguments:
     num_visualized_images: int = field(
         default=6, metadata=_help("Validation images drawn in eval_predictions.png (0: no picture).")
     )
-    bf16: bool = field(
-        default=False, metadata=_help("Run the model under bfloat16 autocast (sums and scores stay float32).")
-    )
+    bf16: bool = field(default=False, metadata=_help("Run the model under bfloat16 autocast."))
 
     def __post_init__(self):
         if self.per_device_eval_batch_size <= 0:
