@@ -14,6 +14,7 @@ from hub_server import ORGANIZATION, HubServer
 # clients (this process and subprocesses) download into a cache folder of its own.
 os.environ.update((HUB := HubServer.start()).environment())
 
+import datasets
 import huggingface_hub.constants
 import pytest
 import torch
@@ -117,6 +118,14 @@ def tiny_clip_dir(tmp_path_factory, tokenizer) -> Path:
     clip.save_pretrained(path)
     tokenizer.save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def datasets_cache(tmp_path, monkeypatch) -> Path:
+    """A `datasets` cache of the test's own (`datasets.config.HF_DATASETS_CACHE`, read when a dataset is built)."""
+    folder = tmp_path / "datasets-cache"
+    monkeypatch.setattr(datasets.config, "HF_DATASETS_CACHE", folder)
+    return folder
 
 
 def reset_accelerate() -> None:
