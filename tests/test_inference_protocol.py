@@ -201,7 +201,8 @@ def test_slide_logits_average_each_pixel_over_the_windows_covering_it(size, crop
     pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     logits_fn = _quarter_resolution_logits()
     ours = slide_logits(logits_fn, pixel_values, crop, stride)
-    assert len(logits_fn.calls) == 1, "all windows run as one batch"
+    windows = sliding_windows(*size, crop, stride)
+    assert logits_fn.calls == [(2, 3, *windows[0])] * len(windows[1]), "one call per window, with the whole batch"
 
     # Brute force: every window position that fits (offsets listed independently), each window run on its own,
     # and for every pixel the mean over the windows that contain it.
