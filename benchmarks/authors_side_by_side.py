@@ -409,7 +409,7 @@ def main() -> None:
         f"Side by side with the authors' code, {started:%Y-%m-%d %H:%M} UTC: {machine_before['cpu']}, "
         f"{machine_before['cores']} cores, 2 threads per side; load average {machine_before['load_average']} before, "
         f"{machine_after['load_average']} after; {args.rounds} rounds x {args.repeats} calls "
-        f"({args.train_steps} training steps), medians.\n\n"
+        f"({'inference only' if args.no_train else f'{args.train_steps} training steps'}), medians.\n\n"
     )
     from configs import save_results
 
