@@ -26,7 +26,7 @@ from denseclip_hf import (
 )
 from denseclip_hf.image_processing_denseclip import MULTI_SCALE_RATIOS
 from denseclip_hf.protocol_denseclip import slide_logits
-from denseclip_hf.sliding_windows import sliding_window_starts
+from denseclip_hf.sliding_windows import sliding_window_starts, sliding_windows, window_accumulation
 from denseclip_hf.training.evaluation import EvaluationProtocol
 
 FAMILIES = ("vit", "rn")
@@ -136,6 +136,51 @@ def test_window_starts_cover_every_pixel_and_end_at_the_border(length, crop, str
     assert covered.min() >= 1 and starts[-1] + min(crop, length) == length
 
 
+@pytest.mark.parametrize(
+    ("size", "crop", "stride"),
+    [
+        ((512, 683), (512, 512), (341, 341)),
+        ((512, 512), (640, 640), (426, 426)),
+        ((50, 77), (32, 24), (20, 24)),
+        ((40, 64), (48, 32), (48, 16)),
+        ((64, 64), (32, 32), (32, 32)),
+        ((700, 900), (512, 512), (341, 341)),
+    ],
+)
+def test_window_accumulation_writes_each_pixel_once_per_window_and_divides_where_windows_overlap(size, crop, stride):
+    """Replaying the plan on a brute-force record of what was written: a window's region is copied exactly where no
+    earlier window wrote and added exactly where one did; the divisions are the coverage wherever it exceeds 1."""
+    height, width = size
+    window, corners, writes, divisions = window_accumulation(height, width, crop, stride)
+    assert (window, corners) == sliding_windows(height, width, crop, stride)
+    coverage = np.zeros(size, dtype=int)
+    for (top, left), parts in zip(corners, writes, strict=True):
+        touched = np.zeros(size, dtype=int)
+        for add, (row_begin, row_end, col_begin, col_end) in parts:
+            earlier = coverage[row_begin:row_end, col_begin:col_end]
+            assert (earlier > 0).all() if add else (earlier == 0).all(), ((top, left), add)
+            touched[row_begin:row_end, col_begin:col_end] += 1
+        expected = np.zeros(size, dtype=int)
+        expected[top : top + window[0], left : left + window[1]] = 1
+        np.testing.assert_array_equal(touched, expected)
+        coverage += expected
+    divided = np.ones(size, dtype=int)
+    for (row_begin, row_end, col_begin, col_end), count in divisions:
+        assert (divided[row_begin:row_end, col_begin:col_end] == 1).all(), "each pixel divided at most once"
+        divided[row_begin:row_end, col_begin:col_end] = count
+    np.testing.assert_array_equal(divided, coverage)
+
+
+def test_a_single_window_is_the_whole_image_resized():
+    """An image no larger than the crop: the slide protocol's logits are the single pass resized (no sum, no
+    division), bit for bit."""
+    pixel_values = torch.randn(2, 3, 40, 52, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    logits_fn = _quarter_resolution_logits()
+    ours = slide_logits(logits_fn, pixel_values, (64, 64), (42, 42))
+    expected = F.interpolate(logits_fn(pixel_values).float(), size=(40, 52), mode="bilinear", align_corners=False)
+    torch.testing.assert_close(ours, expected, rtol=0, atol=0)
+
+
 def _quarter_resolution_logits(num_labels: int = 3):
     """A `logits_fn` at a quarter of the input (like the model's), different for every window content."""
     weight = torch.randn(num_labels, 3, 4, 4, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
@@ -156,7 +201,8 @@ def test_slide_logits_average_each_pixel_over_the_windows_covering_it(size, crop
     pixel_values = torch.randn(2, 3, *size, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     logits_fn = _quarter_resolution_logits()
     ours = slide_logits(logits_fn, pixel_values, crop, stride)
-    assert len(logits_fn.calls) == 1, "all windows run as one batch"
+    windows = sliding_windows(*size, crop, stride)
+    assert logits_fn.calls == [(2, 3, *windows[0])] * len(windows[1]), "one call per window, with the whole batch"
 
     # Brute force: every window position that fits (offsets listed independently), each window run on its own,
     # and for every pixel the mean over the windows that contain it.

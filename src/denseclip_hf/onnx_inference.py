@@ -4,7 +4,7 @@ The exported graph is the model's single pass (`model(pixel_values, test_mode="p
 stored in it as a constant). `DenseClipOnnxSegmenter` runs it and, around it, the authors' test protocol as the
 PyTorch model does (`forward` in eval mode, `predict_probabilities`): each input cut to a multiple of the image
 encoder's input granularity, the logits bilinearly resized (by the folder's `resize.onnx` graph, torch's
-`align_corners=False`), sliding windows placed by `sliding_windows` (the model's own function) and averaged,
+`align_corners=False`), sliding windows placed and averaged by `window_accumulation` (the model's own plan),
 multi-scale and flipped inputs soft-maxed and averaged. Its outputs are what
 `DenseClipImageProcessor.post_process_semantic_segmentation` takes; its own `post_process_semantic_segmentation`
 does the same without torch.
@@ -24,9 +24,9 @@ from typing import Any
 import numpy as np
 
 try:
-    from .sliding_windows import sliding_windows
+    from .sliding_windows import window_accumulation
 except ImportError:  # loaded as a plain file from an exported folder, next to its copy of sliding_windows.py
-    from sliding_windows import sliding_windows
+    from sliding_windows import window_accumulation
 
 # What an exported folder holds (written by `denseclip_hf.export`).
 ONNX_MODEL_NAME = "model.onnx"
@@ -175,22 +175,29 @@ class DenseClipOnnxSegmenter:
         """Logits `(batch, num_labels, H, W)` at the input resolution by the authors' protocol (the PyTorch model's
         `protocol_logits`): `"whole"` is one single pass resized to the input; `"slide"` runs every window of the
         batch as one graph call, resizes each window's logits to the window, sums them into place and divides by the
-        number of windows covering each pixel."""
+        number of windows covering each pixel, touching the full-resolution logits as `window_accumulation` plans."""
         batch, _, height, width = pixel_values.shape
         if mode == "whole":
             return self.resize(self.single_pass_logits(pixel_values), (height, width))
-        window, corners = sliding_windows(height, width, crop_size, stride)
+        window, corners, writes, divisions = window_accumulation(height, width, crop_size, stride)
         crops = np.concatenate(
             [pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners]
         )
         window_logits = self.resize(self.single_pass_logits(crops), window)
+        if len(corners) == 1:
+            return window_logits
         window_logits = window_logits.reshape(len(corners), batch, *window_logits.shape[1:])
-        summed = np.zeros((batch, window_logits.shape[2], height, width), dtype=np.float32)
-        coverage = np.zeros((height, width), dtype=np.float32)
-        for (top, left), logits in zip(corners, window_logits, strict=True):
-            summed[..., top : top + window[0], left : left + window[1]] += logits
-            coverage[top : top + window[0], left : left + window[1]] += 1
-        return summed / coverage
+        summed = np.empty((batch, window_logits.shape[2], height, width), dtype=np.float32)
+        for (top, left), logits, parts in zip(corners, window_logits, writes, strict=True):
+            for add, (row_begin, row_end, col_begin, col_end) in parts:
+                source = logits[..., row_begin - top : row_end - top, col_begin - left : col_end - left]
+                if add:
+                    summed[..., row_begin:row_end, col_begin:col_end] += source
+                else:
+                    summed[..., row_begin:row_end, col_begin:col_end] = source
+        for (row_begin, row_end, col_begin, col_end), count in divisions:
+            summed[..., row_begin:row_end, col_begin:col_end] /= count
+        return summed
 
     def _protocol(
         self,

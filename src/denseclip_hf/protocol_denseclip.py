@@ -12,7 +12,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from .sliding_windows import sliding_windows
+from .sliding_windows import window_accumulation
 from .tensor_ops import channels_last_float, resize_bilinear
 
 LogitsFn = Callable[[torch.Tensor], torch.Tensor]
@@ -24,26 +24,41 @@ def slide_logits(
     """The authors' `slide_inference`: logits `(batch, num_labels, H, W)` at the input resolution.
 
     `pixel_values` `(batch, 3, H, W)` is cut into windows of `crop_size` every `stride` pixels (see
-    `sliding_windows`; a side shorter than the crop is taken whole, so every window has the same size). All
-    windows of the batch run through `logits_fn` as one batch (exact: in eval mode no layer mixes samples); each
-    window's logits are bilinearly resized to the window, summed into place and divided by the number of windows
-    covering each pixel. Accumulated in float32.
+    `sliding_windows`; a side shorter than the crop is taken whole, so every window has the same size). Each window
+    runs through `logits_fn` on its own (with the whole batch of images), as in the authors' loop: a batch of windows
+    computes the same values, but its larger activations each take fresh memory from the system (on this CPU, RN50
+    on a 512x683 image: 1.6 instead of 0.8 GB of new pages, 12% more CPU time). Each window's logits are bilinearly
+    resized to the window, summed into place and divided by the number of windows covering each pixel. Accumulated
+    in float32, channels-last.
+
+    The full-resolution logits are touched no more than the sum needs (`window_accumulation`): a single window (an
+    image no larger than the crop) is the result as it is resized; otherwise each window's region is copied where no
+    earlier window wrote and added where one did, and only pixels under more than one window are divided. The same
+    values as the authors' zero-filled sum divided everywhere (`0 + w == w`, `w / 1 == w`).
     """
     batch, _, height, width = pixel_values.shape
-    window, corners = sliding_windows(height, width, crop_size, stride)
-    crops = torch.cat([pixel_values[..., top : top + window[0], left : left + window[1]] for top, left in corners])
-    window_logits = resize_bilinear(channels_last_float(logits_fn(crops)), window).unflatten(0, (len(corners), batch))
-    summed = torch.empty(
-        (batch, window_logits.shape[2], height, width),
-        dtype=window_logits.dtype,
-        device=window_logits.device,
-        memory_format=torch.channels_last,
-    ).zero_()
-    coverage = window_logits.new_zeros(1, 1, height, width)
-    for (top, left), logits in zip(corners, window_logits, strict=True):
-        summed[..., top : top + window[0], left : left + window[1]] += logits
-        coverage[..., top : top + window[0], left : left + window[1]] += 1
-    return summed.div_(coverage)
+    window, corners, writes, divisions = window_accumulation(height, width, crop_size, stride)
+    summed = None
+    for (top, left), parts in zip(corners, writes, strict=True):
+        crop = pixel_values[..., top : top + window[0], left : left + window[1]]
+        logits = resize_bilinear(channels_last_float(logits_fn(crop)), window)
+        if len(corners) == 1:
+            return logits
+        if summed is None:
+            summed = torch.empty(
+                (batch, logits.shape[1], height, width),
+                dtype=logits.dtype,
+                device=logits.device,
+                memory_format=torch.channels_last,
+            )
+        for add, (row_begin, row_end, col_begin, col_end) in parts:
+            source = logits[..., row_begin - top : row_end - top, col_begin - left : col_end - left]
+            target = summed[..., row_begin:row_end, col_begin:col_end]
+            target.add_(source) if add else target.copy_(source)
+        del logits  # its memory goes back before the next window's
+    for (row_begin, row_end, col_begin, col_end), count in divisions:
+        summed[..., row_begin:row_end, col_begin:col_end].div_(count)
+    return summed
 
 
 def protocol_logits(
