@@ -43,10 +43,12 @@ def authors_state_dict(name: str) -> dict[str, torch.Tensor]:
     return {key[len("state_dict.") :]: value for key, value in tensors.items() if key.startswith("state_dict.")}
 
 
-def tiny_config(name: str) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig:
-    """The fixture's model: the authors' config with its `tiny_overrides` (written out here from the json)."""
+def tiny_config(name: str, class_names: list[str] | None = None) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig:
+    """The fixture's model: the authors' config with its `tiny_overrides` (written out here from the json), for the
+    fixture's classes or `class_names`."""
     _, meta = fixture(name)
     sizes = meta["tiny_overrides"]
+    class_names = meta["class_names"] if class_names is None else class_names
     uses_text = not name.startswith("clip_")
     settings = dict(
         vision_config=DenseClipResNetConfig(
@@ -61,7 +63,7 @@ def tiny_config(name: str) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig
             projection_dim=sizes["embed_dim"],
         ),
         projection_dim=sizes["embed_dim"],
-        id2label=dict(enumerate(meta["class_names"])),
+        id2label=dict(enumerate(class_names)),
         prompting_type="post_model" if uses_text else "none",
         num_context_tokens=sizes["text_context_length"] - sizes["class_context_length"],
         class_name_token_length=sizes["class_context_length"],
@@ -72,9 +74,7 @@ def tiny_config(name: str) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig
     )
     if uses_text:
         tokenizer = CLIPTokenizer.from_pretrained(denseclip_hf.CLIP_TOKENIZER_PATH)
-        settings["class_token_ids"] = tokenize_class_names(
-            meta["class_names"], tokenizer, sizes["class_context_length"]
-        )
+        settings["class_token_ids"] = tokenize_class_names(class_names, tokenizer, sizes["class_context_length"])
     if is_retinanet(name):
         return DenseClipRetinaNetConfig(head_channels=sizes["head_feat"], **settings)
     return DenseClipMaskRCNNConfig(

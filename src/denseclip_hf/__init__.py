@@ -71,6 +71,7 @@ _LAZY_EXPORTS = {
     "export_onnx": "export",
     "DenseClipOnnxSegmenter": "onnx_inference",
     "SYNTHETIC_CLASS_NAMES": "synthetic",
+    "SYNTHETIC_DETECTION_CLASS_NAMES": "synthetic",
     "load_synthetic_dataset": "synthetic",
     "SegmentationAugmentation": "training.transforms",
     "confusion_matrix": "training.metrics",

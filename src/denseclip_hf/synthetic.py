@@ -1,11 +1,13 @@
-"""A procedurally generated outdoor-scene segmentation dataset that ships with the package (no download).
+"""A procedurally generated outdoor-scene dataset that ships with the package (no download), for semantic segmentation
+(label maps) and for object detection / instance segmentation (the objects' boxes and instance masks, COCO-style).
 
 Every scene has a sky (with clouds) above a wavy horizon, ground made of grass, sand, water and a road, and objects
 (trees, houses, cars, rocks) standing on the ground, drawn far-to-near so that near objects occlude far ones.
 Colours are jittered per instance so that colour alone is ambiguous (sky and water are both blue, grass and trees both
 green, car bodies take any hue): a model has to learn texture (waves, grass blades, bricks, speckles), shape and
 context. Small unlabelled scribbles are marked with the ignore index, and the image gets a colour cast, noise and
-sometimes blur.
+sometimes blur. For detection, the painter records which object owns each pixel as it paints, so every object's mask
+is what is left visible of it in the final image, and its box is the tight box of that mask.
 
 Generation is deterministic: sample `i` of a split depends only on `(seed, split, i)`.
 """
@@ -14,7 +16,7 @@ from collections.abc import Callable
 from functools import partial
 
 import numpy as np
-from datasets import ClassLabel, Dataset, Features, List
+from datasets import ClassLabel, Dataset, Features, List, Value
 from datasets import Image as ImageFeature
 from PIL import Image, ImageDraw, ImageFilter
 
@@ -22,9 +24,16 @@ from .configuration_denseclip import IGNORE_INDEX
 
 SYNTHETIC_CLASS_NAMES = ["sky", "cloud", "grass", "water", "sand", "road", "tree", "house", "car", "rock"]
 SYNTHETIC_SPLIT_SIZES = {"train": 1000, "validation": 200}
+SYNTHETIC_TASKS = ("segmentation", "detection")
+# The detection classes: the objects the painter draws (`_OBJECT_PAINTERS`), in this order.
+SYNTHETIC_DETECTION_CLASS_NAMES = ["tree", "house", "car", "rock"]
+# Objects with less than this share of their painted pixels left visible are marked `iscrowd` (see
+# `generate_detection_scene`).
+CROWD_VISIBLE_FRACTION = 0.1
 
 _SPLIT_IDS = {"train": 0, "validation": 1}
 _CLASS = {name: label for label, name in enumerate(SYNTHETIC_CLASS_NAMES)}
+_DETECTION_CLASS = {name: label for label, name in enumerate(SYNTHETIC_DETECTION_CLASS_NAMES)}
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -159,10 +168,15 @@ class _Canvas:
         self.shape = (size, size)
         self.image = np.zeros((size, size, 3), dtype=np.float32)
         self.label = np.full((size, size), IGNORE_INDEX, dtype=np.uint8)
+        # Which object owns each pixel (0: none): `paint` writes `instance_id`, which `_paint_objects` sets to the
+        # object being painted and back to 0 after it, so later paint (nearer objects, clutter) occludes earlier.
+        self.instance = np.zeros((size, size), dtype=np.int32)
+        self.instance_id = 0
 
     def paint(self, mask: np.ndarray, texture: Callable[[tuple[int, int]], np.ndarray], label: int) -> None:
-        """Paints where the boolean `mask` `(size, size)` is set, labelled `label`. `texture(shape)` returns the
-        `(height, width, 3)` colours of the mask's bounding box; it is not called for an empty mask."""
+        """Paints where the boolean `mask` `(size, size)` is set, labelled `label` and owned by `instance_id`.
+        `texture(shape)` returns the `(height, width, 3)` colours of the mask's bounding box; it is not called for an
+        empty mask."""
         rows, cols = np.flatnonzero(mask.any(axis=1)), np.flatnonzero(mask.any(axis=0))
         if rows.size == 0:
             return
@@ -170,6 +184,7 @@ class _Canvas:
         local = mask[box]
         np.copyto(self.image[box], texture(local.shape), where=local[..., None])
         np.copyto(self.label[box], np.uint8(label), where=local)
+        np.copyto(self.instance[box], np.int32(self.instance_id), where=local)
 
     def mask(self, draw: str, *args, **kwargs) -> np.ndarray:
         """Boolean mask of one `ImageDraw` primitive (`"polygon"`, `"ellipse"`, `"rectangle"`, `"line"`)."""
@@ -316,18 +331,25 @@ def _paint_rock(canvas: _Canvas, rng: np.random.Generator, x: float, base: float
 _OBJECT_PAINTERS = {"tree": _paint_tree, "house": _paint_house, "car": _paint_car, "rock": _paint_rock}
 
 
-def _paint_objects(canvas: _Canvas, rng: np.random.Generator, horizon: np.ndarray) -> None:
-    """2-7 objects standing on the ground, drawn from far (near the horizon) to near, so near ones occlude."""
+def _paint_objects(canvas: _Canvas, rng: np.random.Generator, horizon: np.ndarray) -> list[tuple[str, int]]:
+    """2-7 objects standing on the ground, drawn from far (near the horizon) to near, so near ones occlude. Object `k`
+    owns the pixels where `canvas.instance == k + 1`; returns each object's kind and its pixel count right after it
+    was painted (before nearer objects covered parts of it)."""
     size = canvas.size
     count = int(rng.integers(2, 8))
     kinds = rng.choice(list(_OBJECT_PAINTERS), size=count)
     xs = rng.uniform(-0.05, 1.05, size=count) * size
     depth = np.sort(rng.uniform(0, 1, size=count))
-    for kind, x, near in zip(kinds, xs, depth, strict=True):
+    painted = []
+    for number, (kind, x, near) in enumerate(zip(kinds, xs, depth, strict=True), start=1):
         ground_top = float(horizon[int(np.clip(x, 0, size - 1))])
         base = ground_top + (0.05 + 0.95 * near) * (size - ground_top)
         scale = (0.12 + 0.35 * near) * size
+        canvas.instance_id = number
         _OBJECT_PAINTERS[kind](canvas, rng, float(x), base, scale)
+        painted.append((str(kind), int(np.count_nonzero(canvas.instance == number))))
+    canvas.instance_id = 0
+    return painted
 
 
 def _paint_clutter(canvas: _Canvas, rng: np.random.Generator) -> None:
@@ -351,15 +373,112 @@ def _camera(image: np.ndarray, rng: np.random.Generator) -> Image.Image:
     return result
 
 
-def generate_scene(seed: int | list[int], size: int = 128) -> tuple[Image.Image, Image.Image]:
-    """One scene: an RGB image and its `L` label map (class ids of `SYNTHETIC_CLASS_NAMES`, 255 = unlabelled),
-    both `size` x `size`. The same `seed` always gives the same scene."""
+def _render(seed: int | list[int], size: int) -> tuple[Image.Image, _Canvas, list[tuple[str, int]]]:
+    """The camera image of a scene, its canvas (label and instance maps) and its objects (see `_paint_objects`)."""
     rng = np.random.default_rng(seed)
     canvas = _Canvas(size)
     horizon = _paint_background(canvas, rng)
-    _paint_objects(canvas, rng, horizon)
+    objects = _paint_objects(canvas, rng, horizon)
     _paint_clutter(canvas, rng)
-    return _camera(canvas.image, rng), Image.fromarray(canvas.label, mode="L")
+    return _camera(canvas.image, rng), canvas, objects
+
+
+def generate_scene(seed: int | list[int], size: int = 128) -> tuple[Image.Image, Image.Image]:
+    """One scene: an RGB image and its `L` label map (class ids of `SYNTHETIC_CLASS_NAMES`, 255 = unlabelled),
+    both `size` x `size`. The same `seed` always gives the same scene."""
+    image, canvas, _ = _render(seed, size)
+    return image, Image.fromarray(canvas.label, mode="L")
+
+
+def generate_detection_scene(seed: int | list[int], size: int = 128) -> tuple[Image.Image, list[dict]]:
+    """One scene (the same image as `generate_scene(seed, size)`) and its objects, nearest last.
+
+    Each object is `{"category": index into SYNTHETIC_DETECTION_CLASS_NAMES, "mask": (size, size) bool, "iscrowd":
+    0 | 1}`: the mask holds the pixels of the object left visible in the final image (nearer objects and clutter
+    painted over it are taken out). Objects without a visible pixel are left out; objects with less than
+    `CROWD_VISIBLE_FRACTION` of their painted pixels visible are marked `iscrowd` 1, so that COCO evaluation ignores
+    them (as it does COCO's crowd regions) and training skips them.
+    """
+    image, canvas, painted = _render(seed, size)
+    objects = []
+    for number, (kind, painted_pixels) in enumerate(painted, start=1):
+        mask = canvas.instance == number
+        visible = int(np.count_nonzero(mask))
+        if visible:
+            crowd = int(visible < CROWD_VISIBLE_FRACTION * painted_pixels)
+            objects.append({"category": _DETECTION_CLASS[kind], "mask": mask, "iscrowd": crowd})
+    return image, objects
+
+
+def detection_features(class_names: list[str] | tuple[str, ...]) -> Features:
+    """The features of every detection dataset of the package (the synthetic scenes, COCO folders, Hub datasets),
+    those of the Hub's COCO-style detection datasets: `image`, `image_id` (int64), `width`, `height` (int64) and
+    `objects`, a dict of per-object lists (the Hub's convention; `example["objects"]["bbox"][i]` is object `i`'s box):
+
+    - `id` (int64): the annotation id;
+    - `bbox` (4 x float32): `[x, y, width, height]` in pixels, COCO's convention (x, y: top-left corner);
+    - `category` (`ClassLabel` with `class_names`): the contiguous class index 0..K-1;
+    - `area` (float32): the object's area in pixels (COCO's: of its mask);
+    - `iscrowd` (int64): 1 for a crowd region (ignored by COCO evaluation, skipped by training), else 0;
+    - `segmentation`: the mask as compressed COCO RLE `{"size": [height, width], "counts": str}` (what
+      `pycocotools.mask.encode` gives, counts decoded to str), or `None` without a mask. COCO polygons and
+      uncompressed RLE are converted to it when loading (`pycocotools.mask.frPyObjects` + `merge`, what COCO's own
+      `annToRLE` does), so one Arrow type holds every mask.
+    """
+    return Features(
+        {
+            "image": ImageFeature(),
+            "image_id": Value("int64"),
+            "width": Value("int64"),
+            "height": Value("int64"),
+            "objects": {
+                "id": List(Value("int64")),
+                "bbox": List(List(Value("float32"), length=4)),
+                "category": List(ClassLabel(names=list(class_names))),
+                "area": List(Value("float32")),
+                "iscrowd": List(Value("int64")),
+                "segmentation": List({"size": List(Value("int64"), length=2), "counts": Value("string")}),
+            },
+        }
+    )
+
+
+def encode_mask(mask: np.ndarray) -> dict:
+    """A boolean `(height, width)` mask -> compressed COCO RLE `{"size": [height, width], "counts": str}`
+    (`pycocotools.mask.encode`, counts decoded to str as COCO json files and the authors' results files hold it)."""
+    from pycocotools import mask as mask_utils
+
+    rle = mask_utils.encode(np.asfortranarray(mask, dtype=np.uint8))
+    return {"size": [int(side) for side in rle["size"]], "counts": rle["counts"].decode("ascii")}
+
+
+def _detection_columns(split: str, num_samples: int, image_size: int, seed: int) -> dict[str, list]:
+    """The columns of `detection_features` for scenes `0..num_samples-1` of `split`; boxes and areas from the RLE of
+    each visible mask (`pycocotools.mask.toBbox` / `area`: the tight box of the pixels, COCO's convention)."""
+    from pycocotools import mask as mask_utils
+
+    columns = {"image": [], "image_id": [], "width": [], "height": [], "objects": []}
+    next_id = 1
+    for index in range(num_samples):
+        image, objects = generate_detection_scene([seed, _SPLIT_IDS[split], index], image_size)
+        rles = [encode_mask(obj["mask"]) for obj in objects]
+        boxes = mask_utils.toBbox(rles).reshape(-1, 4) if rles else np.zeros((0, 4))
+        columns["image"].append(image)
+        columns["image_id"].append(index)
+        columns["width"].append(image_size)
+        columns["height"].append(image_size)
+        columns["objects"].append(
+            {
+                "id": list(range(next_id, next_id + len(objects))),
+                "bbox": boxes.tolist(),
+                "category": [obj["category"] for obj in objects],
+                "area": [float(area) for area in mask_utils.area(rles)] if rles else [],
+                "iscrowd": [obj["iscrowd"] for obj in objects],
+                "segmentation": rles,
+            }
+        )
+        next_id += len(objects)
+    return columns
 
 
 def synthetic_features() -> Features:
@@ -370,23 +489,37 @@ def synthetic_features() -> Features:
 
 
 def load_synthetic_dataset(
-    split: str = "train", num_samples: int | None = None, image_size: int = 128, seed: int = 0
+    split: str = "train",
+    num_samples: int | None = None,
+    image_size: int = 128,
+    seed: int = 0,
+    task: str = "segmentation",
 ) -> Dataset:
-    """The synthetic scene segmentation dataset as a `datasets.Dataset`, generated in memory (about 5 ms a scene).
+    """The synthetic scene dataset as a `datasets.Dataset`, generated in memory (about 5 ms a scene).
 
     Args:
         split: `"train"` (1000 scenes) or `"validation"` (200 scenes); the two never share a scene.
         num_samples: Number of scenes, defaults to the split's size.
         image_size: Side of the square scenes in pixels.
         seed: Base seed; scene `i` of a split is a function of `(seed, split, i)` only.
+        task: `"segmentation"` (label maps) or `"detection"` (boxes and instance masks of the same scenes).
 
     Returns:
-        A `Dataset` with columns `image` (PIL RGB), `label` (PIL `L` map of class ids, 255 = unlabelled) and `classes`
-        (ids of the classes present). Class names: `dataset.features["classes"].feature.names`.
+        For `"segmentation"`, a `Dataset` with columns `image` (PIL RGB), `label` (PIL `L` map of class ids, 255 =
+        unlabelled) and `classes` (ids of the classes present); class names:
+        `dataset.features["classes"].feature.names`. For `"detection"`, the COCO-style columns of
+        `detection_features` (`image`, `image_id` = the scene's index, `width`, `height`, `objects`) with the objects
+        of `generate_detection_scene` (classes `SYNTHETIC_DETECTION_CLASS_NAMES`; masks as RLE, boxes and areas
+        from the masks, annotation ids counting from 1 over the split).
     """
     if split not in _SPLIT_IDS:
         raise ValueError(f"Unknown synthetic split {split!r}: use one of {list(_SPLIT_IDS)}.")
+    if task not in SYNTHETIC_TASKS:
+        raise ValueError(f"Unknown synthetic task {task!r}: use one of {list(SYNTHETIC_TASKS)}.")
     num_samples = SYNTHETIC_SPLIT_SIZES[split] if num_samples is None else num_samples
+    if task == "detection":
+        columns = _detection_columns(split, num_samples, image_size, seed)
+        return Dataset.from_dict(columns, features=detection_features(SYNTHETIC_DETECTION_CLASS_NAMES), split=split)
     columns = {"image": [], "label": [], "classes": []}
     for index in range(num_samples):
         image, label = generate_scene([seed, _SPLIT_IDS[split], index], image_size)
@@ -396,4 +529,12 @@ def load_synthetic_dataset(
     return Dataset.from_dict(columns, features=synthetic_features(), split=split)
 
 
-__all__ = ["SYNTHETIC_CLASS_NAMES", "generate_scene", "load_synthetic_dataset"]
+__all__ = [
+    "SYNTHETIC_CLASS_NAMES",
+    "SYNTHETIC_DETECTION_CLASS_NAMES",
+    "detection_features",
+    "encode_mask",
+    "generate_detection_scene",
+    "generate_scene",
+    "load_synthetic_dataset",
+]

@@ -1,10 +1,12 @@
-"""Pictures of DenseCLIP segmentations, with Pillow and NumPy only.
+"""Pictures of DenseCLIP segmentations and detections, with Pillow and NumPy only.
 
 - [`segmentation_overlay`], [`segmentation_figure`]: class colours blended over an image, with a legend.
 - [`score_map_overlay`], [`score_map_figure`], [`score_map_grid`]: the pixel-text score map `outputs.score_map`
   (Eq. 2: the cosine similarity of every pixel's embedding with every class-name embedding, at the image encoder's
   stride) of one class or of the best-matching classes as heatmaps over the image, with a colour bar.
 - [`prediction_grid`]: image | ground truth | prediction rows with a legend, for training and evaluation reports.
+- [`draw_detections`], [`detection_grid`]: boxes with class names and scores, masks as colour overlays (RetinaNet,
+  Mask R-CNN), and ground truth | prediction rows for evaluation reports.
 - [`save_figure`]: writes a picture atomically.
 
 Colours come from `config.palette` where the model has one (the authors' ADE20K palette comes with converted
@@ -263,8 +265,15 @@ def prediction_grid(
         ]
         for index, image in enumerate(images)
     ]
+    grid, font_size = _tile_grid(rows, ["image", *overlays], tile_height)
+    shown = [label_map for label_maps in overlays.values() for label_map in label_maps]
+    return _with_legend(grid, shown, names, palette, legend, ignore_index, font_size)
+
+
+def _tile_grid(rows: list[list[Image.Image]], titles: list[str], tile_height: int) -> tuple[Image.Image, int]:
+    """Rows of pictures, each scaled to `tile_height` (nearest neighbour), in columns under `titles`; returns the grid
+    and its text size."""
     rows = [[_scale_to_height(tile, tile_height) for tile in row] for row in rows]
-    titles = ["image", *overlays]
     column_widths = [max(row[column].width for row in rows) for column in range(len(titles))]
     gap = 4
     width = sum(column_widths) + gap * (len(titles) + 1)
@@ -278,8 +287,134 @@ def prediction_grid(
     for row_index, row in enumerate(rows):
         for left, tile in zip(lefts, row, strict=True):
             grid.paste(tile, (left, header + row_index * (tile_height + gap)))
-    shown = [label_map for label_maps in overlays.values() for label_map in label_maps]
-    return _with_legend(grid, shown, names, palette, legend, ignore_index, font_size)
+    return grid, font_size
+
+
+# ---------------------------------------------------------------------------------------------------------------------
+# Detections
+# ---------------------------------------------------------------------------------------------------------------------
+
+
+def draw_detections(
+    image: ImageLike,
+    boxes: Any,
+    labels: Any,
+    scores: Any,
+    id2label: ClassNames,
+    masks: Any = None,
+    palette: Any = None,
+    alpha: float = 0.5,
+    font_size: int | None = None,
+) -> Image.Image:
+    """The image with detections drawn on it, at the image's size: each instance's mask (if any) blended in its class
+    colour, its box outlined in that colour, and a caption `name score` on a colour tab above the box.
+
+    Args:
+        image: PIL image (any mode) or `(height, width, 3)` / `(height, width)` uint8 array.
+        boxes: `(n, 4)` `(x1, y1, x2, y2)` in pixels of the image, e.g. `processor.post_process_object_detection(
+            outputs, threshold=0.3)[0]["boxes"]`.
+        labels: `(n,)` class ids (keys of `id2label`).
+        scores: `(n,)` scores printed after the names, or `None` (e.g. for ground truth: names only).
+        id2label: The class names (`model.config.id2label`).
+        masks: `(n, height, width)` boolean masks at the image's size (Mask R-CNN:
+            `post_process_instance_segmentation(..., return_binary_maps=True)[0]["segmentation"]`), or `None`.
+        palette: `(num_labels, 3)` RGB class colours, default [`default_palette`].
+        alpha: weight of the class colour in the masks.
+        font_size: caption size, default [`font_size_for`] of the image width.
+
+    Instances are drawn from the lowest score to the highest (so the best ends on top).
+    """
+    rgb = to_rgb_image(image)
+    names = _class_names(id2label)
+    palette = _palette_or_default(palette, len(names))
+    alpha = _check_alpha(alpha)
+    box_array = _array(boxes, "boxes").astype(np.float64).reshape(-1, 4)
+    label_array = _array(labels, "labels").astype(np.int64).reshape(-1)
+    score_array = None if scores is None else _array(scores, "scores").astype(np.float64).reshape(-1)
+    counts = {len(box_array), len(label_array)} | ({len(score_array)} if score_array is not None else set())
+    if len(counts) != 1:
+        raise ValueError(f"Got {len(box_array)} boxes, {len(label_array)} labels and scores for a different count.")
+    if label_array.size and (label_array.min() < 0 or label_array.max() >= len(names)):
+        raise ValueError(f"labels must be class ids 0..{len(names) - 1}, got {sorted(set(label_array.tolist()))}.")
+    order = np.argsort(score_array, kind="stable") if score_array is not None else np.arange(len(label_array))
+    pixels = np.asarray(rgb, dtype=np.float64)
+    if masks is not None:
+        mask_array = np.stack([_array(mask, "masks") for mask in masks]) if len(masks) else np.zeros((0, 1, 1))
+        if len(mask_array) != len(label_array) or (len(mask_array) and mask_array.shape[1:] != pixels.shape[:2]):
+            raise ValueError(
+                f"masks must be (n, height, width) = ({len(label_array)}, {pixels.shape[0]}, {pixels.shape[1]}): "
+                f"one mask per detection at the image's size, got {mask_array.shape}."
+            )
+        for index in order:
+            inside = mask_array[index].astype(bool)[..., None]
+            pixels = np.where(inside, (1.0 - alpha) * pixels + alpha * palette[label_array[index]], pixels)
+    picture = Image.fromarray(np.rint(pixels).astype(np.uint8))
+    draw = ImageDraw.Draw(picture)
+    font_size = font_size or font_size_for(picture.width)
+    font = _font(font_size)
+    line = max(1, round(min(picture.size) / 160))
+    for index in order:
+        color = tuple(int(c) for c in palette[label_array[index]])
+        x1, y1, x2, y2 = box_array[index].tolist()
+        draw.rectangle([x1, y1, max(x1, x2), max(y1, y2)], outline=color, width=line)
+        text = names[label_array[index]] + ("" if score_array is None else f" {score_array[index]:.2f}")
+        tab_height = font_size + 2
+        top = y1 - tab_height if y1 - tab_height >= 0 else y1
+        draw.rectangle([x1, top, x1 + _text_width(font, text) + 2, top + tab_height], fill=color)
+        _draw_text(draw, (round(x1) + 1, round(top) + 1), text, font, font_size)
+    return picture
+
+
+def _scale_mask(mask: Any, size: tuple[int, int]) -> np.ndarray:
+    """A `(height, width)` boolean mask resized to `size` `(width, height)` by nearest neighbour."""
+    pixels = Image.fromarray(_array(mask, "masks").astype(np.uint8))
+    return np.asarray(pixels.resize(size, Image.Resampling.NEAREST)) > 0
+
+
+def detection_grid(
+    images: Sequence[ImageLike],
+    predictions: Sequence[Mapping[str, Any]],
+    id2label: ClassNames,
+    ground_truths: Sequence[Mapping[str, Any]] | None = None,
+    palette: Any = None,
+    tile_height: int = 320,
+) -> Image.Image:
+    """One row per image: its ground truth (if given) and its predictions drawn by [`draw_detections`], each at
+    `tile_height` (the image and its detections scaled first, so that captions stay readable), column titles on top.
+
+    `predictions[i]` / `ground_truths[i]` are dicts with `"boxes"` `(n, 4)` `(x1, y1, x2, y2)` in pixels of image `i`,
+    `"labels"` `(n,)`, optionally `"scores"` `(n,)` and `"masks"` `(n, height, width)` at the image's size.
+    """
+    _check_positive_int(tile_height, "tile_height")
+    if not images:
+        raise ValueError("detection_grid needs at least one image.")
+    columns = (
+        {"prediction": predictions}
+        if ground_truths is None
+        else {"ground truth": ground_truths, "prediction": predictions}
+    )
+    for title, detections in columns.items():
+        if len(detections) != len(images):
+            raise ValueError(f"Got {len(images)} images but {len(detections)} {title} entries: pass one per image.")
+    rows = []
+    for index, image in enumerate(images):
+        rgb = to_rgb_image(image)
+        scale = tile_height / rgb.height
+        scaled = _scale_to_height(rgb, tile_height, Image.Resampling.BILINEAR)
+        row = []
+        for detections in columns.values():
+            entry = detections[index]
+            masks = entry.get("masks")
+            if masks is not None:
+                masks = [_scale_mask(mask, scaled.size) for mask in masks]
+            boxes = _array(entry["boxes"], "boxes").astype(np.float64).reshape(-1, 4) * scale
+            row.append(
+                draw_detections(
+                    scaled, boxes, entry["labels"], entry.get("scores"), id2label, masks=masks, palette=palette
+                )
+            )
+        rows.append(row)
+    return _tile_grid(rows, list(columns), tile_height)[0]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -564,6 +699,11 @@ def to_rgb_image(image: ImageLike) -> Image.Image:
     return Image.fromarray(image_to_rgb_array(image, input_data_format="channels_last", as_uint8=True))
 
 
+def _array(values: Any, name: str) -> np.ndarray:
+    """A NumPy array from a list, a NumPy array or a torch tensor."""
+    return np.asarray(values) if isinstance(values, list | tuple) else to_numpy(values, name)
+
+
 def _label_array(label_map: Any, num_labels: int, ignore_index: int) -> np.ndarray:
     """A `(height, width)` map of class ids in `0..num_labels-1` or `ignore_index` (`label_map_to_array`) as int64."""
     labels = label_map_to_array(label_map, "label_map")
@@ -699,6 +839,8 @@ __all__ = [
     "LegendEntry",
     "classes_present",
     "default_palette",
+    "detection_grid",
+    "draw_detections",
     "draw_color_bar",
     "draw_legend",
     "font_size_for",

@@ -11,6 +11,7 @@ one module per concern.
 | `transforms` | the authors' training augmentation |
 | `evaluation` | predictions under an explicit test protocol and their confusion matrix across processes |
 | `evaluation_job` | `evaluate_model(args)`: the whole job of `examples/evaluate_seg.py`, and its arguments |
+| `detection_data` | detection data (COCO folders, Hub datasets in COCO format, synthetic scenes) in one format |
 | `metrics` | mIoU and accuracies from a confusion matrix |
 | `checkpointing` | atomic training checkpoints and resuming, atomic result files |
 | `repository` | the output folder's model repository, written atomically |

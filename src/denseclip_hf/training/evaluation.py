@@ -149,6 +149,18 @@ def predict_examples(
     return [label.numpy() for label in batch["labels"]], [prediction.cpu().numpy() for prediction in predictions]
 
 
+def share_main_process_buffers(model: torch.nn.Module, accelerator: Accelerator) -> None:
+    """Copies the main process's buffers into every process's model (a no-op with one process).
+
+    A DDP forward first broadcasts the main process's buffers: BatchNorm statistics, which without SyncBatchNorm (CPU)
+    each process updates from its own batches. Evaluation calls the model's own methods (no DDP forward, whose
+    collectives would need the same number of calls on every process), so it does that first: every process then
+    evaluates the model that the main process saves."""
+    if accelerator.num_processes > 1:
+        for buffer in extract_model_from_parallel(model).buffers():
+            broadcast(buffer, from_process=0)
+
+
 def evaluate(
     model: torch.nn.Module,
     dataloader: DataLoader,
@@ -167,12 +179,7 @@ def evaluate(
     `progress` (a description), the local main process shows a progress bar over its batches. The model is left in
     the mode (train / eval) it came in.
     """
-    if accelerator.num_processes > 1:
-        # A DDP forward first broadcasts the main process's buffers: BatchNorm statistics, which without SyncBatchNorm
-        # (CPU) each process updates from its own batches. Evaluation calls the model's own methods, so it does that
-        # here: every process evaluates the model that the main process saves.
-        for buffer in extract_model_from_parallel(model).buffers():
-            broadcast(buffer, from_process=0)
+    share_main_process_buffers(model, accelerator)
     was_training = model.training
     model.eval()
     total = torch.zeros(num_labels, num_labels, dtype=torch.int64, device=accelerator.device)
@@ -189,4 +196,4 @@ def evaluate(
     return total.cpu().numpy()
 
 
-__all__ = ["EvaluationProtocol", "evaluate", "predict_examples", "predict_label_maps"]
+__all__ = ["EvaluationProtocol", "evaluate", "predict_examples", "predict_label_maps", "share_main_process_buffers"]

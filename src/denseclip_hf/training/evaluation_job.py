@@ -19,6 +19,7 @@ import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
+from typing import Any
 
 import torch
 from accelerate import Accelerator
@@ -111,29 +112,43 @@ class ProtocolArguments:
 
 
 @dataclass
-class EvaluationRunArguments:
-    """Batches, outputs and speed options."""
+class EvaluationOutputArguments:
+    """Batches, outputs and precision: the run options every evaluation script has."""
 
     _argument_group_name = "run"
 
     per_device_eval_batch_size: int = field(
         default=1, metadata=_help("Images per device and batch (images of the same size share a forward).")
     )
-    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
     output_dir: str | None = field(
         default=None, metadata=_help("Where to write the results. Default: outputs/evaluation/<model folder name>.")
     )
     num_visualized_images: int = field(
         default=6, metadata=_help("Validation images drawn in eval_predictions.png (0: no picture).")
     )
+    bf16: bool = field(
+        default=False, metadata=_help("Run the model under bfloat16 autocast (sums and scores stay float32).")
+    )
+
+    def __post_init__(self):
+        if self.per_device_eval_batch_size <= 0:
+            raise ValueError(f"--per_device_eval_batch_size must be > 0, got {self.per_device_eval_batch_size}.")
+        if self.num_visualized_images < 0:
+            raise ValueError(f"--num_visualized_images must be >= 0, got {self.num_visualized_images}.")
+        if self.output_dir is not None and Path(self.output_dir).is_file():
+            raise ValueError(f"--output_dir {self.output_dir} is a file: pass a folder.")
+
+
+@dataclass
+class EvaluationRunArguments(EvaluationOutputArguments):
+    """Batches, outputs and speed options of `examples/evaluate_seg.py`."""
+
+    dataloader_num_workers: int = field(default=0, metadata=_help("Data loading worker processes."))
     seed: int = field(
         default=42,
         metadata=_help("Draws the held-out validation share of a dataset without a validation split, like "
         "train_seg.py's --seed (pass the training run's value)."),
     )  # fmt: skip
-    bf16: bool = field(
-        default=False, metadata=_help("Run the model under bfloat16 autocast (window logits are summed in float32).")
-    )
     channels_last: bool = field(
         default=False,
         metadata=_help("Store the model's convolution weights in channels-last memory, so that its convolutions run "
@@ -146,13 +161,14 @@ class EvaluationRunArguments:
     )
 
     def __post_init__(self):
-        if self.per_device_eval_batch_size <= 0:
-            raise ValueError(f"--per_device_eval_batch_size must be > 0, got {self.per_device_eval_batch_size}.")
-        for name in ("dataloader_num_workers", "num_visualized_images"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.output_dir is not None and Path(self.output_dir).is_file():
-            raise ValueError(f"--output_dir {self.output_dir} is a file: pass a folder.")
+        super().__post_init__()
+        if self.dataloader_num_workers < 0:
+            raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
+
+
+def default_output_dir(model_name_or_path: str) -> str:
+    """`outputs/evaluation/<model folder name>`, where evaluation scripts write without `--output_dir`."""
+    return str(Path("outputs") / "evaluation" / (Path(model_name_or_path.rstrip("/")).name or "model"))
 
 
 @dataclass
@@ -167,28 +183,39 @@ class SegmentationEvaluationArguments:
 
     def __post_init__(self):
         if self.run.output_dir is None:
-            name = Path(self.model.model_name_or_path.rstrip("/")).name or "model"
-            self.run.output_dir = str(Path("outputs") / "evaluation" / name)
+            self.run.output_dir = default_output_dir(self.model.model_name_or_path)
 
 
 EVALUATION_ARGUMENT_GROUPS = tuple(group.type for group in fields(SegmentationEvaluationArguments))
 
 
-def parse_evaluation_args(argv: list[str] | None = None) -> SegmentationEvaluationArguments:
-    """Parses `argv` (default: `sys.argv[1:]`); invalid arguments exit with the usage and a clear message."""
-    parser = HfArgumentParser(
-        EVALUATION_ARGUMENT_GROUPS, description="Evaluate a DenseCLIP model for semantic segmentation."
-    )
+def parse_argument_groups(container: type, description: str, argv: list[str] | None = None) -> Any:
+    """`container(*groups)` from `argv` (default: `sys.argv[1:]`), one argument group per field of the dataclass
+    `container`; invalid arguments exit with the usage and a clear message."""
+    parser = HfArgumentParser(tuple(group.type for group in fields(container)), description=description)
     try:
         groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        return SegmentationEvaluationArguments(*groups)
+        return container(*groups)
     except ValueError as error:
         parser.error(str(error))
 
 
-def load_evaluated_config(model_name_or_path: str, revision: str | None = None) -> DenseClipConfig:
-    """The config of the model to evaluate; a `ValueError` that says what to pass when it is missing or not
-    DenseCLIP."""
+def parse_evaluation_args(argv: list[str] | None = None) -> SegmentationEvaluationArguments:
+    """Parses `argv` (default: `sys.argv[1:]`); invalid arguments exit with the usage and a clear message."""
+    return parse_argument_groups(
+        SegmentationEvaluationArguments, "Evaluate a DenseCLIP model for semantic segmentation.", argv
+    )
+
+
+def load_evaluated_config(
+    model_name_or_path: str,
+    revision: str | None = None,
+    config_classes: tuple[type, ...] = (DenseClipConfig,),
+    task: str = "semantic segmentation (train one from CLIP with examples/train_seg.py, or convert the authors' "
+    "checkpoint)",
+) -> Any:
+    """The config of the model to evaluate; a `ValueError` that says what to pass when it is missing or not one of
+    `config_classes` (DenseCLIP for `task`)."""
     try:
         config = AutoConfig.from_pretrained(model_name_or_path, revision=revision)
     except (OSError, ValueError) as error:
@@ -197,10 +224,10 @@ def load_evaluated_config(model_name_or_path: str, revision: str | None = None) 
             "DenseCLIP model folder (e.g. from `python -m denseclip_hf.convert_denseclip_original_to_hf` or "
             "examples/train_seg.py) or a Hub repository of one."
         ) from error
-    if not isinstance(config, DenseClipConfig):
+    if not isinstance(config, config_classes):
         raise ValueError(
-            f"{model_name_or_path!r} is a {config.model_type!r} model, not DenseCLIP: evaluate a DenseCLIP model "
-            "(train one from CLIP with examples/train_seg.py, or convert the authors' checkpoint)."
+            f"{model_name_or_path!r} is a {config.model_type!r} model, not DenseCLIP: evaluate a DenseCLIP model for "
+            f"{task}."
         )
     return config
 
@@ -229,13 +256,18 @@ def hub_commit_hash(model_name_or_path: str, revision: str | None) -> str | None
     return extract_commit_hash(cached_file(model_name_or_path, CONFIG_NAME, revision=revision), None)
 
 
-def check_dataset_classes(config: DenseClipConfig, dataset_id2label: dict[int, str]) -> None:
-    """Fails when the dataset and the model count different classes; warns when the names differ."""
+def check_dataset_classes(
+    config: Any,
+    dataset_id2label: dict[int, str],
+    hint: str = ", or pass --id2label with them (and --do_reduce_labels for ADE20K-style label maps where 0 means "
+    "'unlabelled')",
+) -> None:
+    """Fails when the dataset and the model (`config`) count different classes (the message ends with `hint`, the
+    fix); warns when the names differ."""
     if len(dataset_id2label) != config.num_labels:
         raise ValueError(
             f"The model predicts {config.num_labels} classes but the dataset has {len(dataset_id2label)}: evaluate on "
-            "a dataset with the model's classes, or pass --id2label with them (and --do_reduce_labels for "
-            "ADE20K-style label maps where 0 means 'unlabelled')."
+            f"a dataset with the model's classes{hint}."
         )
     renamed = [
         (label, name, config.id2label[label])
@@ -376,14 +408,17 @@ def _write_outputs(results, metrics, model, processor, protocol, validation, arg
 __all__ = [
     "EVALUATION_ARGUMENT_GROUPS",
     "EvaluatedModelArguments",
+    "EvaluationOutputArguments",
     "EvaluationRunArguments",
     "ProtocolArguments",
     "SegmentationEvaluationArguments",
     "check_dataset_classes",
     "compile_model",
+    "default_output_dir",
     "evaluate_model",
     "hub_commit_hash",
     "load_evaluated_config",
     "load_evaluation_processor",
+    "parse_argument_groups",
     "parse_evaluation_args",
 ]
