@@ -3,7 +3,7 @@
 | dataclass | what it holds |
 |---|---|
 | [`DetectionModelArguments`] | the checkpoint, the detector (RetinaNet / Mask R-CNN), DenseCLIP or CLIP |
-| [`DetectionDataArguments`] | the dataset: a COCO folder, a Hub dataset in COCO format, or the synthetic scenes |
+| `DetectionDataArguments` | the dataset: a COCO folder, a Hub dataset, or the synthetic scenes (`detection_data`) |
 | [`DetectionOptimizationArguments`] | `--recipe`; optimizer, schedule, clipping, steps, batches, seed |
 | [`DetectionAugmentationArguments`] | the keep-ratio resize and the horizontal flip |
 | `CheckpointArguments`, `TrackingArguments`, `HubArguments` | as `examples/train_seg.py` (`arguments.py`) |
@@ -28,6 +28,7 @@ from .arguments import (
     choice_metadata,
     gradient_accumulation_steps,
 )
+from .detection_data import DetectionDataArguments
 from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import (
     DETECTION_RECIPE_SETTINGS,
@@ -69,45 +70,6 @@ class DetectionModelArguments:
         default=None,
         metadata=choice_metadata("DenseCLIP or the CLIP baseline (default: the recipe's)", DETECTION_PROMPTING_TYPES),
     )
-
-
-@dataclass
-class DetectionDataArguments:
-    """The dataset: a COCO folder, a Hub dataset in COCO format or (neither given) the bundled synthetic scenes."""
-
-    _argument_group_name = "data"
-
-    coco_dir: str | None = field(
-        default=None,
-        metadata=_help(
-            "A COCO folder: train2017/, val2017/ and annotations/instances_{train,val}2017.json (the paper's data)."
-        ),
-    )
-    dataset_name: str | None = field(
-        default=None, metadata=_help("A Hub dataset with COCO-style `objects` (e.g. detection-datasets/coco).")
-    )
-    dataset_config_name: str | None = field(default=None, metadata=_help("The Hub dataset's configuration."))
-    train_split: str = field(
-        default="train", metadata=_help("The training split (a COCO folder: train means train2017).")
-    )
-    validation_split: str = field(
-        default="validation", metadata=_help("The validation split (a COCO folder: validation means val2017).")
-    )
-    max_train_samples: int | None = field(default=None, metadata=_help("Keep the first N training examples."))
-    max_eval_samples: int | None = field(default=None, metadata=_help("Keep the first N validation examples."))
-    cache_dir: str | None = field(default=None, metadata=_help("Where to cache Hub datasets."))
-
-    def __post_init__(self):
-        if self.coco_dir is not None and self.dataset_name is not None:
-            raise ValueError("Pass either --coco_dir or --dataset_name, not both.")
-        if self.coco_dir is not None and not Path(self.coco_dir).is_dir():
-            raise ValueError(f"--coco_dir {self.coco_dir} is not a folder.")
-        _check_positive(self, ("max_train_samples", "max_eval_samples"))
-
-    @property
-    def uses_real_data(self) -> bool:
-        """Whether a dataset was named (a COCO folder or a Hub dataset) rather than the synthetic default."""
-        return self.coco_dir is not None or self.dataset_name is not None
 
 
 @dataclass
@@ -257,7 +219,7 @@ class DetectionTrainingArguments:
 
     def __post_init__(self):
         if self.optimization.recipe is None:
-            self.optimization.recipe = default_detection_recipe_name(self.data.uses_real_data)
+            self.optimization.recipe = default_detection_recipe_name(self.data.source != "synthetic")
         recipe = DETECTION_RECIPES[self.optimization.recipe]
         apply_recipe(self, recipe, DETECTION_RECIPE_SETTING_GROUPS)
         if self.checkpoints.output_dir is None:
@@ -316,7 +278,6 @@ __all__ = [
     "DETECTION_PROMPTING_TYPES",
     "DETECTION_RECIPE_SETTING_GROUPS",
     "DetectionAugmentationArguments",
-    "DetectionDataArguments",
     "DetectionModelArguments",
     "DetectionOptimizationArguments",
     "DetectionTrainingArguments",

@@ -20,10 +20,12 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
+from ..visualization import detection_grid, palette_for
 from .detection_arguments import DetectionTrainingArguments
 from .detection_batches import DetectionAugmentation, detection_training_dataloader
-from .detection_data import DetectionData, coco_annotations, load_detection_data
-from .detection_evaluation import evaluate_detection, format_detection_metrics, prediction_picture
+from .detection_data import DetectionData, coco_annotations
+from .detection_evaluation import evaluate_detection, predict_detections
+from .detection_evaluation_job import _above, _ground_truth_drawing, format_detection_metrics
 from .loop import TrainingRun
 from .model_card import write_detection_model_card
 from .model_loading import convert_batchnorm_for_launch, detection_input_size, load_detection_model
@@ -32,6 +34,7 @@ from .optimization import build_optimizer, step_schedule_with_warmup
 logger = get_logger(__name__)
 
 NUM_VISUALIZED_IMAGES = 4
+VISUALIZATION_THRESHOLD = 0.3  # the predictions drawn in the picture (examples/evaluate_det.py's default)
 
 
 class DetectionTask:
@@ -46,20 +49,10 @@ class DetectionTask:
         self.data: DetectionData | None = None
 
     def load_data(self) -> DetectionData:
-        data_args = self.args.data
-        data = load_detection_data(
-            coco_dir=data_args.coco_dir,
-            dataset_name=data_args.dataset_name,
-            dataset_config_name=data_args.dataset_config_name,
-            train_split=data_args.train_split,
-            validation_split=data_args.validation_split,
-            max_train_samples=data_args.max_train_samples,
-            max_eval_samples=data_args.max_eval_samples,
-            cache_dir=data_args.cache_dir,
-        )
+        data = self.args.data.load()
         if data.train is None or len(data.train) == 0:
             raise ValueError(
-                f"The dataset has no training images with annotations (split {data_args.train_split!r}): a COCO "
+                f"The dataset has no training images with annotations (split {self.args.data.train_split!r}): a COCO "
                 "folder needs train2017/ and annotations/instances_train2017.json, a Hub dataset its training split."
             )
         self.data = data
@@ -140,11 +133,18 @@ class DetectionTask:
             accelerator.clip_grad_norm_(model.parameters(), self.args.optimization.max_grad_norm)
 
     def validate(self, run: TrainingRun, step: int) -> dict:
-        """COCO AP of the current model on the validation split (`evaluate_detection`), logged and tracked."""
+        """COCO AP of the current model on the validation split (`evaluate_detection`: against the COCO json of a
+        COCO folder, else the dataset's own objects), logged and tracked at `step`."""
         accelerator = run.accelerator
-        with accelerator.autocast():
+        with accelerator.autocast():  # the launch's mixed precision, as in training
             metrics = evaluate_detection(
-                run.model, run.image_processor, run.validation, self.data.category_ids, accelerator
+                run.model,
+                run.image_processor,
+                run.validation,
+                self.data.category_ids,
+                accelerator,
+                batch_size=self.args.optimization.per_device_eval_batch_size,
+                annotation_file=self.data.validation_annotation_file,
             )
         logger.info(f"step {step}: " + ", ".join(f"{name} {value:.4f}" for name, value in metrics.items()))
         if accelerator.trackers:
@@ -156,18 +156,26 @@ class DetectionTask:
 
     def repository_writer(self, run: TrainingRun, results: dict) -> Callable[[Path], None]:
         """Detects on the first validation images (every process) and returns the writer of the prediction picture
-        and the model card."""
+        (detections above `VISUALIZATION_THRESHOLD` beside the ground truth) and the model card."""
         accelerator = run.accelerator
-        examples = run.validation.select(range(min(NUM_VISUALIZED_IMAGES, len(run.validation))))
+        examples = list(run.validation.select(range(min(NUM_VISUALIZED_IMAGES, len(run.validation)))))
+        images = [example["image"] for example in examples]
         with accelerator.autocast():
-            picture = prediction_picture(accelerator.unwrap_model(run.model), run.image_processor, examples)
+            detections = predict_detections(run.model, run.image_processor, images)
         config = accelerator.unwrap_model(run.model).config
 
         def write(folder: Path) -> None:
+            picture = detection_grid(
+                images,
+                [_above(detection, VISUALIZATION_THRESHOLD) for detection in detections],
+                config.id2label,
+                ground_truths=[_ground_truth_drawing(example) for example in examples],
+                palette=palette_for(config),
+            )
             picture.save(folder / "validation_predictions.png")
             write_detection_model_card(folder, config, results, self.args)
 
         return write
 
 
-__all__ = ["DetectionTask", "NUM_VISUALIZED_IMAGES"]
+__all__ = ["NUM_VISUALIZED_IMAGES", "VISUALIZATION_THRESHOLD", "DetectionTask"]
