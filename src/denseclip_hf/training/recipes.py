@@ -8,6 +8,9 @@ after a linear warmup of 1500 iterations starting at 1e-6 of the learning rate; 
 
 A recipe is data: a new row is one more [`Recipe`] in [`RECIPES`], usually a `dataclasses.replace` of another. Every
 field but `description` and `paper_miou` is also a command-line flag (see `arguments.py`) that overrides it.
+
+The detection recipes (`examples/train_det.py`, paper Tables 3 and 4) are [`DetectionRecipe`]s in
+[`DETECTION_RECIPES`] (flags: `detection_arguments.py`).
 """
 
 import dataclasses
