@@ -24,9 +24,7 @@ from denseclip_hf.training.detection_arguments import parse_detection_training_a
 from denseclip_hf.training.detection_data import load_detection_data
 from denseclip_hf.training.detection_evaluation import evaluate_detection
 from denseclip_hf.training.loop import train
-from denseclip_hf.training.model_loading import offline_detection_config
-
-MODEL_CLASSES = {"retinanet": DenseClipForObjectDetection, "maskrcnn": DenseClipForInstanceSegmentation}
+from denseclip_hf.training.model_loading import load_detection_model
 
 
 def run_detection_training(argv: list[str]) -> dict:
@@ -43,7 +41,7 @@ def untrained_box_ap(model_type: str, num_eval_samples: int) -> float:
     evaluation on the same validation images."""
     data = load_detection_data(max_train_samples=1, max_eval_samples=num_eval_samples)
     torch.manual_seed(42)  # the run's --seed: `set_seed` before the model is built
-    model = MODEL_CLASSES[model_type](offline_detection_config(model_type, data.id2label, image_size=256))
+    model = load_detection_model(None, model_type, data.id2label, image_size=256)
     processor = DenseClipDetectionImageProcessor(size={"shortest_edge": 128, "longest_edge": 256})
     reset_accelerate()
     try:

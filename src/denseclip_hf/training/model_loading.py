@@ -2,6 +2,7 @@
 segmentation ([`load_model`]) and detection ([`load_detection_model`])."""
 
 import logging
+import math
 import os
 
 import torch
@@ -163,6 +164,10 @@ def load_model(
     return model
 
 
+# The initial foreground probability of the offline RetinaNet's classifier (mmdet's `bias_prob` of `retina_cls`):
+# random weights train from scratch, and without it every anchor starts at probability 0.5, a focal loss of ~100x
+# its value after a few steps.
+FOCAL_PRIOR_PROBABILITY = 0.01
 # The detectors of `examples/train_det.py --model_type`.
 DETECTOR_CLASSES = {"retinanet": DenseClipForObjectDetection, "maskrcnn": DenseClipForInstanceSegmentation}
 
@@ -182,8 +187,10 @@ def offline_detection_config(
 ) -> DenseClipDetectionConfig:
     """A small DenseCLIP detector for the offline default run (random weights): CLIP ResNet with one block per stage,
     width 16 (C2-C5: 64-512 channels); text width 32, 2 layers; FPN and heads of 64 channels (Mask R-CNN: 128-wide
-    box head, 32-channel mask head of 2 convolutions, 128 sampled RoIs). `image_size`: the attention pool's grid
-    side in pixels ([`detection_input_size`]). The real CLIP vocabulary encodes the class names."""
+    box head, 32-channel mask head of 2 convolutions, 128 sampled RoIs); anchors half the authors' size (RetinaNet:
+    octave base scale 2, 16-25 pixels at stride 8; RPN: scale 4), for the small objects of small images (the
+    synthetic scenes: 128 x 128, objects of 12-47 pixels). `image_size`: the attention pool's grid side in pixels
+    ([`detection_input_size`]). The real CLIP vocabulary encodes the class names."""
     tokenizer = tokenizer or CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH)
     class_names = [id2label[label] for label in range(len(id2label))]
     settings = dict(
@@ -210,13 +217,14 @@ def offline_detection_config(
             class_names, tokenizer, DenseClipDetectionConfig.class_name_token_length
         )
     if model_type == "retinanet":
-        return DenseClipRetinaNetConfig(head_channels=64, head_stacked_convs=2, **settings)
+        return DenseClipRetinaNetConfig(head_channels=64, head_stacked_convs=2, anchor_octave_base_scale=2, **settings)
     return DenseClipMaskRCNNConfig(
         rpn_channels=64,
         box_head_fc_channels=128,
         mask_head_channels=32,
         mask_head_convs=2,
         rcnn_sampler_num=128,
+        rpn_anchor_scales=[4],
         **settings,
     )
 
@@ -229,14 +237,19 @@ def load_detection_model(
     image_size: int = 1344,
 ) -> DenseClipDetectionPreTrainedModel:
     """The detector to train (`model_type` of [`DETECTOR_CLASSES`]): a random [`offline_detection_config`] model (no
-    path), a detector on CLIP weights (an OpenAI `RN50.pt` / `RN101.pt` file or a transformers CLIP folder; class
-    names from `id2label`, the positional grid resized once to `image_size` as the authors' `init_weights` does), or
-    a DenseCLIP detection checkpoint of that type (its classes must be `id2label`'s)."""
+    path; a RetinaNet's classifier bias at the [`FOCAL_PRIOR_PROBABILITY`] prior), a detector on CLIP weights (an
+    OpenAI `RN50.pt` / `RN101.pt` file or a transformers CLIP folder; class names from `id2label`, the positional grid
+    resized once to `image_size` as the authors' `init_weights` does), or a DenseCLIP detection checkpoint of that
+    type (its classes must be `id2label`'s)."""
     if model_type not in DETECTOR_CLASSES:
         raise ValueError(f"Unknown detector {model_type!r}: pass one of {list(DETECTOR_CLASSES)}.")
     model_class = DETECTOR_CLASSES[model_type]
     if model_name_or_path is None:
-        return model_class(offline_detection_config(model_type, id2label, prompting_type, image_size))
+        model = model_class(offline_detection_config(model_type, id2label, prompting_type, image_size))
+        if model_type == "retinanet":  # mmdet's configured focal-loss prior (the authors' train.py skipped it)
+            with torch.no_grad():
+                model.head.classifier.bias.fill_(-math.log((1 - FOCAL_PRIOR_PROBABILITY) / FOCAL_PRIOR_PROBABILITY))
+        return model
     if not os.path.isfile(model_name_or_path):
         try:
             checkpoint_type = AutoConfig.from_pretrained(model_name_or_path).model_type
