@@ -17,7 +17,6 @@ from safetensors.torch import load_file
 
 from denseclip_hf import (
     DenseClipDetectionImageProcessor,
-    DenseClipForInstanceSegmentation,
     DenseClipForObjectDetection,
 )
 from denseclip_hf.training.detection_arguments import parse_detection_training_args
