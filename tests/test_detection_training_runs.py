@@ -4,7 +4,12 @@ with COCO AP in its model-index, prediction picture) that loads and pushes to th
 checkpoint ends with the weights of an uninterrupted one, bit for bit."""
 
 import json
+import os
 import shutil
+import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +29,9 @@ from denseclip_hf.training.detection_data import load_detection_data
 from denseclip_hf.training.detection_evaluation import evaluate_detection
 from denseclip_hf.training.loop import train
 from denseclip_hf.training.model_loading import load_detection_model
+
+SCRIPT = Path(__file__).parents[1] / "examples" / "train_det.py"
+DDP_CONFIG = Path(__file__).parents[1] / "examples" / "accelerate_configs" / "multi_gpu.yaml"
 
 
 def run_detection_training(argv: list[str]) -> dict:
@@ -105,3 +113,50 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, mod
     assert set(weights) == set(uninterrupted)
     assert all(torch.equal(weights[name], uninterrupted[name]) for name in weights)
     assert resumed == {**first, "train_runtime_seconds": resumed["train_runtime_seconds"]}
+
+
+def test_two_processes_train_and_validate_as_one(tmp_path):
+    """`accelerate launch` with 2 CPU processes (DDP over gloo, the docs' config): the run's COCO AP equals a
+    1-process evaluation of the saved model on the same 7 validation images (each image once, results gathered)."""
+    output_dir = tmp_path / "out"
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    launcher = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG)]
+    launcher += ["--num_processes", "2", "--main_process_port", str(port)]
+    args = ["--output_dir", str(output_dir), "--max_train_steps", "3", "--num_warmup_steps", "1"]
+    args += ["--max_train_samples", "12", "--max_eval_samples", "7", "--per_device_train_batch_size", "2"]
+    args += ["--total_train_batch_size", "4", "--per_device_eval_batch_size", "1"]
+    completed = subprocess.run(
+        [*launcher, str(SCRIPT), *args],
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "ACCELERATE_USE_CPU": "1"},
+    )
+    assert completed.returncode == 0, completed.stderr[-3000:]
+    assert "Num processes: 2" in completed.stderr
+    results = json.loads((output_dir / "all_results.json").read_text())
+    assert results["total_train_batch_size"] == 4 and results["eval_samples"] == 7
+    model = DenseClipForObjectDetection.from_pretrained(output_dir)
+    processor = DenseClipDetectionImageProcessor.from_pretrained(output_dir)
+    data = load_detection_data(max_train_samples=1, max_eval_samples=7)
+    reset_accelerate()
+    try:
+        metrics = evaluate_detection(
+            model, processor, data.validation, data.category_ids, Accelerator(), progress=False
+        )
+    finally:
+        reset_accelerate()
+    assert {f"eval_{name}": value for name, value in metrics.items()} == {
+        name: value for name, value in results.items() if name.startswith("eval_bbox")
+    }
+
+
+def test_bf16_run(tmp_path, monkeypatch):
+    """`--mixed_precision bf16` (Accelerate's bf16 autocast, on CPU too): training and COCO validation run."""
+    monkeypatch.setenv("ACCELERATE_MIXED_PRECISION", "bf16")
+    argv = ["--output_dir", str(tmp_path), "--max_train_steps", "2", "--num_warmup_steps", "1"]
+    results = run_detection_training([*argv, "--max_train_samples", "4", "--max_eval_samples", "2"])
+    assert results["train_steps"] == 2 and 0 <= results["eval_bbox_mAP"] <= 1
+    assert (tmp_path / "model.safetensors").is_file()
