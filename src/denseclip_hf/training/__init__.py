@@ -19,7 +19,11 @@ one module per concern.
 | `repository` | the output folder's model repository, written atomically |
 | `model_card` | the README of a trained model |
 | `launch` | what every launched script checks and sets up first (launch settings, logging) |
-| `loop` | `train(args)`: the whole Accelerate training job |
+| `loop` | `train(args)`: the whole Accelerate training job of every task (`TrainingTask`) |
+| `segmentation_task` | what is segmentation's in a training run (`SegmentationTask`) |
+| `detection_task` | what is detection's in a training run (`DetectionTask`, `examples/train_det.py`) |
+| `detection_arguments` | the command-line arguments of `examples/train_det.py`, `parse_detection_training_args` |
+| `detection_batches` | detection training batches: flips, padding, aspect-ratio grouped sampler |
 
 Nothing is imported here: the modules load `datasets` and `accelerate`, so each is imported on use.
 """

@@ -18,6 +18,7 @@ that other scripts (evaluation) take the same dataset flags by adding it to thei
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from typing import ClassVar
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
@@ -236,22 +237,12 @@ class OptimizationArguments:
 
     def resolve_gradient_accumulation_steps(self, num_processes: int) -> int:
         """Batches per optimizer step: `--gradient_accumulation_steps`, else from `--total_train_batch_size`."""
-        per_step = self.per_device_train_batch_size * num_processes
-        if self.total_train_batch_size is None:
-            return self.gradient_accumulation_steps or 1
-        if self.total_train_batch_size % per_step:
-            raise ValueError(
-                f"--total_train_batch_size {self.total_train_batch_size} is not a multiple of "
-                f"--per_device_train_batch_size {self.per_device_train_batch_size} x {num_processes} processes."
-            )
-        steps = self.total_train_batch_size // per_step
-        if self.gradient_accumulation_steps not in (None, steps):
-            raise ValueError(
-                f"--gradient_accumulation_steps {self.gradient_accumulation_steps} contradicts "
-                f"--total_train_batch_size {self.total_train_batch_size} = {self.per_device_train_batch_size} per "
-                f"device x {num_processes} processes x {steps} steps: pass only one of them."
-            )
-        return steps
+        return gradient_accumulation_steps(
+            self.total_train_batch_size,
+            self.per_device_train_batch_size,
+            self.gradient_accumulation_steps,
+            num_processes,
+        )
 
 
 @dataclass
@@ -385,6 +376,48 @@ class HubArguments:
     hub_token: str | None = field(default=None, metadata=_help("Hub token; default: the logged-in one."))
 
 
+def apply_recipe(arguments, recipe, setting_groups: dict[str, str]) -> None:
+    """Fills the settings of `arguments` (a task's training arguments) left `None` from `recipe`; `setting_groups`
+    names the argument group of each recipe setting. An explicit `--num_train_epochs` replaces the recipe's
+    `max_train_steps` and an explicit `--gradient_accumulation_steps` its `total_train_batch_size`."""
+    replaced = set()
+    if arguments.optimization.num_train_epochs is not None:
+        replaced.add("max_train_steps")
+    if arguments.optimization.gradient_accumulation_steps is not None:
+        replaced.add("total_train_batch_size")
+    for name, group_name in setting_groups.items():
+        group = getattr(arguments, group_name)
+        if name not in replaced and getattr(group, name) is None:
+            value = getattr(recipe, name)
+            setattr(group, name, list(value) if isinstance(value, tuple) else value)
+
+
+def gradient_accumulation_steps(
+    total_train_batch_size: int | None,
+    per_device_train_batch_size: int,
+    explicit_steps: int | None,
+    num_processes: int,
+) -> int:
+    """Batches per optimizer step: `--gradient_accumulation_steps` (`explicit_steps`), else from
+    `--total_train_batch_size`, checked against each other."""
+    per_step = per_device_train_batch_size * num_processes
+    if total_train_batch_size is None:
+        return explicit_steps or 1
+    if total_train_batch_size % per_step:
+        raise ValueError(
+            f"--total_train_batch_size {total_train_batch_size} is not a multiple of "
+            f"--per_device_train_batch_size {per_device_train_batch_size} x {num_processes} processes."
+        )
+    steps = total_train_batch_size // per_step
+    if explicit_steps not in (None, steps):
+        raise ValueError(
+            f"--gradient_accumulation_steps {explicit_steps} contradicts --total_train_batch_size "
+            f"{total_train_batch_size} = {per_device_train_batch_size} per device x {num_processes} processes x "
+            f"{steps} steps: pass only one of them."
+        )
+    return steps
+
+
 @dataclass
 class SegmentationTrainingArguments:
     """All arguments of `examples/train_seg.py`, one dataclass per concern, completed from the recipe.
@@ -392,6 +425,11 @@ class SegmentationTrainingArguments:
     On creation: chooses the recipe (`--recipe`, else [`default_recipe_name`]), fills every setting left `None` from
     it, defaults `output_dir` to `outputs/denseclip-<recipe>` and checks the values.
     """
+
+    # The task in tracker logs, launch errors and the random-weights notice (see `loop.TrainingTask`).
+    tracker_project: ClassVar[str] = "denseclip_semantic_segmentation"
+    script: ClassVar[str] = "examples/train_seg.py"
+    clip_example: ClassVar[str] = "openai/clip-vit-base-patch16"
 
     model: ModelArguments = field(default_factory=ModelArguments)
     data: DataArguments = field(default_factory=DataArguments)
@@ -411,24 +449,19 @@ class SegmentationTrainingArguments:
         self.augmentation.validate()
         self.checkpoints.validate()
 
+    def make_task(self):
+        """The segmentation parts of the training loop (`segmentation_task.SegmentationTask`)."""
+        from .segmentation_task import SegmentationTask  # the task imports these arguments
+
+        return SegmentationTask(self)
+
     @property
     def groups(self) -> tuple:
         """The dataclass instance of each concern, in the order of [`ARGUMENT_GROUPS`]."""
         return tuple(getattr(self, group.name) for group in fields(self))
 
     def _apply_recipe(self, recipe: Recipe) -> None:
-        """Fills the settings left `None` from `recipe`; an explicit `--num_train_epochs` replaces the recipe's
-        `max_train_steps` and an explicit `--gradient_accumulation_steps` its `total_train_batch_size`."""
-        replaced = set()
-        if self.optimization.num_train_epochs is not None:
-            replaced.add("max_train_steps")
-        if self.optimization.gradient_accumulation_steps is not None:
-            replaced.add("total_train_batch_size")
-        for name, group_name in RECIPE_SETTING_GROUPS.items():
-            group = getattr(self, group_name)
-            if name not in replaced and getattr(group, name) is None:
-                value = getattr(recipe, name)
-                setattr(group, name, list(value) if isinstance(value, tuple) else value)
+        apply_recipe(self, recipe, RECIPE_SETTING_GROUPS)
 
     @property
     def hub_repo_id(self) -> str:
@@ -472,6 +505,8 @@ __all__ = [
     "RECIPE_SETTING_GROUPS",
     "SegmentationTrainingArguments",
     "TrackingArguments",
+    "apply_recipe",
     "choice_metadata",
+    "gradient_accumulation_steps",
     "parse_training_args",
 ]

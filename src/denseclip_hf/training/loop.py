@@ -1,21 +1,27 @@
-"""The training loop of DenseCLIP semantic segmentation with Accelerate (CPU, one or many GPUs, several machines).
+"""The training loop of DenseCLIP with Accelerate (CPU, one or many GPUs, several machines), for every task.
 
-`train(args)` runs the whole job of `examples/train_seg.py`: data, model, the paper's optimizer and schedule, the
-training loop with gradient accumulation, periodic and final validation (`evaluation.py`: exact mIoU from a confusion
-matrix gathered across processes), atomic checkpoints with exact resume (`checkpointing.py`), and the output folder as
-a complete Hub model repository (weights and code, processor, results, prediction grid, model card), published
-atomically (`repository.py`). Trackers (`--with_tracking`) log to `<output_dir>/runs/`.
+`train(args)` runs the whole job of a training script (`examples/train_seg.py`, `examples/train_det.py`): the task's
+data, model, optimizer and schedule, the training loop with gradient accumulation (and the task's gradient clipping),
+periodic and final validation, atomic checkpoints with exact resume (`checkpointing.py`), and the output folder as a
+complete Hub model repository (weights and code, processor, results, the task's prediction picture and model card),
+published atomically (`repository.py`). Trackers (`--with_tracking`) log to `<output_dir>/runs/`.
 
-Determinism: shuffling and augmentation are functions of `(seed, epoch, index)` (see `data.py`) and the dropout RNG
-is re-seeded from `(seed, process, epoch, batch)` before every batch, so an interrupted and resumed run computes the
-same steps as an uninterrupted one.
+What differs between tasks comes from a [`TrainingTask`] that the arguments make (`args.make_task()`): semantic
+segmentation (`segmentation_task.SegmentationTask`) or detection (`detection_task.DetectionTask`). The loop itself
+(launch, resume, steps, accumulation, checkpoints, validation schedule, trackers, publishing, upload) is shared.
+
+Determinism: shuffling and augmentation are functions of `(seed, epoch, index)` (see `data.py`) and the RNG of
+dropout and of the detectors' samplers is re-seeded from `(seed, process, epoch, batch)` before every batch, so an
+interrupted and resumed run computes the same steps as an uninterrupted one.
 """
 
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Protocol
 
 import datasets
 import numpy as np
@@ -28,39 +34,74 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from ..image_processing_denseclip import DenseClipImageProcessor
-from ..visualization import palette_for, prediction_grid
-from .arguments import SegmentationTrainingArguments
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
-from .data import (
-    SegmentationData,
-    check_label_range,
-    evaluation_dataloader,
-    training_dataloader,
-)
-from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
-from .metrics import format_metrics_table, segmentation_metrics
-from .model_card import write_model_card
-from .model_loading import convert_batchnorm_for_launch, load_model
-from .optimization import build_optimizer, num_update_steps_per_epoch, poly_schedule_with_warmup
+from .optimization import num_update_steps_per_epoch
 from .repository import STAGING_DIR_NAME, publish_repository
-from .transforms import SegmentationAugmentation
 
 logger = get_logger(__name__)
 
-NUM_VISUALIZED_IMAGES = 6
 RANDOM_WEIGHTS_NOTICE = """
 ==========================================================================================================
 CLIP weights are RANDOM: no --model_name_or_path was given, so this run trains a small DenseCLIP from
 scratch (no network needed). With network access, train on real CLIP weights with, for example:
-  accelerate launch examples/train_seg.py --model_name_or_path openai/clip-vit-base-patch16
+  accelerate launch {script} --model_name_or_path {clip_example}
 ==========================================================================================================
 """.strip("\n")
 
 
+@dataclass
+class TaskData:
+    """Training and validation splits and the class names by label id (what every task's data holds)."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    id2label: dict[int, str]
+
+
+class TrainingTask(Protocol):
+    """The task-specific parts of a training run; the loop calls them in this order.
+
+    `tracker_project`, `script` and `clip_example` name the task in tracker logs, launch errors and the random-weights
+    notice. `build_dataloaders` may return `None` as validation loader when `validate` reads `run.validation`
+    itself (detection's COCO evaluation); `clip_gradients` is called on the step's accumulated gradients, before the
+    optimizer step, on every process; `repository_writer` runs on every process (predictions, gathered weights) and
+    returns what the main process writes into the staged repository folder beside the weights, processor and
+    `all_results.json`.
+    """
+
+    args: Any
+    tracker_project: str
+    script: str
+    clip_example: str
+
+    def load_data(self) -> TaskData: ...
+
+    def build_model(self, data: TaskData, accelerator: Accelerator) -> torch.nn.Module: ...
+
+    def build_image_processor(self, model: torch.nn.Module) -> Any: ...
+
+    def build_dataloaders(
+        self, data: TaskData, image_processor: Any, model: torch.nn.Module
+    ) -> tuple[DataLoader, DataLoader | None]: ...
+
+    def build_optimizer(self, model: torch.nn.Module, device_type: str) -> torch.optim.Optimizer: ...
+
+    def build_scheduler(
+        self, optimizer: torch.optim.Optimizer, max_train_steps: int, steps_per_epoch: int
+    ) -> LambdaLR: ...
+
+    def clip_gradients(self, accelerator: Accelerator, model: torch.nn.Module) -> None: ...
+
+    def validate(self, run: "TrainingRun", step: int) -> dict: ...
+
+    def metrics_table(self, metrics: dict) -> str: ...
+
+    def repository_writer(self, run: "TrainingRun", results: dict) -> Callable[[Path], None]: ...
+
+
 def batch_seed(seed: int, process_index: int, epoch: int, batch_index: int) -> int:
-    """The torch seed (dropout) of one training batch, a function of its position only."""
+    """The torch seed (dropout, samplers) of one training batch, a function of its position only."""
     return int(np.random.SeedSequence([seed, process_index, epoch, batch_index]).generate_state(1)[0])
 
 
@@ -69,23 +110,25 @@ def base_learning_rate(optimizer: torch.optim.Optimizer) -> float:
     return next(group["lr"] for group in optimizer.param_groups if group["lr_multiplier"] == 1.0)
 
 
-def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
+def _create_accelerator(args: Any) -> Accelerator:
     """The `Accelerator` of the launch (processes, devices, precision, trackers) with the gradient accumulation of the
-    recipe. Tracker logs go to `<output_dir>/runs/` (TensorBoard: `runs/denseclip_semantic_segmentation/`)."""
+    recipe. Tracker logs go to `<output_dir>/runs/` (TensorBoard: `runs/denseclip_<task>/`). `args` is a task's
+    training arguments (`SegmentationTrainingArguments`, `DetectionTrainingArguments`): their `tracker_project`,
+    `script` and `clip_example` name the task."""
     output_dir, tracking = Path(args.checkpoints.output_dir), args.tracking
     trackers = tracking.trackers()
     accelerator = Accelerator(
         log_with=trackers or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
     )
-    check_launch(accelerator)
+    check_launch(accelerator, args.script)
     accelerator.gradient_accumulation_steps = args.optimization.resolve_gradient_accumulation_steps(
         accelerator.num_processes
     )
     configure_logging(accelerator)
     logger.info(accelerator.state, main_process_only=False)
     if args.model.model_name_or_path is None:
-        logger.warning(RANDOM_WEIGHTS_NOTICE)
+        logger.warning(RANDOM_WEIGHTS_NOTICE.format(script=args.script, clip_example=args.clip_example))
     if tracking.with_tracking and not trackers:
         logger.info(
             f"--with_tracking --report_to {tracking.report_to}: no tracker is installed (pip install tensorboard); "
@@ -97,134 +140,53 @@ def _create_accelerator(args: SegmentationTrainingArguments) -> Accelerator:
             name: value if isinstance(value, (int, float, str, bool)) else str(value)
             for name, value in args.to_flat_dict().items()
         }
-        accelerator.init_trackers("denseclip_semantic_segmentation", config)
+        accelerator.init_trackers(args.tracker_project, config)
     return accelerator
-
-
-def _load_data(args: SegmentationTrainingArguments, accelerator: Accelerator) -> SegmentationData:
-    with accelerator.main_process_first():
-        data = args.data.load(args.optimization.seed)
-    check_label_range(data.train, len(data.id2label), args.data.do_reduce_labels)
-    return data
-
-
-def build_dataloaders(
-    args: SegmentationTrainingArguments,
-    data: SegmentationData,
-    image_processor: DenseClipImageProcessor,
-    ignore_index: int,
-) -> tuple[DataLoader, DataLoader]:
-    """Training batches (augmented crops, see [`training_dataloader`]) and validation batches (see
-    [`evaluation_dataloader`]); not yet prepared by Accelerate."""
-    optimization, augmentation = args.optimization, args.augmentation
-    augment = SegmentationAugmentation(
-        crop_size=augmentation.crop_size,
-        scale=tuple(augmentation.image_scale),
-        ratio_range=tuple(augmentation.ratio_range),
-        cat_max_ratio=augmentation.cat_max_ratio,
-        do_reduce_labels=args.data.do_reduce_labels,
-        ignore_index=ignore_index,
-        image_mean=tuple(image_processor.image_mean),
-        image_std=tuple(image_processor.image_std),
-    )
-    train_dataloader = training_dataloader(
-        data.train,
-        augment,
-        optimization.per_device_train_batch_size,
-        optimization.seed,
-        optimization.dataloader_num_workers,
-    )
-    eval_dataloader = evaluation_dataloader(
-        data.validation,
-        image_processor,
-        optimization.per_device_eval_batch_size,
-        optimization.dataloader_num_workers,
-    )
-    return train_dataloader, eval_dataloader
 
 
 @dataclass
 class TrainingRun:
     """Everything a training run works with, prepared by Accelerate."""
 
-    args: SegmentationTrainingArguments
+    task: TrainingTask
     accelerator: Accelerator
     model: torch.nn.Module
     optimizer: torch.optim.Optimizer
     scheduler: LambdaLR
     train_dataloader: DataLoader
-    eval_dataloader: DataLoader
-    image_processor: DenseClipImageProcessor
+    eval_dataloader: DataLoader | None
+    validation: datasets.Dataset
+    image_processor: Any
     id2label: dict[int, str]
     max_train_steps: int
     steps_per_epoch: int
 
+    @property
+    def args(self) -> Any:
+        return self.task.args
+
     def validate(self, step: int) -> dict:
-        """Validation metrics of the current model (see [`segmentation_metrics`]), logged and tracked at `step`."""
-        config = self.accelerator.unwrap_model(self.model).config
-        protocol = EvaluationProtocol.for_model(config)  # the model's test protocol, as examples/evaluate_seg.py
-        with self.accelerator.autocast():  # the launch's mixed precision, as in training
-            confusion = evaluate(
-                self.model,
-                self.eval_dataloader,
-                self.accelerator,
-                protocol,
-                len(self.id2label),
-                config.semantic_loss_ignore_index,
-            )
-        metrics = segmentation_metrics(confusion, self.id2label)
-        logger.info(
-            f"step {step}: mIoU {metrics['mean_iou']:.4f}, mean accuracy {metrics['mean_accuracy']:.4f}, "
-            f"pixel accuracy {metrics['overall_accuracy']:.4f} ({protocol.describe()})"
-        )
-        if self.accelerator.trackers:
-            scalars = {f"eval_{name}": metrics[name] for name in ("mean_iou", "mean_accuracy", "overall_accuracy")}
-            per_class = {
-                f"eval_iou/{name}": iou for name, iou in metrics["per_category_iou"].items() if iou is not None
-            }
-            self.accelerator.log({**scalars, **per_class}, step=step)
-        return metrics
+        """Validation metrics of the current model (the task's), logged and tracked at `step`."""
+        return self.task.validate(self, step)
 
     def save_checkpoint(self, step: int) -> None:
         checkpoints = self.args.checkpoints
         save_checkpoint(self.accelerator, checkpoints.output_dir, step, checkpoints.checkpoints_total_limit)
 
 
-def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, data: SegmentationData) -> TrainingRun:
-    """Model, processor, data loaders, the paper's optimizer and poly schedule, prepared for the launch."""
-    optimization, image_scale = args.optimization, args.augmentation.image_scale
-    model = load_model(
-        args.model.model_name_or_path,
-        data.id2label,
-        optimization.loss_reduction,
-        args.augmentation.crop_size,
-        backbone_name_or_path=args.model.backbone_name_or_path,
-        decoder_type=args.model.decoder_type,
-        decode_head_channels=args.model.decode_head_channels,
-        prompting_type=args.model.prompting_type,
-    )
-    model = convert_batchnorm_for_launch(
-        model, optimization.sync_batchnorm, accelerator.num_processes, accelerator.device.type
-    )
-    image_processor = DenseClipImageProcessor(
-        size={"shortest_edge": min(image_scale), "longest_edge": max(image_scale)},
-        do_reduce_labels=args.data.do_reduce_labels,
-        test_mode=model.config.test_mode,
-    )
-    train_dataloader, eval_dataloader = build_dataloaders(
-        args, data, image_processor, model.config.semantic_loss_ignore_index
-    )
-    optimizer = build_optimizer(
-        model,
-        optimization.learning_rate,
-        optimization.weight_decay,
-        optimization.image_encoder_lr_multiplier,
-        optimization.weight_decay_exemptions,
-        accelerator.device.type,
-    )
-    model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
-        model, optimizer, train_dataloader, eval_dataloader
-    )
+def _prepare_run(task: TrainingTask, accelerator: Accelerator, data: TaskData) -> TrainingRun:
+    """The task's model, processor, data loaders, optimizer and schedule, prepared for the launch."""
+    optimization = task.args.optimization
+    model = task.build_model(data, accelerator)
+    image_processor = task.build_image_processor(model)
+    train_dataloader, eval_dataloader = task.build_dataloaders(data, image_processor, model)
+    optimizer = task.build_optimizer(model, accelerator.device.type)
+    if eval_dataloader is None:
+        model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
+    else:
+        model, optimizer, train_dataloader, eval_dataloader = accelerator.prepare(
+            model, optimizer, train_dataloader, eval_dataloader
+        )
     if len(train_dataloader) == 0:
         raise ValueError(
             f"{len(data.train)} training examples make no full batch of {optimization.per_device_train_batch_size} "
@@ -236,23 +198,17 @@ def _prepare_run(args: SegmentationTrainingArguments, accelerator: Accelerator, 
     if warmup >= max_train_steps:
         raise ValueError(f"--num_warmup_steps {warmup} must be below the {max_train_steps} steps.")
     # Stepped once per optimizer step by the loop (not by Accelerate, which would step it once per process).
-    scheduler = poly_schedule_with_warmup(
-        optimizer,
-        max_train_steps,
-        optimization.lr_power,
-        optimization.min_learning_rate,
-        warmup,
-        optimization.warmup_ratio,
-    )
+    scheduler = task.build_scheduler(optimizer, max_train_steps, steps_per_epoch)
     accelerator.register_for_checkpointing(scheduler)
     return TrainingRun(
-        args=args,
+        task=task,
         accelerator=accelerator,
         model=model,
         optimizer=optimizer,
         scheduler=scheduler,
         train_dataloader=train_dataloader,
         eval_dataloader=eval_dataloader,
+        validation=data.validation,
         image_processor=image_processor,
         id2label=data.id2label,
         max_train_steps=max_train_steps,
@@ -314,6 +270,8 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
+                if accelerator.sync_gradients:
+                    run.task.clip_gradients(accelerator, model)
                 optimizer.step()
                 optimizer.zero_grad()
             step_losses.append(loss.detach())
@@ -344,18 +302,21 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
     return completed_steps
 
 
-def train(args: SegmentationTrainingArguments) -> dict:
-    """Trains, validates and writes the output folder; returns the contents of `all_results.json`."""
+def train(args: Any) -> dict:
+    """Trains, validates and writes the output folder; returns the contents of `all_results.json`. `args` is a task's
+    training arguments (`parse_training_args`, `parse_detection_training_args`), which make the task."""
+    task = args.make_task()
     accelerator = _create_accelerator(args)
     set_seed(args.optimization.seed)
-    data = _load_data(args, accelerator)
-    run = _prepare_run(args, accelerator, data)
+    with accelerator.main_process_first():
+        data = task.load_data()
+    run = _prepare_run(task, accelerator, data)
     start_time = time.time()
     completed_steps = _train(run, _resume(run))
     train_runtime = time.time() - start_time
 
     metrics = run.validate(completed_steps)
-    logger.info(f"Validation ({len(data.validation)} images):\n{format_metrics_table(metrics)}")
+    logger.info(f"Validation ({len(data.validation)} images):\n{task.metrics_table(metrics)}")
     results = {f"eval_{name}": value for name, value in metrics.items()}
     per_device = args.optimization.per_device_train_batch_size
     total_batch = per_device * accelerator.num_processes * accelerator.gradient_accumulation_steps
@@ -365,7 +326,7 @@ def train(args: SegmentationTrainingArguments) -> dict:
         train_runtime_seconds=round(train_runtime, 1),
         eval_samples=len(data.validation),
     )
-    _save_outputs(run, data.validation, results)
+    _save_outputs(run, results)
     if args.hub.push_to_hub and accelerator.is_main_process:
         _push_to_hub(args)
     accelerator.wait_for_everyone()
@@ -373,31 +334,19 @@ def train(args: SegmentationTrainingArguments) -> dict:
     return results
 
 
-def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict) -> None:
+def _save_outputs(run: TrainingRun, results: dict) -> None:
     """Publishes the Hub repository (see [`publish_repository`]): weights + config + code, processor config, results,
-    prediction grid, model card."""
+    and the task's files (prediction picture, model card)."""
     accelerator, output_dir = run.accelerator, Path(run.args.checkpoints.output_dir)
-    examples = validation.select(range(min(NUM_VISUALIZED_IMAGES, len(validation))))
-    protocol = EvaluationProtocol.for_model(accelerator.unwrap_model(run.model).config)
-    with accelerator.autocast():
-        labels, predictions = predict_examples(run.model, examples, run.image_processor, protocol, accelerator.device)
+    write_task_files = run.task.repository_writer(run, results)
     state_dict = accelerator.get_state_dict(run.model)  # on every process: FSDP and DeepSpeed gather the weights
     unwrapped = accelerator.unwrap_model(run.model)
-    config = unwrapped.config
 
     def write(folder: Path) -> None:
         unwrapped.save_pretrained(folder, state_dict=state_dict)
         run.image_processor.save_pretrained(folder)
         (folder / "all_results.json").write_text(json.dumps(results, indent=2) + "\n")
-        grid = prediction_grid(
-            [example["image"] for example in examples],
-            predictions,
-            config.id2label,
-            ground_truths=labels,
-            palette=palette_for(config),
-        )
-        grid.save(folder / "validation_predictions.png")
-        write_model_card(folder, config, results, run.args)
+        write_task_files(folder)
 
     if accelerator.is_main_process:
         publish_repository(output_dir, write)
@@ -405,17 +354,18 @@ def _save_outputs(run: TrainingRun, validation: datasets.Dataset, results: dict)
     accelerator.wait_for_everyone()
 
 
-def _push_to_hub(args: SegmentationTrainingArguments) -> None:
+def _push_to_hub(args: Any) -> None:
     api = HfApi(token=args.hub.hub_token)
     output_dir = args.checkpoints.output_dir
     repo_id = api.create_repo(args.hub_repo_id, exist_ok=True).repo_id
     commit = api.upload_folder(
         repo_id=repo_id,
         folder_path=output_dir,
-        commit_message="DenseCLIP semantic segmentation, trained with examples/train_seg.py",
+        commit_message=f"DenseCLIP {args.tracker_project.removeprefix('denseclip_').replace('_', ' ')}, trained with "
+        f"{args.script}",
         ignore_patterns=["checkpoints/**", "runs/**", f"{STAGING_DIR_NAME}/**"],
     )
     logger.info(f"Uploaded {output_dir} to {commit.repo_url} ({commit.commit_url})")
 
 
-__all__ = ["TrainingRun", "base_learning_rate", "build_dataloaders", "train"]
+__all__ = ["TaskData", "TrainingRun", "TrainingTask", "base_learning_rate", "batch_seed", "train"]

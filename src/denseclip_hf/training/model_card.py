@@ -9,11 +9,25 @@ from transformers import PretrainedConfig
 
 from ..configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES, DenseClipConfig
 from .arguments import DataArguments, SegmentationTrainingArguments
+from .detection_evaluation import METRIC_SUFFIXES
 from .evaluation import EvaluationProtocol
 from .optimization import WEIGHT_DECAY_EXEMPTIONS
-from .recipes import RECIPES
+from .recipes import DETECTION_RECIPES, RECIPES
 
 PAPER_URL = "https://arxiv.org/abs/2112.01518"
+# The end of every model card.
+CITATION = """## Citation
+
+```bibtex
+@inproceedings{rao2022denseclip,
+  title={DenseCLIP: Language-Guided Dense Prediction with Context-Aware Prompting},
+  author={Rao, Yongming and Zhao, Wenliang and Chen, Guangyi and Tang, Yansong and Zhu, Zheng and Huang, Guan and
+          Zhou, Jie and Lu, Jiwen},
+  booktitle={CVPR},
+  year={2022}
+}
+```
+"""
 # How the card names an image encoder, by the `model_type` of its vision config: a name and the fields it shows.
 _ENCODER_SUMMARIES = {
     "clip_vision_model": ("ViT", (("patch", "patch_size"), ("width", "hidden_size"), ("layers", "num_hidden_layers"))),
@@ -208,18 +222,7 @@ AdamW; the CLIP text encoder is frozen; no weight decay on
 (ratio {ratio_range} of the {image_scale} scale), random crop (cat_max_ratio {augmentation.cat_max_ratio}),
 horizontal flip, photometric distortion.
 
-## Citation
-
-```bibtex
-@inproceedings{{rao2022denseclip,
-  title={{DenseCLIP: Language-Guided Dense Prediction with Context-Aware Prompting}},
-  author={{Rao, Yongming and Zhao, Wenliang and Chen, Guangyi and Tang, Yansong and Zhu, Zheng and Huang, Guan and
-          Zhou, Jie and Lu, Jiwen}},
-  booktitle={{CVPR}},
-  year={{2022}}
-}}
-```
-"""
+{CITATION}"""
 
 
 def write_model_card(
@@ -229,4 +232,177 @@ def write_model_card(
     (Path(output_dir) / "README.md").write_text(model_card(config, results, args, args.hub_repo_id))
 
 
-__all__ = ["hub_base_model", "image_encoder_description", "model_card", "model_card_data", "write_model_card"]
+# ---------------------------------------------------------------------------------------------------------------------
+# Detection (`examples/train_det.py`)
+# ---------------------------------------------------------------------------------------------------------------------
+
+# The COCO metrics of a detection card's `model-index`: (suffix of the `{iou_type}_` keys, Hub id, pretty name).
+_DETECTION_CARD_METRICS = (("mAP", "AP", "AP"), ("mAP_50", "AP50", "AP50"), ("mAP_75", "AP75", "AP75"))
+_IOU_TYPE_NAMES = {"bbox": "box", "segm": "mask"}
+
+
+def _detection_dataset(data) -> tuple[str, str, str]:
+    """The training data in words, and the dataset id and name of the validation results."""
+    if data.dataset_name is not None:
+        link = f"the Hub dataset [`{data.dataset_name}`](https://huggingface.co/datasets/{data.dataset_name})"
+        return link, data.dataset_name, data.dataset_name
+    if data.coco_dir is not None:
+        return f"the COCO folder `{Path(data.coco_dir).name}`", "coco", "COCO"
+    synthetic = (
+        'the synthetic detection scenes bundled with `denseclip_hf` (`load_synthetic_dataset(task="detection")`)'
+    )
+    return synthetic, "denseclip-synthetic-detection", "denseclip_hf synthetic detection scenes"
+
+
+def detection_model_card_data(config, results: dict, args, repo_id: str) -> ModelCardData:
+    """The Hub metadata of a trained detector: COCO AP, AP50, AP75 of each IoU type in the results (box, and mask for
+    Mask R-CNN; in %) as `model-index` results."""
+    _, dataset_id, dataset_name = _detection_dataset(args.data)
+    instance = config.model_type == "denseclip_maskrcnn"
+    task_type, task_name = (
+        ("image-segmentation", "Instance Segmentation") if instance else ("object-detection", "Object Detection")
+    )
+    eval_results = [
+        EvalResult(
+            task_type=task_type,
+            task_name=task_name,
+            dataset_type=dataset_id,
+            dataset_name=dataset_name,
+            dataset_config=args.data.dataset_config_name,
+            dataset_split=args.data.validation_split,
+            metric_type=f"{_IOU_TYPE_NAMES[iou_type]}_{metric_id}",
+            metric_name=f"{_IOU_TYPE_NAMES[iou_type]} {metric_name}",
+            metric_value=round(100 * results[f"eval_{iou_type}_{suffix}"], 2),
+        )
+        for iou_type in _IOU_TYPE_NAMES
+        if f"eval_{iou_type}_mAP" in results
+        for suffix, metric_id, metric_name in _DETECTION_CARD_METRICS
+    ]
+    return ModelCardData(
+        library_name="transformers",
+        pipeline_tag=task_type,
+        license="apache-2.0",
+        tags=["denseclip", "clip", "object-detection", "vision", "retinanet" if not instance else "mask-rcnn"],
+        base_model=hub_base_model(args.model.model_name_or_path),
+        datasets=[args.data.dataset_name] if args.data.dataset_name else None,
+        metrics=sorted({result.metric_type for result in eval_results}),
+        model_name=repo_id.split("/")[-1],
+        eval_results=eval_results,
+    )
+
+
+def detection_model_card(config, results: dict, args, repo_id: str) -> str:
+    """The README of a trained detector: Hub metadata ([`detection_model_card_data`]), what it is, COCO AP next to the
+    paper's for its recipe, usage, training settings."""
+    optimization, augmentation, model_args = args.optimization, args.augmentation, args.model
+    recipe = DETECTION_RECIPES[optimization.recipe]
+    base = f"`{model_args.model_name_or_path}`" if model_args.model_name_or_path else "random weights (no CLIP)"
+    detector = "Mask R-CNN" if config.model_type == "denseclip_maskrcnn" else "RetinaNet"
+    kind = "DenseCLIP" if config.prompting_type != "none" else "the CLIP baseline (no text)"
+    data_description, _, _ = _detection_dataset(args.data)
+    warning = ""
+    if model_args.model_name_or_path is None:
+        warning = (
+            "\n> **Random CLIP weights.** This detector was trained from scratch (no `--model_name_or_path`), as the "
+            "offline demo of `denseclip_hf`; it has none of CLIP's pre-trained knowledge. Train with "
+            "`--model_name_or_path RN50.pt --recipe coco-retinanet-denseclip-rn50` for the paper's model.\n"
+        )
+    rows = []
+    for iou_type, name in _IOU_TYPE_NAMES.items():
+        if f"eval_{iou_type}_mAP" in results:
+            values = [results[f"eval_{iou_type}_{suffix}"] for suffix in METRIC_SUFFIXES]
+            rows.append(f"| {name} | " + " | ".join("-" if v < 0 else f"{100 * v:.1f}" for v in values) + " |")
+    table = "\n".join(["| | AP | AP50 | AP75 | APs | APm | APl |", "|---|---|---|---|---|---|---|", *rows])
+    paper = ""
+    if recipe.paper_box_ap is not None:
+        mask = f" and mask AP {recipe.paper_mask_ap}" if recipe.paper_mask_ap is not None else ""
+        paper = f" For this recipe the paper reports box AP {recipe.paper_box_ap}{mask} on COCO val2017."
+    clip = "no clipping"
+    if optimization.clips_gradients:
+        covered = (
+            "every parameter incl. the text tower's (lr 0)"
+            if optimization.clip_text_encoder_gradients
+            else ("the trained parameters")
+        )
+        clip = f"L2 norm {optimization.max_grad_norm} over {covered}"
+    settings = {
+        "recipe": f"`{optimization.recipe}`",
+        "steps": results["train_steps"],
+        "global batch": results["total_train_batch_size"],
+        "learning rate (image encoder x)": (
+            f"{optimization.learning_rate} (x{optimization.image_encoder_lr_multiplier})"
+        ),
+        "weight decay": optimization.weight_decay,
+        "schedule": (
+            f"x{optimization.lr_decay} at epochs {optimization.lr_milestones}, linear warmup of "
+            f"{optimization.num_warmup_steps} steps from {optimization.warmup_ratio}"
+        ),
+        "gradient clipping": clip,
+        "resize (long x short)": "x".join(str(side) for side in augmentation.image_scale),
+        "horizontal flip": augmentation.flip_probability,
+        "seed": optimization.seed,
+    }
+    settings_table = "\n".join(f"| {key} | {value} |" for key, value in settings.items())
+    pipeline = "image-segmentation" if detector == "Mask R-CNN" else "object-detection"
+    metadata = detection_model_card_data(config, results, args, repo_id).to_yaml()
+    return f"""---
+{metadata}
+---
+
+# DenseCLIP {image_encoder_description(config.vision_config)} {detector}
+{warning}
+[DenseCLIP]({PAPER_URL}) (Rao et al., CVPR 2022) {detector}, {kind}: the pixel-text score map of the image embedding
+and the class-name text embeddings joins the last level of the CLIP ResNet before the FPN. It detects
+{config.num_labels} classes and was fine-tuned from {base} on {data_description} with `examples/train_det.py` of
+`denseclip_hf`, recipe `{optimization.recipe}`: {recipe.description}.
+
+## Validation results
+
+COCO AP (%, `pycocotools`) on {results["eval_samples"]} validation images, the authors' test pipeline.{paper}
+
+{table}
+
+![Validation images: ground truth and predictions](validation_predictions.png)
+
+## How to use
+
+```python
+from PIL import Image
+from transformers import pipeline
+
+detector = pipeline("{pipeline}", model="{repo_id}", trust_remote_code=True)
+detections = detector(Image.open("street.jpg"))
+```
+
+After `import denseclip_hf`, `trust_remote_code` is not needed.
+
+## Training
+
+| setting | value |
+|---|---|
+{settings_table}
+
+AdamW with the authors' parameter groups: the image encoder at x{optimization.image_encoder_lr_multiplier} the
+learning rate, the CLIP text encoder unchanged (learning rate 0), no weight decay on
+{WEIGHT_DECAY_EXEMPTIONS[optimization.weight_decay_exemptions].description}; batches grouped by aspect ratio.
+
+{CITATION}"""
+
+
+def write_detection_model_card(output_dir: str | Path, config, results: dict, args) -> None:
+    """Writes `README.md` ([`detection_model_card`]) into `output_dir`; the repository id is `--hub_model_id` or the
+    folder."""
+    (Path(output_dir) / "README.md").write_text(detection_model_card(config, results, args, args.hub_repo_id))
+
+
+__all__ = [
+    "CITATION",
+    "detection_model_card",
+    "detection_model_card_data",
+    "write_detection_model_card",
+    "hub_base_model",
+    "image_encoder_description",
+    "model_card",
+    "model_card_data",
+    "write_model_card",
+]

@@ -1,15 +1,27 @@
-"""The model a training run starts from: a small random DenseCLIP (the offline default), CLIP, or DenseCLIP."""
+"""The model a training run starts from: a small random DenseCLIP (the offline default), CLIP, or DenseCLIP; for
+segmentation ([`load_model`]) and detection ([`load_detection_model`])."""
 
 import logging
+import math
 import os
 
 import torch
 from transformers import AutoConfig, CLIPTokenizer
 
 from .. import CLIP_TOKENIZER_PATH
-from ..configuration_denseclip import DenseClipConfig
+from ..configuration_denseclip import DenseClipConfig, DenseClipResNetConfig
+from ..configuration_denseclip_detection import (
+    DenseClipDetectionConfig,
+    DenseClipMaskRCNNConfig,
+    DenseClipRetinaNetConfig,
+)
 from ..loading_denseclip import tokenize_class_names
 from ..modeling_denseclip import DenseClipForSemanticSegmentation
+from ..modeling_denseclip_detection import (
+    DenseClipDetectionPreTrainedModel,
+    DenseClipForInstanceSegmentation,
+    DenseClipForObjectDetection,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -152,6 +164,124 @@ def load_model(
     return model
 
 
+# The initial foreground probability of the offline RetinaNet's classifier (mmdet's `bias_prob` of `retina_cls`):
+# random weights train from scratch, and without it every anchor starts at probability 0.5, a focal loss of ~100x
+# its value after a few steps.
+FOCAL_PRIOR_PROBABILITY = 0.01
+# The detectors of `examples/train_det.py --model_type`.
+DETECTOR_CLASSES = {"retinanet": DenseClipForObjectDetection, "maskrcnn": DenseClipForInstanceSegmentation}
+
+
+def detection_input_size(image_scale: tuple[int, int] | list[int]) -> int:
+    """The largest padded side of the detectors' inputs at the keep-ratio bounds `image_scale` (its long side padded
+    to a multiple of 32): the attention pool's grid side in pixels (the authors' 1344 for 1333 x 800)."""
+    return -(-max(image_scale) // 32) * 32
+
+
+def offline_detection_config(
+    model_type: str,
+    id2label: dict[int, str],
+    prompting_type: str = "post_model",
+    image_size: int = 256,
+    tokenizer: CLIPTokenizer | None = None,
+) -> DenseClipDetectionConfig:
+    """A small DenseCLIP detector for the offline default run (random weights): CLIP ResNet with one block per stage,
+    width 16 (C2-C5: 64-512 channels); text width 32, 2 layers; FPN and heads of 64 channels (Mask R-CNN: 128-wide
+    box head, 32-channel mask head of 2 convolutions, 128 sampled RoIs); anchors half the authors' size (RetinaNet:
+    octave base scale 2, 16-25 pixels at stride 8; RPN: scale 4), for the small objects of small images (the
+    synthetic scenes: 128 x 128, objects of 12-47 pixels). `image_size`: the attention pool's grid side in pixels
+    ([`detection_input_size`]). The real CLIP vocabulary encodes the class names."""
+    tokenizer = tokenizer or CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH)
+    class_names = [id2label[label] for label in range(len(id2label))]
+    settings = dict(
+        vision_config=DenseClipResNetConfig(
+            layers=[1, 1, 1, 1], width=16, attention_pool_heads=8, image_size=image_size
+        ),
+        text_config=dict(
+            hidden_size=32,
+            intermediate_size=128,
+            num_hidden_layers=2,
+            num_attention_heads=2,
+            max_position_embeddings=16,
+        ),
+        projection_dim=64,
+        context_decoder_layers=1,
+        context_decoder_hidden_size=64,
+        context_decoder_heads=4,
+        fpn_channels=64,
+        id2label=id2label,
+        prompting_type=prompting_type,
+    )
+    if prompting_type != "none":
+        settings["class_token_ids"] = tokenize_class_names(
+            class_names, tokenizer, DenseClipDetectionConfig.class_name_token_length
+        )
+    if model_type == "retinanet":
+        return DenseClipRetinaNetConfig(head_channels=64, head_stacked_convs=2, anchor_octave_base_scale=2, **settings)
+    return DenseClipMaskRCNNConfig(
+        rpn_channels=64,
+        box_head_fc_channels=128,
+        mask_head_channels=32,
+        mask_head_convs=2,
+        rcnn_sampler_num=128,
+        rpn_anchor_scales=[4],
+        **settings,
+    )
+
+
+def load_detection_model(
+    model_name_or_path: str | None,
+    model_type: str,
+    id2label: dict[int, str],
+    prompting_type: str = "post_model",
+    image_size: int = 1344,
+) -> DenseClipDetectionPreTrainedModel:
+    """The detector to train (`model_type` of [`DETECTOR_CLASSES`]): a random [`offline_detection_config`] model (no
+    path; a RetinaNet's classifier bias at the [`FOCAL_PRIOR_PROBABILITY`] prior), a detector on CLIP weights (an
+    OpenAI `RN50.pt` / `RN101.pt` file or a transformers CLIP folder; class names from `id2label`, the positional grid
+    resized once to `image_size` as the authors' `init_weights` does), or a DenseCLIP detection checkpoint of that
+    type (its classes must be `id2label`'s)."""
+    if model_type not in DETECTOR_CLASSES:
+        raise ValueError(f"Unknown detector {model_type!r}: pass one of {list(DETECTOR_CLASSES)}.")
+    model_class = DETECTOR_CLASSES[model_type]
+    if model_name_or_path is None:
+        model = model_class(offline_detection_config(model_type, id2label, prompting_type, image_size))
+        if model_type == "retinanet":  # mmdet's configured focal-loss prior (the authors' train.py skipped it)
+            with torch.no_grad():
+                model.head.classifier.bias.fill_(-math.log((1 - FOCAL_PRIOR_PROBABILITY) / FOCAL_PRIOR_PROBABILITY))
+        return model
+    if not os.path.isfile(model_name_or_path):
+        try:
+            checkpoint_type = AutoConfig.from_pretrained(model_name_or_path).model_type
+        except OSError as error:
+            raise ValueError(
+                f"Could not load {model_name_or_path!r} ({error}). Without network access, leave out "
+                "--model_name_or_path to train a small random-weight detector, or pass a local file or folder."
+            ) from error
+        if checkpoint_type in (DenseClipRetinaNetConfig.model_type, DenseClipMaskRCNNConfig.model_type):
+            model = model_class.from_pretrained(model_name_or_path)
+            if model.config.model_type != model_class.config_class.model_type:
+                raise ValueError(
+                    f"{model_name_or_path} is a {model.config.model_type!r} checkpoint but --model_type is "
+                    f"{model_type!r}: pass the matching --model_type (or recipe)."
+                )
+            checkpoint_labels = [model.config.id2label[label] for label in range(model.config.num_labels)]
+            if checkpoint_labels != [id2label[label] for label in range(len(id2label))]:
+                raise ValueError(
+                    f"{model_name_or_path} detects {len(checkpoint_labels)} classes {checkpoint_labels[:5]}... but "
+                    f"the dataset has {len(id2label)}: fine-tune from its CLIP checkpoint instead."
+                )
+            return model
+        if checkpoint_type != "clip":
+            raise ValueError(
+                f"{model_name_or_path} is a {checkpoint_type!r} model: pass a CLIP checkpoint (RN50.pt, a CLIP "
+                "folder) or a DenseCLIP detection checkpoint."
+            )
+    model = model_class.from_clip_pretrained(model_name_or_path, id2label=id2label, prompting_type=prompting_type)
+    model.resize_position_embeddings(image_size)
+    return model
+
+
 def sync_batchnorm_devices() -> tuple[str, ...]:
     """The device types on which torch's `SyncBatchNorm` synchronizes (it raises on others, CPU included)."""
     return ("cuda", "hpu", "xpu", torch._C._get_privateuse1_backend_name())
@@ -180,8 +310,12 @@ def convert_batchnorm_for_launch(
 
 
 __all__ = [
+    "DETECTOR_CLASSES",
     "convert_batchnorm_for_launch",
+    "detection_input_size",
+    "load_detection_model",
     "load_model",
+    "offline_detection_config",
     "offline_model_config",
     "sync_batchnorm_devices",
     "uses_sync_batchnorm",

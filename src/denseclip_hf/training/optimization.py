@@ -8,7 +8,7 @@ Model internals are reached only through `model.base_model.image_encoder` (the p
 
 import math
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -93,19 +93,24 @@ def parameter_groups(
 ) -> list[dict]:
     """AdamW parameter groups of the paper's recipe, from the trainable (`requires_grad`) parameters only.
 
-    The frozen text encoder gets no group, hence no optimizer state (the authors' lr_mult 0). Each group holds `lr`,
-    `weight_decay` and `lr_multiplier`: the image encoder (`model.base_model.image_encoder`, CLIP backbone and
-    pyramid, the authors' `backbone`) trains at `image_encoder_lr_multiplier * learning_rate`, all else at
-    `learning_rate`; the parameters of [`no_weight_decay_parameter_names`]`(model, weight_decay_exemptions)` at
-    weight decay 0, all else at `weight_decay`.
+    The frozen text encoder gets no group, hence no optimizer state (the authors' lr_mult 0); a text encoder made
+    trainable (`requires_grad`, to take gradients as the authors' detection training does for its gradient clipping)
+    gets learning rate 0 (`lr_multiplier` 0), so that it stays unchanged. Each group holds `lr`, `weight_decay` and
+    `lr_multiplier`: the image encoder (`model.base_model.image_encoder`, CLIP backbone and pyramid, the authors'
+    `backbone`) trains at `image_encoder_lr_multiplier * learning_rate`, all else at `learning_rate`; the parameters
+    of [`no_weight_decay_parameter_names`]`(model, weight_decay_exemptions)` at weight decay 0, all else at
+    `weight_decay`.
     """
     no_decay = no_weight_decay_parameter_names(model, weight_decay_exemptions)
     image_encoder = {id(parameter) for parameter in model.base_model.image_encoder.parameters()}
+    text_encoder = model.base_model.text_encoder
+    text_tower = {id(parameter) for parameter in text_encoder.parameters()} if text_encoder is not None else set()
     groups: dict[tuple[float, bool], dict] = {}
     for name, parameter in model.named_parameters():
         if not parameter.requires_grad:
             continue
         multiplier = image_encoder_lr_multiplier if id(parameter) in image_encoder else 1.0
+        multiplier = 0.0 if id(parameter) in text_tower else multiplier
         decay = name not in no_decay
         group = groups.setdefault(
             (multiplier, decay),
@@ -157,9 +162,27 @@ def poly_learning_rate(
     """
     progress = min(step, num_training_steps) / num_training_steps
     lr = (base_lr - min_lr) * (1 - progress) ** power + min_lr
-    if step < num_warmup_steps:
-        lr *= 1 - (1 - step / num_warmup_steps) * (1 - warmup_ratio)
-    return lr
+    return lr * warmup_factor(step, num_warmup_steps, warmup_ratio)
+
+
+def warmup_factor(step: int, num_warmup_steps: int, warmup_ratio: float) -> float:
+    """mmcv's linear warmup: `1 - (1 - step / num_warmup_steps) * (1 - warmup_ratio)` during the first
+    `num_warmup_steps` steps (0-based `step`), 1 after."""
+    if step >= num_warmup_steps:
+        return 1.0
+    return 1 - (1 - step / num_warmup_steps) * (1 - warmup_ratio)
+
+
+def schedule_from_rule(optimizer: torch.optim.Optimizer, rule: Callable[[int, float], float]) -> LambdaLR:
+    """A `LambdaLR` that gives each parameter group the learning rate `rule(step, initial_lr)` at optimizer step
+    `step` (0-based; call `step()` once per optimizer step); groups at learning rate 0 stay at 0."""
+
+    def factor(base_lr: float):
+        if base_lr == 0:
+            return lambda step: 0.0
+        return lambda step: rule(step, base_lr) / base_lr
+
+    return LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
 
 
 def poly_schedule_with_warmup(
@@ -172,16 +195,48 @@ def poly_schedule_with_warmup(
 ) -> LambdaLR:
     """A `LambdaLR` that gives every parameter group the [`poly_learning_rate`] of its initial learning rate; call
     `step()` once per optimizer step. All groups decay to the same absolute `min_lr`, as in mmcv."""
+    return schedule_from_rule(
+        optimizer,
+        lambda step, base_lr: poly_learning_rate(
+            step, base_lr, num_training_steps, power, min_lr, num_warmup_steps, warmup_ratio
+        ),
+    )
 
-    def factor(base_lr: float):
-        if base_lr == 0:
-            return lambda step: 0.0
-        return lambda step: (
-            poly_learning_rate(step, base_lr, num_training_steps, power, min_lr, num_warmup_steps, warmup_ratio)
-            / base_lr
-        )
 
-    return LambdaLR(optimizer, [factor(group["lr"]) for group in optimizer.param_groups])
+def step_learning_rate(
+    step: int,
+    base_lr: float,
+    steps_per_epoch: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    num_warmup_steps: int = 0,
+    warmup_ratio: float = 0.001,
+) -> float:
+    """Learning rate of optimizer step `step` (0-based) under mmcv's `StepLrUpdaterHook` (`by_epoch=True`) with
+    linear warmup by iteration, the authors' detection schedule: in epoch `e = step // steps_per_epoch` (0-based)
+    `base_lr * gamma ** #{m in milestones: m <= e}`, times [`warmup_factor`] during the first `num_warmup_steps`
+    steps. The authors' `step=[8, 11]` of 12 epochs: x0.1 from the 9th epoch, x0.01 in the 12th."""
+    epoch = step // steps_per_epoch
+    decayed = base_lr * gamma ** sum(milestone <= epoch for milestone in milestones)
+    return decayed * warmup_factor(step, num_warmup_steps, warmup_ratio)
+
+
+def step_schedule_with_warmup(
+    optimizer: torch.optim.Optimizer,
+    steps_per_epoch: int,
+    milestones: Sequence[int],
+    gamma: float = 0.1,
+    num_warmup_steps: int = 0,
+    warmup_ratio: float = 0.001,
+) -> LambdaLR:
+    """A `LambdaLR` that gives every parameter group the [`step_learning_rate`] of its initial learning rate; call
+    `step()` once per optimizer step."""
+    return schedule_from_rule(
+        optimizer,
+        lambda step, base_lr: step_learning_rate(
+            step, base_lr, steps_per_epoch, milestones, gamma, num_warmup_steps, warmup_ratio
+        ),
+    )
 
 
 def num_update_steps_per_epoch(num_batches: int, gradient_accumulation_steps: int) -> int:
@@ -197,4 +252,8 @@ __all__ = [
     "parameter_groups",
     "poly_learning_rate",
     "poly_schedule_with_warmup",
+    "schedule_from_rule",
+    "step_learning_rate",
+    "step_schedule_with_warmup",
+    "warmup_factor",
 ]

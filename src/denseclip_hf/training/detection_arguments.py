@@ -1,0 +1,285 @@
+"""Command-line arguments of `examples/train_det.py`: one dataclass per concern, parsed together by `HfArgumentParser`.
+
+| dataclass | what it holds |
+|---|---|
+| [`DetectionModelArguments`] | the checkpoint, the detector (RetinaNet / Mask R-CNN), DenseCLIP or CLIP |
+| `DetectionDataArguments` | the dataset: a COCO folder, a Hub dataset, or the synthetic scenes (`detection_data`) |
+| [`DetectionOptimizationArguments`] | `--recipe`; optimizer, schedule, clipping, steps, batches, seed |
+| [`DetectionAugmentationArguments`] | the keep-ratio resize and the horizontal flip |
+| `CheckpointArguments`, `TrackingArguments`, `HubArguments` | as `examples/train_seg.py` (`arguments.py`) |
+
+Settings left `None` take the value of the recipe (`recipes.DETECTION_RECIPES`), as for segmentation.
+"""
+
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import ClassVar
+
+from transformers import HfArgumentParser
+
+from .arguments import (
+    CheckpointArguments,
+    HubArguments,
+    TrackingArguments,
+    _check_positive,
+    _help,
+    apply_recipe,
+    choice_metadata,
+    gradient_accumulation_steps,
+)
+from .detection_data import DetectionDataArguments
+from .optimization import WEIGHT_DECAY_EXEMPTIONS
+from .recipes import (
+    DETECTION_RECIPE_SETTINGS,
+    DETECTION_RECIPES,
+    default_detection_recipe_name,
+    detection_recipes_help,
+)
+
+# `--model_type`: the detectors.
+DETECTION_MODEL_TYPES = {
+    "retinanet": "DenseClipForObjectDetection, RetinaNet (paper Table 3)",
+    "maskrcnn": "DenseClipForInstanceSegmentation, Mask R-CNN with instance masks (paper Table 4)",
+}
+# `--prompting_type` of a detector: DenseCLIP's post-model prompting, or the CLIP baseline without text.
+DETECTION_PROMPTING_TYPES = {
+    "post_model": "DenseCLIP: the score map of the prompted class text embeddings joins C5, with the Eq. 8 loss",
+    "none": "the CLIP baseline: the CLIP ResNet fine-tuned under the detector, no text",
+}
+
+
+@dataclass
+class DetectionModelArguments:
+    """The detector to train."""
+
+    _argument_group_name = "model"
+
+    model_name_or_path: str | None = field(
+        default=None,
+        metadata=_help(
+            "An OpenAI CLIP ResNet checkpoint file (RN50.pt, RN101.pt: the authors' start), a transformers CLIP "
+            "folder or Hub id, or a DenseCLIP detection checkpoint (fine-tuning). Default: a small detector with "
+            "RANDOM weights (works offline)."
+        ),
+    )
+    model_type: str | None = field(
+        default=None, metadata=choice_metadata("The detector (default: the recipe's)", DETECTION_MODEL_TYPES)
+    )
+    prompting_type: str | None = field(
+        default=None,
+        metadata=choice_metadata("DenseCLIP or the CLIP baseline (default: the recipe's)", DETECTION_PROMPTING_TYPES),
+    )
+
+
+@dataclass
+class DetectionOptimizationArguments:
+    """The recipe and the settings of the optimization it presets: optimizer, schedule, clipping, steps, batches."""
+
+    _argument_group_name = "recipe and optimization"
+
+    recipe: str | None = field(
+        default=None, metadata={"help": detection_recipes_help(), "choices": list(DETECTION_RECIPES)}
+    )
+    learning_rate: float | None = field(
+        default=None, metadata=_help("AdamW learning rate (authors: 1e-4 RetinaNet, 2e-4 Mask R-CNN).")
+    )
+    weight_decay: float | None = field(default=None, metadata=_help("AdamW weight decay (authors: 1e-4)."))
+    image_encoder_lr_multiplier: float | None = field(
+        default=None, metadata=_help("Learning-rate factor of the image encoder (authors: 0.1).")
+    )
+    weight_decay_exemptions: str | None = field(
+        default=None,
+        metadata=choice_metadata(
+            "Parameters trained without weight decay",
+            {name: exemption.description for name, exemption in WEIGHT_DECAY_EXEMPTIONS.items()},
+        ),
+    )
+    sync_batchnorm: bool = field(
+        default=True,
+        metadata=_help("With more than one process on GPUs, BatchNorm becomes SyncBatchNorm, as the authors' "
+        "train.py does; --no_sync_batchnorm keeps per-process statistics."),
+    )  # fmt: skip
+    num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps (authors: 500)."))
+    warmup_ratio: float | None = field(
+        default=None, metadata=_help("Learning-rate factor at the start of the warmup (authors: 0.001).")
+    )
+    lr_milestones: list[int] | None = field(
+        default=None,
+        metadata=_help("Epochs (0-based) from which the learning rate drops by --lr_decay (authors: 8 11)."),
+    )
+    lr_decay: float | None = field(default=None, metadata=_help("Factor of each learning-rate step (authors: 0.1)."))
+    max_grad_norm: float | None = field(
+        default=None, metadata=_help("Clip the gradients' global L2 norm to this (authors: 0.1); 0: no clipping.")
+    )
+    clip_text_encoder_gradients: bool | None = field(
+        default=None,
+        metadata=_help("Let the CLIP text tower take gradients (at learning rate 0, so it stays unchanged) so that "
+        "they count in the clipped norm, as in the authors' training; slower. Default: the recipe's (no: the tower "
+        "is frozen and the clip covers the trained parameters)."),
+    )  # fmt: skip
+    max_train_steps: int | None = field(
+        default=None, metadata=_help("Optimizer steps; replaces --num_train_epochs when given.")
+    )
+    num_train_epochs: int | None = field(default=None, metadata=_help("Epochs (authors: 12)."))
+    total_train_batch_size: int | None = field(
+        default=None,
+        metadata=_help("Global batch (authors: 16); sets --gradient_accumulation_steps from the device batch and the "
+        "number of processes."),
+    )  # fmt: skip
+    per_device_train_batch_size: int | None = field(default=None, metadata=_help("Batch per device (authors: 2)."))
+    per_device_eval_batch_size: int | None = field(default=None, metadata=_help("Validation batch per device."))
+    gradient_accumulation_steps: int | None = field(
+        default=None, metadata=_help("Batches per optimizer step; default: from --total_train_batch_size.")
+    )
+    eval_steps: int | None = field(default=None, metadata=_help("Validate every N steps (and always at the end)."))
+    dataloader_num_workers: int | None = field(default=None, metadata=_help("Data loading worker processes."))
+    seed: int = field(default=42, metadata=_help("Seed of initialization, shuffling, flips, samplers and dropout."))
+
+    def validate(self) -> None:
+        """Checks the settings once the recipe has filled them."""
+        positive = (
+            "learning_rate", "max_train_steps", "num_train_epochs", "per_device_train_batch_size",
+            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size", "eval_steps",
+            "lr_decay",
+        )  # fmt: skip
+        _check_positive(self, positive)
+        for name in ("weight_decay", "image_encoder_lr_multiplier", "num_warmup_steps", "dataloader_num_workers"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        if self.max_grad_norm is not None and self.max_grad_norm < 0:
+            raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
+        if not 0 < self.warmup_ratio <= 1:
+            raise ValueError(f"--warmup_ratio must be in (0, 1], got {self.warmup_ratio}.")
+        if any(milestone < 0 for milestone in self.lr_milestones) or self.lr_milestones != sorted(self.lr_milestones):
+            raise ValueError(f"--lr_milestones takes increasing epochs >= 0, got {self.lr_milestones}.")
+        if self.max_train_steps is not None and self.num_warmup_steps >= self.max_train_steps:
+            raise ValueError(
+                f"--num_warmup_steps ({self.num_warmup_steps}) must be smaller than --max_train_steps "
+                f"({self.max_train_steps}): pass a shorter warmup for a short run."
+            )
+
+    @property
+    def clips_gradients(self) -> bool:
+        """Whether the run clips the gradients' norm (`--max_grad_norm` set and > 0)."""
+        return bool(self.max_grad_norm)
+
+    def resolve_gradient_accumulation_steps(self, num_processes: int) -> int:
+        """Batches per optimizer step: `--gradient_accumulation_steps`, else from `--total_train_batch_size`."""
+        return gradient_accumulation_steps(
+            self.total_train_batch_size,
+            self.per_device_train_batch_size,
+            self.gradient_accumulation_steps,
+            num_processes,
+        )
+
+
+@dataclass
+class DetectionAugmentationArguments:
+    """The authors' training transform: keep-ratio resize (also used for validation) and horizontal flip."""
+
+    _argument_group_name = "augmentation"
+
+    image_scale: list[int] | None = field(
+        default=None,
+        metadata=_help("LONG SHORT: keep-ratio resize bounds, training and validation (authors: 1333 800)."),
+    )
+    flip_probability: float | None = field(
+        default=None, metadata=_help("Probability of a horizontal flip of a training image (authors: 0.5).")
+    )
+
+    def validate(self) -> None:
+        """Checks the settings once the recipe has filled them."""
+        if len(self.image_scale) != 2 or min(self.image_scale) <= 0:
+            raise ValueError(f"--image_scale takes two positive sizes LONG SHORT, got {self.image_scale}.")
+        if not 0 <= self.flip_probability <= 1:
+            raise ValueError(f"--flip_probability must be in [0, 1], got {self.flip_probability}.")
+
+
+@dataclass
+class DetectionTrainingArguments:
+    """All arguments of `examples/train_det.py`, one dataclass per concern, completed from the detection recipe.
+
+    On creation: chooses the recipe (`--recipe`, else [`default_detection_recipe_name`]), fills every setting left
+    `None` from it, defaults `output_dir` to `outputs/denseclip-det-<recipe>` and checks the values.
+    """
+
+    # The task in tracker logs, launch errors and the random-weights notice (see `loop.TrainingTask`).
+    tracker_project: ClassVar[str] = "denseclip_object_detection"
+    script: ClassVar[str] = "examples/train_det.py"
+    clip_example: ClassVar[str] = "RN50.pt --recipe coco-retinanet-denseclip-rn50 --coco_dir data/coco"
+
+    model: DetectionModelArguments = field(default_factory=DetectionModelArguments)
+    data: DetectionDataArguments = field(default_factory=DetectionDataArguments)
+    optimization: DetectionOptimizationArguments = field(default_factory=DetectionOptimizationArguments)
+    augmentation: DetectionAugmentationArguments = field(default_factory=DetectionAugmentationArguments)
+    checkpoints: CheckpointArguments = field(default_factory=CheckpointArguments)
+    tracking: TrackingArguments = field(default_factory=TrackingArguments)
+    hub: HubArguments = field(default_factory=HubArguments)
+
+    def __post_init__(self):
+        if self.optimization.recipe is None:
+            self.optimization.recipe = default_detection_recipe_name(self.data.source != "synthetic")
+        recipe = DETECTION_RECIPES[self.optimization.recipe]
+        apply_recipe(self, recipe, DETECTION_RECIPE_SETTING_GROUPS)
+        if self.checkpoints.output_dir is None:
+            self.checkpoints.output_dir = f"outputs/denseclip-det-{self.optimization.recipe}"
+        self.optimization.validate()
+        self.augmentation.validate()
+        self.checkpoints.validate()
+
+    def make_task(self):
+        """The detection parts of the training loop (`detection_task.DetectionTask`)."""
+        from .detection_task import DetectionTask  # the task imports these arguments
+
+        return DetectionTask(self)
+
+    @property
+    def groups(self) -> tuple:
+        """The dataclass instance of each concern, in the order of [`DETECTION_ARGUMENT_GROUPS`]."""
+        return tuple(getattr(self, group.name) for group in fields(self))
+
+    @property
+    def hub_repo_id(self) -> str:
+        """The Hub repository of the trained model: `--hub_model_id`, else the name of the output folder."""
+        return self.hub.hub_model_id or Path(self.checkpoints.output_dir).absolute().name
+
+    def to_flat_dict(self) -> dict:
+        """Every flag and its value, `{"learning_rate": 1e-4, ...}` (for trackers)."""
+        return {name: value for group in self.groups for name, value in vars(group).items()}
+
+
+# The dataclass of each concern, in the order of the command line (and of `--help`).
+DETECTION_ARGUMENT_GROUPS = tuple(group.type for group in fields(DetectionTrainingArguments))
+# Which group holds each detection recipe setting.
+DETECTION_RECIPE_SETTING_GROUPS = {
+    name: group.name
+    for group in fields(DetectionTrainingArguments)
+    for name in (setting.name for setting in fields(group.type))
+    if name in DETECTION_RECIPE_SETTINGS
+}
+
+
+def parse_detection_training_args(argv: list[str] | None = None) -> DetectionTrainingArguments:
+    """Parses `argv` (default: `sys.argv[1:]`); invalid arguments exit with the usage and a clear message."""
+    parser = HfArgumentParser(
+        DETECTION_ARGUMENT_GROUPS, description="Train a DenseCLIP detector (RetinaNet, Mask R-CNN)."
+    )
+    try:
+        groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+        return DetectionTrainingArguments(*groups)
+    except ValueError as error:
+        parser.error(str(error))
+
+
+__all__ = [
+    "DETECTION_ARGUMENT_GROUPS",
+    "DETECTION_MODEL_TYPES",
+    "DETECTION_PROMPTING_TYPES",
+    "DETECTION_RECIPE_SETTING_GROUPS",
+    "DetectionAugmentationArguments",
+    "DetectionModelArguments",
+    "DetectionOptimizationArguments",
+    "DetectionTrainingArguments",
+    "parse_detection_training_args",
+]
