@@ -34,11 +34,13 @@ import torch
 from accelerate import Accelerator
 from accelerate.utils import extract_model_from_parallel, gather_object
 from datasets import Dataset
+from PIL import Image
 from tqdm.auto import tqdm
 
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from ..modeling_denseclip_detection import DenseClipForInstanceSegmentation
 from ..synthetic import encode_mask
+from ..visualization import detection_grid, palette_for
 from .evaluation import share_main_process_buffers
 
 IOU_TYPES = ("bbox", "segm")
@@ -269,7 +271,40 @@ def ground_truth_of(dataset: Dataset, annotation_file: str | os.PathLike | None)
     return dataset if annotation_file is None else json.loads(Path(annotation_file).read_text())
 
 
+def _above(detection: dict, threshold: float) -> dict:
+    keep = detection["scores"] > threshold
+    return {name: value[keep] for name, value in detection.items()}
+
+
+def _ground_truth_drawing(example: dict) -> dict:
+    """An example's objects as `draw_detections` takes them: boxes `(x1, y1, x2, y2)`, labels, decoded masks."""
+    from pycocotools import mask as mask_utils
+
+    objects = example["objects"]
+    boxes = [[x, y, x + w, y + h] for x, y, w, h in objects["bbox"]]
+    segmentations = objects["segmentation"]
+    masks = None
+    if segmentations and all(segmentation is not None for segmentation in segmentations):
+        masks = [mask_utils.decode(dict(segmentation)) for segmentation in segmentations]
+    return {"boxes": boxes, "labels": objects["category"], "masks": masks}
+
+
+def detection_picture(
+    examples: Sequence[dict], detections: Sequence[dict], config: Any, threshold: float
+) -> Image.Image:
+    """The prediction picture of the evaluation job and of training runs: each example's image with its ground truth
+    beside the detections scoring above `threshold` (`predict_detections`' outputs), in the model's class colours."""
+    return detection_grid(
+        [example["image"] for example in examples],
+        [_above(detection, threshold) for detection in detections],
+        config.id2label,
+        ground_truths=[_ground_truth_drawing(example) for example in examples],
+        palette=palette_for(config),
+    )
+
+
 __all__ = [
+    "detection_picture",
     "IOU_TYPES",
     "coco_ground_truth",
     "coco_metrics",

@@ -27,12 +27,13 @@ from ..configuration_denseclip_detection import DenseClipMaskRCNNConfig, DenseCl
 from ..file_utils import write_text_atomically
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from ..modeling_denseclip_detection import DenseClipForInstanceSegmentation, DenseClipForObjectDetection
-from ..visualization import detection_grid, palette_for, save_figure
+from ..visualization import save_figure
 from .detection_data import DetectionDataArguments
 from .detection_evaluation import (
     METRIC_SUFFIXES,
     coco_metrics,
     default_iou_types,
+    detection_picture,
     detection_results,
     ground_truth_of,
     predict_detections,
@@ -235,34 +236,9 @@ def _write_outputs(summary, metrics, results, model, processor, data, args, acce
         examples = list(data.validation.select(range(count)))
         with accelerator.autocast():
             detections = predict_detections(model, processor, [example["image"] for example in examples])
-        shown = [_above(detection, args.picture.visualization_threshold) for detection in detections]
-        picture = detection_grid(
-            [example["image"] for example in examples],
-            shown,
-            model.config.id2label,
-            ground_truths=[_ground_truth_drawing(example) for example in examples],
-            palette=palette_for(model.config),
-        )
+        picture = detection_picture(examples, detections, model.config, args.picture.visualization_threshold)
         save_figure(picture, output_dir / PICTURE_NAME)
     logger.info(f"Wrote the results to {output_dir}")
-
-
-def _above(detection: dict, threshold: float) -> dict:
-    keep = detection["scores"] > threshold
-    return {name: value[keep] for name, value in detection.items()}
-
-
-def _ground_truth_drawing(example: dict) -> dict:
-    """An example's objects as `draw_detections` takes them: boxes `(x1, y1, x2, y2)`, labels, decoded masks."""
-    from pycocotools import mask as mask_utils
-
-    objects = example["objects"]
-    boxes = [[x, y, x + w, y + h] for x, y, w, h in objects["bbox"]]
-    segmentations = objects["segmentation"]
-    masks = None
-    if segmentations and all(segmentation is not None for segmentation in segmentations):
-        masks = [mask_utils.decode(dict(segmentation)) for segmentation in segmentations]
-    return {"boxes": boxes, "labels": objects["category"], "masks": masks}
 
 
 __all__ = [

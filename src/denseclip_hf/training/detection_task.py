@@ -20,12 +20,11 @@ from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
-from ..visualization import detection_grid, palette_for
 from .detection_arguments import DetectionTrainingArguments
 from .detection_batches import DetectionAugmentation, detection_training_dataloader
 from .detection_data import DetectionData, coco_annotations
-from .detection_evaluation import evaluate_detection, predict_detections
-from .detection_evaluation_job import _above, _ground_truth_drawing, format_detection_metrics
+from .detection_evaluation import detection_picture, evaluate_detection, predict_detections
+from .detection_evaluation_job import format_detection_metrics
 from .loop import TrainingRun
 from .model_card import write_detection_model_card
 from .model_loading import convert_batchnorm_for_launch, detection_input_size, load_detection_model
@@ -165,13 +164,7 @@ class DetectionTask:
         config = accelerator.unwrap_model(run.model).config
 
         def write(folder: Path) -> None:
-            picture = detection_grid(
-                images,
-                [_above(detection, VISUALIZATION_THRESHOLD) for detection in detections],
-                config.id2label,
-                ground_truths=[_ground_truth_drawing(example) for example in examples],
-                palette=palette_for(config),
-            )
+            picture = detection_picture(examples, detections, config, VISUALIZATION_THRESHOLD)
             picture.save(folder / "validation_predictions.png")
             write_detection_model_card(folder, config, results, self.args)
 
