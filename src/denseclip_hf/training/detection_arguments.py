@@ -3,7 +3,7 @@
 | dataclass | what it holds |
 |---|---|
 | [`DetectionModelArguments`] | the checkpoint, the detector (RetinaNet / Mask R-CNN), DenseCLIP or CLIP |
-| `DetectionDataArguments` | the dataset: a COCO folder, a Hub dataset, or the synthetic scenes (`detection_data`) |
+| `DetectionTrainingDataArguments` | the dataset: a COCO folder, a Hub dataset or synthetic scenes |
 | [`DetectionOptimizationArguments`] | `--recipe`; optimizer, schedule, clipping, steps, batches, seed |
 | [`DetectionAugmentationArguments`] | the keep-ratio resize and the horizontal flip |
 | `CheckpointArguments`, `TrackingArguments`, `HubArguments` | as `examples/train_seg.py` (`arguments.py`) |
@@ -28,7 +28,7 @@ from .arguments import (
     choice_metadata,
     gradient_accumulation_steps,
 )
-from .detection_data import DetectionDataArguments
+from .detection_data import DetectionTrainingDataArguments
 from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import (
     DETECTION_RECIPE_SETTINGS,
@@ -210,7 +210,7 @@ class DetectionTrainingArguments:
     clip_example: ClassVar[str] = "RN50.pt --recipe coco-retinanet-denseclip-rn50 --coco_dir data/coco"
 
     model: DetectionModelArguments = field(default_factory=DetectionModelArguments)
-    data: DetectionDataArguments = field(default_factory=DetectionDataArguments)
+    data: DetectionTrainingDataArguments = field(default_factory=DetectionTrainingDataArguments)
     optimization: DetectionOptimizationArguments = field(default_factory=DetectionOptimizationArguments)
     augmentation: DetectionAugmentationArguments = field(default_factory=DetectionAugmentationArguments)
     checkpoints: CheckpointArguments = field(default_factory=CheckpointArguments)
