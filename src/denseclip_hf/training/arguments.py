@@ -18,7 +18,7 @@ that other scripts (evaluation) take the same dataset flags by adding it to thei
 import sys
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import ClassVar
+from typing import Any, ClassVar
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
 from transformers import HfArgumentParser
@@ -418,8 +418,39 @@ def gradient_accumulation_steps(
     return steps
 
 
+class TrainingArgumentGroups:
+    """What the arguments of every training script share: one dataclass field per concern (`groups`), the Hub
+    repository of the trained model and the flat view for trackers. Subclasses are dataclasses whose fields are the
+    argument groups, in the order of the command line."""
+
+    @property
+    def groups(self) -> tuple:
+        """The dataclass instance of each concern, in the order of the command line."""
+        return tuple(getattr(self, group.name) for group in fields(self))
+
+    @property
+    def hub_repo_id(self) -> str:
+        """The Hub repository of the trained model: `--hub_model_id`, else the name of the output folder."""
+        return self.hub.hub_model_id or Path(self.checkpoints.output_dir).absolute().name
+
+    def to_flat_dict(self) -> dict:
+        """Every flag and its value, `{"learning_rate": 1e-4, ...}` (for trackers)."""
+        return {name: value for group in self.groups for name, value in vars(group).items()}
+
+
+def parse_argument_groups(container: type, description: str, argv: list[str] | None = None) -> Any:
+    """`container(*groups)` from `argv` (default: `sys.argv[1:]`), one argument group per field of the dataclass
+    `container`; invalid arguments exit with the usage and a clear message."""
+    parser = HfArgumentParser(tuple(group.type for group in fields(container)), description=description)
+    try:
+        groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
+        return container(*groups)
+    except ValueError as error:
+        parser.error(str(error))
+
+
 @dataclass
-class SegmentationTrainingArguments:
+class SegmentationTrainingArguments(TrainingArgumentGroups):
     """All arguments of `examples/train_seg.py`, one dataclass per concern, completed from the recipe.
 
     On creation: chooses the recipe (`--recipe`, else [`default_recipe_name`]), fills every setting left `None` from
@@ -455,22 +486,8 @@ class SegmentationTrainingArguments:
 
         return SegmentationTask(self)
 
-    @property
-    def groups(self) -> tuple:
-        """The dataclass instance of each concern, in the order of [`ARGUMENT_GROUPS`]."""
-        return tuple(getattr(self, group.name) for group in fields(self))
-
     def _apply_recipe(self, recipe: Recipe) -> None:
         apply_recipe(self, recipe, RECIPE_SETTING_GROUPS)
-
-    @property
-    def hub_repo_id(self) -> str:
-        """The Hub repository of the trained model: `--hub_model_id`, else the name of the output folder."""
-        return self.hub.hub_model_id or Path(self.checkpoints.output_dir).absolute().name
-
-    def to_flat_dict(self) -> dict:
-        """Every flag and its value, `{"learning_rate": 1e-4, ...}` (for trackers)."""
-        return {name: value for group in self.groups for name, value in vars(group).items()}
 
 
 # The dataclass of each concern, in the order of the command line (and of `--help`).
@@ -486,12 +503,7 @@ RECIPE_SETTING_GROUPS = {
 
 def parse_training_args(argv: list[str] | None = None) -> SegmentationTrainingArguments:
     """Parses `argv` (default: `sys.argv[1:]`); invalid arguments exit with the usage and a clear message."""
-    parser = HfArgumentParser(ARGUMENT_GROUPS, description="Train DenseCLIP for semantic segmentation.")
-    try:
-        groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        return SegmentationTrainingArguments(*groups)
-    except ValueError as error:
-        parser.error(str(error))
+    return parse_argument_groups(SegmentationTrainingArguments, "Train DenseCLIP for semantic segmentation.", argv)
 
 
 __all__ = [
@@ -504,9 +516,11 @@ __all__ = [
     "OptimizationArguments",
     "RECIPE_SETTING_GROUPS",
     "SegmentationTrainingArguments",
+    "TrainingArgumentGroups",
     "TrackingArguments",
     "apply_recipe",
     "choice_metadata",
     "gradient_accumulation_steps",
+    "parse_argument_groups",
     "parse_training_args",
 ]

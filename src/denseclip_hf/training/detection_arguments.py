@@ -11,22 +11,20 @@
 Settings left `None` take the value of the recipe (`recipes.DETECTION_RECIPES`), as for segmentation.
 """
 
-import sys
 from dataclasses import dataclass, field, fields
-from pathlib import Path
 from typing import ClassVar
-
-from transformers import HfArgumentParser
 
 from .arguments import (
     CheckpointArguments,
     HubArguments,
     TrackingArguments,
+    TrainingArgumentGroups,
     _check_positive,
     _help,
     apply_recipe,
     choice_metadata,
     gradient_accumulation_steps,
+    parse_argument_groups,
 )
 from .detection_data import DetectionTrainingDataArguments
 from .optimization import WEIGHT_DECAY_EXEMPTIONS
@@ -197,7 +195,7 @@ class DetectionAugmentationArguments:
 
 
 @dataclass
-class DetectionTrainingArguments:
+class DetectionTrainingArguments(TrainingArgumentGroups):
     """All arguments of `examples/train_det.py`, one dataclass per concern, completed from the detection recipe.
 
     On creation: chooses the recipe (`--recipe`, else [`default_detection_recipe_name`]), fills every setting left
@@ -234,20 +232,6 @@ class DetectionTrainingArguments:
 
         return DetectionTask(self)
 
-    @property
-    def groups(self) -> tuple:
-        """The dataclass instance of each concern, in the order of [`DETECTION_ARGUMENT_GROUPS`]."""
-        return tuple(getattr(self, group.name) for group in fields(self))
-
-    @property
-    def hub_repo_id(self) -> str:
-        """The Hub repository of the trained model: `--hub_model_id`, else the name of the output folder."""
-        return self.hub.hub_model_id or Path(self.checkpoints.output_dir).absolute().name
-
-    def to_flat_dict(self) -> dict:
-        """Every flag and its value, `{"learning_rate": 1e-4, ...}` (for trackers)."""
-        return {name: value for group in self.groups for name, value in vars(group).items()}
-
 
 # The dataclass of each concern, in the order of the command line (and of `--help`).
 DETECTION_ARGUMENT_GROUPS = tuple(group.type for group in fields(DetectionTrainingArguments))
@@ -262,14 +246,9 @@ DETECTION_RECIPE_SETTING_GROUPS = {
 
 def parse_detection_training_args(argv: list[str] | None = None) -> DetectionTrainingArguments:
     """Parses `argv` (default: `sys.argv[1:]`); invalid arguments exit with the usage and a clear message."""
-    parser = HfArgumentParser(
-        DETECTION_ARGUMENT_GROUPS, description="Train a DenseCLIP detector (RetinaNet, Mask R-CNN)."
+    return parse_argument_groups(
+        DetectionTrainingArguments, "Train a DenseCLIP detector (RetinaNet, Mask R-CNN).", argv
     )
-    try:
-        groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        return DetectionTrainingArguments(*groups)
-    except ValueError as error:
-        parser.error(str(error))
 
 
 __all__ = [

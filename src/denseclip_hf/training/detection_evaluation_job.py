@@ -28,6 +28,7 @@ from ..file_utils import write_text_atomically
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from ..modeling_denseclip_detection import DenseClipForInstanceSegmentation, DenseClipForObjectDetection
 from ..visualization import save_figure
+from .arguments import parse_argument_groups
 from .detection_data import DetectionDataArguments
 from .detection_evaluation import (
     METRIC_SUFFIXES,
@@ -45,7 +46,6 @@ from .evaluation_job import (
     default_output_dir,
     hub_commit_hash,
     load_evaluated_config,
-    parse_argument_groups,
 )
 from .launch import check_launch, configure_logging
 

@@ -15,7 +15,6 @@ the validation of a training run: exact confusion matrix, `gather_for_metrics`) 
 
 import json
 import os
-import sys
 import time
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
@@ -24,7 +23,7 @@ from typing import Any
 import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
-from transformers import AutoConfig, HfArgumentParser
+from transformers import AutoConfig
 from transformers.utils import CONFIG_NAME, cached_file
 from transformers.utils.hub import extract_commit_hash
 
@@ -33,7 +32,7 @@ from ..file_utils import write_text_atomically
 from ..image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from ..modeling_denseclip import DenseClipForSemanticSegmentation
 from ..visualization import palette_for, prediction_grid, save_figure
-from .arguments import DataArguments, choice_metadata
+from .arguments import DataArguments, choice_metadata, parse_argument_groups
 from .data import check_label_range, evaluation_dataloader
 from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
@@ -189,17 +188,6 @@ class SegmentationEvaluationArguments:
 
 
 EVALUATION_ARGUMENT_GROUPS = tuple(group.type for group in fields(SegmentationEvaluationArguments))
-
-
-def parse_argument_groups(container: type, description: str, argv: list[str] | None = None) -> Any:
-    """`container(*groups)` from `argv` (default: `sys.argv[1:]`), one argument group per field of the dataclass
-    `container`; invalid arguments exit with the usage and a clear message."""
-    parser = HfArgumentParser(tuple(group.type for group in fields(container)), description=description)
-    try:
-        groups = parser.parse_args_into_dataclasses(args=sys.argv[1:] if argv is None else argv)
-        return container(*groups)
-    except ValueError as error:
-        parser.error(str(error))
 
 
 def parse_evaluation_args(argv: list[str] | None = None) -> SegmentationEvaluationArguments:
@@ -421,6 +409,5 @@ __all__ = [
     "hub_commit_hash",
     "load_evaluated_config",
     "load_evaluation_processor",
-    "parse_argument_groups",
     "parse_evaluation_args",
 ]
