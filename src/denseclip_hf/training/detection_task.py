@@ -28,7 +28,7 @@ from .detection_evaluation_job import format_detection_metrics
 from .loop import TrainingRun
 from .model_card import write_detection_model_card
 from .model_loading import convert_batchnorm_for_launch, detection_input_size, load_detection_model
-from .optimization import build_optimizer, step_schedule_with_warmup
+from .optimization import step_schedule_with_warmup
 
 logger = get_logger(__name__)
 
@@ -99,17 +99,6 @@ class DetectionTask:
             optimization.dataloader_num_workers,
         )
         return train_dataloader, None
-
-    def build_optimizer(self, model: torch.nn.Module, device_type: str) -> torch.optim.AdamW:
-        optimization = self.args.optimization
-        return build_optimizer(
-            model,
-            optimization.learning_rate,
-            optimization.weight_decay,
-            optimization.image_encoder_lr_multiplier,
-            optimization.weight_decay_exemptions,
-            device_type,
-        )
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, max_train_steps: int, steps_per_epoch: int

@@ -36,7 +36,7 @@ from tqdm.auto import tqdm
 
 from .checkpointing import find_latest_checkpoint, load_checkpoint, save_checkpoint
 from .launch import check_launch, configure_logging
-from .optimization import num_update_steps_per_epoch
+from .optimization import build_optimizer, num_update_steps_per_epoch
 from .repository import STAGING_DIR_NAME, publish_repository
 
 logger = get_logger(__name__)
@@ -84,8 +84,6 @@ class TrainingTask(Protocol):
     def build_dataloaders(
         self, data: TaskData, image_processor: Any, model: torch.nn.Module
     ) -> tuple[DataLoader, DataLoader | None]: ...
-
-    def build_optimizer(self, model: torch.nn.Module, device_type: str) -> torch.optim.Optimizer: ...
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, max_train_steps: int, steps_per_epoch: int
@@ -180,7 +178,14 @@ def _prepare_run(task: TrainingTask, accelerator: Accelerator, data: TaskData) -
     model = task.build_model(data, accelerator)
     image_processor = task.build_image_processor(model)
     train_dataloader, eval_dataloader = task.build_dataloaders(data, image_processor, model)
-    optimizer = task.build_optimizer(model, accelerator.device.type)
+    optimizer = build_optimizer(  # the authors' AdamW groups, for every task
+        model,
+        optimization.learning_rate,
+        optimization.weight_decay,
+        optimization.image_encoder_lr_multiplier,
+        optimization.weight_decay_exemptions,
+        accelerator.device.type,
+    )
     if eval_dataloader is None:
         model, optimizer, train_dataloader = accelerator.prepare(model, optimizer, train_dataloader)
     else:

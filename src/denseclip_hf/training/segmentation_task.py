@@ -21,7 +21,7 @@ from .loop import TrainingRun
 from .metrics import format_metrics_table, segmentation_metrics
 from .model_card import write_model_card
 from .model_loading import convert_batchnorm_for_launch, load_model
-from .optimization import build_optimizer, poly_schedule_with_warmup
+from .optimization import poly_schedule_with_warmup
 from .transforms import SegmentationAugmentation
 
 logger = get_logger(__name__)
@@ -98,17 +98,6 @@ class SegmentationTask:
             optimization.dataloader_num_workers,
         )
         return train_dataloader, eval_dataloader
-
-    def build_optimizer(self, model: torch.nn.Module, device_type: str) -> torch.optim.AdamW:
-        optimization = self.args.optimization
-        return build_optimizer(
-            model,
-            optimization.learning_rate,
-            optimization.weight_decay,
-            optimization.image_encoder_lr_multiplier,
-            optimization.weight_decay_exemptions,
-            device_type,
-        )
 
     def build_scheduler(
         self, optimizer: torch.optim.Optimizer, max_train_steps: int, steps_per_epoch: int
