@@ -25,6 +25,16 @@ from ..modeling_denseclip_detection import (
 
 logger = logging.getLogger(__name__)
 
+# The CLIP text tower of the offline default runs' small random models (segmentation and detection): width 32,
+# 2 layers, 16 tokens, with the real CLIP vocabulary.
+OFFLINE_TEXT_CONFIG = {
+    "hidden_size": 32,
+    "intermediate_size": 128,
+    "num_hidden_layers": 2,
+    "num_attention_heads": 2,
+    "max_position_embeddings": 16,
+}
+
 
 def offline_model_config(
     id2label: dict[int, str], tokenizer: CLIPTokenizer | None = None, **overrides
@@ -37,13 +47,7 @@ def offline_model_config(
     tokenizer = tokenizer or CLIPTokenizer.from_pretrained(CLIP_TOKENIZER_PATH)
     class_names = [id2label[label] for label in range(len(id2label))]
     settings = dict(
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-        ),
+        text_config=dict(OFFLINE_TEXT_CONFIG),
         vision_config=dict(
             hidden_size=64,
             intermediate_size=256,
@@ -197,13 +201,7 @@ def offline_detection_config(
         vision_config=DenseClipResNetConfig(
             layers=[1, 1, 1, 1], width=16, attention_pool_heads=8, image_size=image_size
         ),
-        text_config=dict(
-            hidden_size=32,
-            intermediate_size=128,
-            num_hidden_layers=2,
-            num_attention_heads=2,
-            max_position_embeddings=16,
-        ),
+        text_config=dict(OFFLINE_TEXT_CONFIG),
         projection_dim=64,
         context_decoder_layers=1,
         context_decoder_hidden_size=64,
