@@ -15,6 +15,7 @@ import json
 import numpy as np
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import FIXTURES
 from test_box_ops import RETINA_ANCHORS, RPN_ANCHORS, detector
 
@@ -628,6 +629,33 @@ def test_sigmoid_losses_match_numpy(loss):
     value = loss(torch.from_numpy(logits), torch.from_numpy(labels), torch.from_numpy(weights), 7)
     expected = numpy_sigmoid_losses(logits, labels, weights, 7, focal=loss is sigmoid_focal_loss)
     assert value.item() == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("gamma, alpha", [(2.0, 0.25), (1.5, 0.6), (0.0, 0.25)])
+def test_sigmoid_focal_loss_gradient(gamma, alpha):
+    # The closed-form backward against finite differences (float64), and against autograd through mmdet's formula
+    # (float32), with saturated logits (+-30) among them.
+    generator = torch.Generator().manual_seed(11)
+    logits = torch.randn(30, 4, generator=generator, dtype=torch.float64) * 3
+    logits[0, :2] = torch.tensor([30.0, -30.0], dtype=torch.float64)
+    labels = torch.randint(0, 5, (30,), generator=generator)
+    labels[0] = 0
+    weights = torch.rand(30, generator=generator, dtype=torch.float64)
+
+    def loss(x):
+        return sigmoid_focal_loss(x, labels, weights, 3.0, gamma, alpha)
+
+    assert torch.autograd.gradcheck(loss, (logits.clone().requires_grad_(),), eps=1e-6, atol=1e-8)
+    x32 = logits.float().requires_grad_()
+    loss(x32).backward()
+    reference = logits.float().requires_grad_()
+    targets = F.one_hot(labels, 5)[:, :4].float()
+    p = reference.sigmoid()
+    pt = (1 - p) * targets + p * (1 - targets)
+    elementwise = F.binary_cross_entropy_with_logits(reference, targets, reduction="none")
+    elementwise = elementwise * (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
+    ((elementwise * weights.float().view(-1, 1)).sum() / (3.0 + FLOAT32_EPS)).backward()
+    torch.testing.assert_close(x32.grad, reference.grad, rtol=1e-5, atol=1e-7)
 
 
 def test_rpn_label_zero_is_the_foreground():
