@@ -26,7 +26,7 @@ from .detection_data import DetectionData, coco_annotations
 from .detection_evaluation import detection_picture, evaluate_detection, predict_detections
 from .detection_evaluation_job import format_detection_metrics
 from .loop import TrainingRun
-from .model_card import write_detection_model_card
+from .model_card import detection_card, write_model_card
 from .model_loading import convert_batchnorm_for_launch, detection_input_size, load_detection_model
 from .optimization import step_schedule_with_warmup
 
@@ -155,7 +155,7 @@ class DetectionTask:
         def write(folder: Path) -> None:
             picture = detection_picture(examples, detections, config, VISUALIZATION_THRESHOLD)
             picture.save(folder / "validation_predictions.png")
-            write_detection_model_card(folder, config, results, self.args)
+            write_model_card(folder, detection_card(config, results, self.args), config, results, self.args)
 
         return write
 
