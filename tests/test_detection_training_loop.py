@@ -338,3 +338,19 @@ def test_bad_arguments_exit_with_a_clear_message(flags, message, tmp_path, capsy
 def test_bad_input_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         call()
+
+
+@pytest.mark.parametrize(("model_type", "mask_threshold"), [("maskrcnn", 0.3), ("maskrcnn", 0.5), ("retinanet", None)])
+def test_the_saved_processor_holds_the_models_mask_threshold(tmp_path, model_type, mask_threshold):
+    """The processor a run saves is the authors' test pipeline at `--image_scale`, with a Mask R-CNN's
+    `config.mask_threshold` as its post-processing default (RetinaNet: the class default, unused)."""
+    args = parse_detection_training_args(["--output_dir", str(tmp_path), "--model_type", model_type])
+    model_class = DenseClipForInstanceSegmentation if model_type == "maskrcnn" else DenseClipForObjectDetection
+    config = tiny_config("maskrcnn" if model_type == "maskrcnn" else "retinanet")
+    if mask_threshold is not None:
+        config.mask_threshold = mask_threshold
+    processor = args.make_task().build_image_processor(model_class(config))
+    longest, shortest = args.augmentation.image_scale
+    assert processor.size == {"shortest_edge": shortest, "longest_edge": longest}
+    assert processor.num_labels == config.num_labels
+    assert processor.mask_threshold == (0.5 if mask_threshold is None else mask_threshold)

@@ -19,6 +19,7 @@ from accelerate.logging import get_logger
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
+from ..configuration_denseclip_detection import DenseClipMaskRCNNConfig
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from .detection_arguments import DetectionTrainingArguments
 from .detection_batches import DetectionAugmentation, detection_training_dataloader
@@ -74,9 +75,12 @@ class DetectionTask:
         )
 
     def build_image_processor(self, model: torch.nn.Module) -> DenseClipDetectionImageProcessor:
+        """The authors' test pipeline at `--image_scale`, with the model's classes and (Mask R-CNN) mask threshold."""
         longest, shortest = self.args.augmentation.image_scale
+        config = model.config
+        settings = {"mask_threshold": config.mask_threshold} if isinstance(config, DenseClipMaskRCNNConfig) else {}
         return DenseClipDetectionImageProcessor(
-            size={"shortest_edge": shortest, "longest_edge": longest}, num_labels=model.config.num_labels
+            size={"shortest_edge": shortest, "longest_edge": longest}, num_labels=config.num_labels, **settings
         )
 
     def build_dataloaders(
