@@ -88,6 +88,9 @@ class DenseClipDetectionConfig(DenseClipConfig):
     """
 
     model_type = "denseclip_detection"
+    # The authors' detection backbone resizes CLIP's positional embedding to its `input_resolution` (1344) when it
+    # loads the CLIP weights: `from_clip_pretrained` does the same.
+    clip_position_embedding_size = AUTHORS_DETECTION_IMAGE_SIZE
     sub_configs_defaults = {
         "text_config": CLIPTextConfig,
         "vision_config": VisionConfigSpec(
