@@ -50,7 +50,8 @@ def test_recipe_defaults_and_overrides(tmp_path):
         1500,
     )
     assert optimization.loss_reduction == "mean_all_pixels"
-    assert (paper.checkpoints.checkpointing_steps, optimization.eval_steps) == ("8000", 8_000)
+    assert (paper.checkpoints.checkpointing_steps, optimization.eval_steps) == ("8000", "8000")
+    assert optimization.resolve_eval_steps(steps_per_epoch=633) == 8_000
     assert optimization.resolve_gradient_accumulation_steps(num_processes=8) == 1
     assert optimization.resolve_gradient_accumulation_steps(num_processes=2) == 4
     epochs = parse_training_args(

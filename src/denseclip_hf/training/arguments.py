@@ -63,6 +63,13 @@ def choice_metadata(text: str, choices: dict[str, str]) -> dict:
     return {"help": f"{text}. {describe_choices(choices)}.", "choices": list(choices)}
 
 
+def check_interval(value: str | None, flag: str) -> None:
+    """A `ValueError` unless `value` (of `--checkpointing_steps`, `--eval_steps`) is `None`, a positive number of steps
+    or `epoch`."""
+    if value is not None and value != "epoch" and not (value.isdigit() and int(value) > 0):
+        raise ValueError(f"--{flag} must be a positive number of steps or 'epoch', got {value!r}.")
+
+
 def _check_positive(arguments, names: tuple[str, ...]) -> None:
     for name in names:
         value = getattr(arguments, name)
@@ -267,7 +274,11 @@ class SharedOptimizationArguments:
     gradient_accumulation_steps: int | None = field(
         default=None, metadata=_help("Batches per optimizer step; default: from --total_train_batch_size.")
     )
-    eval_steps: int | None = field(default=None, metadata=_help("Validate every N steps (and always at the end)."))
+    eval_steps: str | None = field(
+        default=None,
+        metadata=_help("Validate every N steps, or at the end of every epoch with 'epoch' (and always at the end of "
+        "the run){authors}."),
+    )  # fmt: skip
     dataloader_num_workers: int | None = field(default=None, metadata=_help("Data loading worker processes."))
     seed: int = field(
         default=42, metadata=_help("Seed of initialization, shuffling, augmentation, samplers and dropout.")
@@ -277,9 +288,10 @@ class SharedOptimizationArguments:
         """Checks the shared settings once the recipe has filled them (a subclass checks its own after these)."""
         positive = (
             "learning_rate", "max_train_steps", "num_train_epochs", "per_device_train_batch_size",
-            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size", "eval_steps",
+            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size",
         )  # fmt: skip
         _check_positive(self, positive)
+        check_interval(self.eval_steps, "eval_steps")
         for name in ("weight_decay", "image_encoder_lr_multiplier", "num_warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
@@ -299,6 +311,14 @@ class SharedOptimizationArguments:
             self.gradient_accumulation_steps,
             num_processes,
         )
+
+    def resolve_eval_steps(self, steps_per_epoch: int) -> int | None:
+        """The step interval of the validations during training: `--eval_steps N`, or for `epoch` the optimizer steps
+        of one epoch (`steps_per_epoch`, from the dataset's length, the batch size, the processes and the
+        accumulation), so that the run validates at the end of every epoch; `None`: at the end of the run only."""
+        if self.eval_steps is None:
+            return None
+        return steps_per_epoch if self.eval_steps == "epoch" else int(self.eval_steps)
 
 
 @quote_recipe_values("paper", {"": RECIPES[DEFAULT_RECIPE_FOR_REAL_DATA]})
@@ -378,9 +398,7 @@ class CheckpointArguments:
     def validate(self) -> None:
         """Checks the settings once the recipe has filled them and `output_dir` is known."""
         _check_positive(self, ("checkpoints_total_limit",))
-        steps = self.checkpointing_steps
-        if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
-            raise ValueError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {steps!r}.")
+        check_interval(self.checkpointing_steps, "checkpointing_steps")
         resume = self.resume_from_checkpoint
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ValueError(f"--resume_from_checkpoint {resume} is neither 'latest' nor a checkpoint folder.")
@@ -596,6 +614,7 @@ __all__ = [
     "TrainingArgumentGroups",
     "TrackingArguments",
     "apply_recipe",
+    "check_interval",
     "choice_metadata",
     "gradient_accumulation_steps",
     "parse_argument_groups",
