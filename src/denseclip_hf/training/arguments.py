@@ -203,7 +203,7 @@ def quote_recipe_values(label: str, recipes: dict[str, Any]) -> Callable[[type],
     ([`SharedOptimizationArguments`]) thus quote each task's own values, from its recipes; the base keeps its marks."""
 
     def quote(name: str) -> str:
-        values = {name_: getattr(recipe, name, None) for name_, recipe in recipes.items()}
+        values = {preset: getattr(recipe, name, None) for preset, recipe in recipes.items()}
         if any(value is None for value in values.values()):
             return ""
         texts = {preset: recipe_value_text(value) for preset, value in values.items()}
