@@ -27,29 +27,51 @@ def expected_model_index(results: dict, metrics: list[tuple[str, str, str]]) -> 
     return {metric_id: round(100 * results[key], 2) for key, metric_id, _ in metrics}
 
 
-def test_segmentation_and_detection_cards_come_from_one_builder(tmp_path, monkeypatch):
-    """The builder writes what both tasks share the same way: the sections, the provenance sentence and the shared
-    training settings, whichever task supplies the rest."""
-    monkeypatch.chdir(tmp_path)
-    segmentation_args = parse_training_args(["--output_dir", "out"])
-    detection_args = parse_detection_training_args(["--output_dir", "out"])
-    segmentation_config = DenseClipConfig(id2label={0: "sky", 1: "tree"})
-    detection_config = offline_detection_config("retinanet", {0: "sky", 1: "tree"})
-    texts = [
-        model_card(segmentation_card(segmentation_config, RESULTS, segmentation_args), segmentation_config, RESULTS,
-                   segmentation_args, "someone/denseclip-test"),
-        model_card(detection_card(detection_config, {**DETECTION_RESULTS, **BOX}, detection_args), detection_config,
-                   {**DETECTION_RESULTS, **BOX}, detection_args, "someone/denseclip-test"),
-    ]  # fmt: skip
-    for text, args in zip(texts, (segmentation_args, detection_args), strict=True):
-        headings = [line for line in text.splitlines() if line.startswith("#")]
-        assert headings[1:] == ["## Validation results", "## How to use", "## Training", "## Citation"]
-        words = " ".join(text.split())
-        assert f"with `{args.script}` of `denseclip_hf`, recipe `synthetic`:" in words
-        assert f"Train with `--model_name_or_path {args.clip_example}` for a real DenseCLIP." in words
-        assert f"| learning rate (image encoder x) | {args.optimization.learning_rate} (x1.0) |" in text
-        assert "AdamW with the authors' parameter groups: the image encoder at x1.0 the learning rate" in words
-        assert "![Validation images, ground truth and predictions](validation_predictions.png)" in text
+def _segmentation_run(tmp_path):
+    args = parse_training_args(["--output_dir", str(tmp_path / "out")])
+    config = DenseClipConfig(id2label={0: "sky", 1: "tree"})
+    metrics = [("eval_mean_iou", "mean_iou"), ("eval_mean_accuracy", "mean_accuracy")]
+    return (
+        args,
+        config,
+        RESULTS,
+        segmentation_card(config, RESULTS, args),
+        metrics + [("eval_overall_accuracy", "accuracy")],
+    )
+
+
+def _detection_run(tmp_path):
+    args = parse_detection_training_args(["--output_dir", str(tmp_path / "out"), "--model_type", "maskrcnn"])
+    config = offline_detection_config("maskrcnn", {0: "sky", 1: "tree"})
+    results = {**DETECTION_RESULTS, **BOX, **MASK}
+    metrics = [
+        (f"eval_{iou_type}_{suffix}", f"{name}_{metric_id}")
+        for iou_type, name in (("bbox", "box"), ("segm", "mask"))
+        for suffix, metric_id in (("mAP", "AP"), ("mAP_50", "AP50"), ("mAP_75", "AP75"))
+    ]
+    return args, config, results, detection_card(config, results, args), metrics
+
+
+@pytest.mark.parametrize("run", [_segmentation_run, _detection_run], ids=["segmentation", "detection"])
+def test_one_builder_writes_every_tasks_card(tmp_path, run):
+    """The builder writes what the tasks share the same way (sections, provenance, shared training settings, the
+    optimizer) and the task's `TaskCard` the rest: its metrics in the `model-index` (in %, as given), its pipeline."""
+    args, config, results, task_card, metrics = run(tmp_path)
+    text = model_card(task_card, config, results, args, "someone/denseclip-test")
+    card = ModelCard(text)
+    values = {result.metric_type: result.metric_value for result in card.data.eval_results}
+    assert values == {metric_id: round(100 * results[key], 2) for key, metric_id in metrics}
+    assert card.data.pipeline_tag == task_card.pipeline_tag == "image-segmentation"
+    assert {result.task_name for result in card.data.eval_results} == {task_card.task_name}
+    headings = [line for line in text.splitlines() if line.startswith("#")]
+    assert headings[1:] == ["## Validation results", "## How to use", "## Training", "## Citation"]
+    words = " ".join(text.split())
+    assert f"with `{args.script}` of `denseclip_hf`, recipe `synthetic`:" in words
+    assert f"Train with `--model_name_or_path {args.clip_example}` for a real DenseCLIP." in words
+    assert f"| learning rate (image encoder x) | {args.optimization.learning_rate} (x1.0) |" in text
+    assert f"| steps | {results['train_steps']} |" in text and f"| seed | {args.optimization.seed} |" in text
+    assert "AdamW with the authors' parameter groups: the image encoder at x1.0 the learning rate" in words
+    assert "![Validation images, ground truth and predictions](validation_predictions.png)" in text
 
 
 @pytest.mark.parametrize(
