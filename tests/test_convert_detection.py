@@ -209,13 +209,18 @@ def test_infers_the_architecture_and_reads_the_embedded_config(folders, name):
         ),
     ],
 )
-def test_test_settings_come_from_the_embedded_config(name, test_cfg, settings):
-    model = convert_denseclip_checkpoint(authors_checkpoint(name, **test_cfg))
+def test_test_settings_come_from_the_embedded_config(tmp_path, name, test_cfg, settings):
+    model = convert_denseclip_checkpoint(authors_checkpoint(name, **test_cfg), output_dir=tmp_path)
     assert {key: getattr(model.config, key) for key in settings} == settings
     with torch.no_grad():
         outputs = model(**metas(name, 0))
     assert len(outputs.labels[0]) <= settings["max_detections"]
     assert (outputs.scores[0] > settings["score_threshold"]).all()
+    # The mask threshold is saved with the processor too, whose instance post-processing takes it by default
+    # (tests/test_image_processing_detection.py).
+    saved = json.loads((tmp_path / "preprocessor_config.json").read_text())
+    assert saved["mask_threshold"] == settings.get("mask_threshold", 0.5)
+    assert AutoImageProcessor.from_pretrained(tmp_path).mask_threshold == saved["mask_threshold"]
 
 
 def test_the_test_pipeline_comes_from_the_embedded_config(tmp_path, caplog):

@@ -241,8 +241,9 @@ def test_loads_with_trust_remote_code_without_the_package(folders, tmp_path):
 @pytest.mark.parametrize("model_class", [DenseClipForObjectDetection, DenseClipForInstanceSegmentation])
 def test_from_clip_pretrained_builds_a_detector_on_clip(model_class, tmp_path):
     """A detector on OpenAI's CLIP RN weights (a tiny one here): its config class, CLIP's towers loaded exactly, and
-    `resize_position_embeddings(1344)` makes the authors' 42 x 42 table (CLIP's grid resized bilinearly once), which
-    the forward then crops."""
+    the loading resizes CLIP's positional grid to the authors' `input_resolution` 1344, as their backbone does when
+    it loads CLIP: a 42 x 42 table (CLIP's grid resized bilinearly once), which the forward then crops.
+    `position_embedding_size` asks for another size."""
     torch.manual_seed(1)
     clip = CLIP(
         24, 64, [1, 1, 1, 1], 8, 4, context_length=16, vocab_size=49408, text_width=16, text_heads=2, text_layers=2
@@ -258,14 +259,18 @@ def test_from_clip_pretrained_builds_a_detector_on_clip(model_class, tmp_path):
     assert model.config.position_embedding_interpolation == "crop" and model.config.join_score_map_over_temperature
     vision = model.denseclip.image_encoder.vision_model
     assert torch.equal(vision.stem.layers[0].conv.weight, clip.visual.conv1.weight)
-    pool = vision.attention_pool
-    table = pool.position_embedding.detach().clone()  # CLIP's 2 x 2 grid (64 pixels) and the mean token's row
-    assert torch.equal(table, clip.visual.attnpool.positional_embedding)
-    model.resize_position_embeddings(1344)
+    table = clip.visual.attnpool.positional_embedding  # CLIP's 2 x 2 grid (64 pixels) and the mean token's row
     grid = table[1:].reshape(1, 2, 2, -1).permute(0, 3, 1, 2)
-    resized = F.interpolate(grid, size=(42, 42), mode="bilinear", align_corners=False).flatten(2)[0].T
-    assert torch.equal(pool.position_embedding[0], table[0]) and torch.equal(pool.position_embedding[1:], resized)
-    assert model.config.vision_config.image_size == 1344
+    for side, loaded in ((42, model), (10, None)):
+        if loaded is None:  # another size than the config's
+            loaded = model_class.from_clip_pretrained(
+                tmp_path / "rn.pt", {0: "person", 1: "car"}, vision_heads=4, text_heads=2, position_embedding_size=320
+            )
+        resized = F.interpolate(grid, size=(side, side), mode="bilinear", align_corners=False).flatten(2)[0].T
+        embedding = loaded.denseclip.image_encoder.vision_model.attention_pool.position_embedding
+        assert embedding.shape == (1 + side * side, table.shape[1])
+        assert torch.equal(embedding[0], table[0]) and torch.equal(embedding[1:], resized)
+        assert loaded.config.vision_config.image_size == 32 * side
     with torch.no_grad():
         outputs = model(torch.randn(1, 3, 96, 128))
     assert outputs.pred_boxes[0].shape[1] == 4 and outputs.score_map.shape == (1, 2, 3, 4)

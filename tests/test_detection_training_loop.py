@@ -305,6 +305,9 @@ def test_recipe_settings_become_flags_and_explicit_flags_win(tmp_path):
     assert args.augmentation.image_scale == [1333, 800]
     default = parse_detection_training_args(["--output_dir", str(tmp_path)])
     assert default.optimization.recipe == "synthetic" and default.model.model_type == "retinanet"
+    # The authors validate every epoch (`evaluation = dict(interval=1)`): `--eval_steps epoch`, the steps of one epoch.
+    assert args.optimization.eval_steps == "epoch" and args.optimization.resolve_eval_steps(7330) == 7330
+    assert default.optimization.eval_steps is None and default.optimization.resolve_eval_steps(25) is None
 
 
 @pytest.mark.parametrize(
@@ -317,6 +320,8 @@ def test_recipe_settings_become_flags_and_explicit_flags_win(tmp_path):
         (["--coco_dir", "/does/not/exist"], "is not a folder"),
         (["--model_type", "yolo"], "invalid choice"),
         (["--max_train_steps", "10", "--num_warmup_steps", "10"], "must be smaller than --max_train_steps"),
+        (["--eval_steps", "0"], "--eval_steps must be a positive number of steps or 'epoch'"),
+        (["--eval_steps", "epochs"], "--eval_steps must be a positive number of steps or 'epoch'"),
     ],
 )
 def test_bad_arguments_exit_with_a_clear_message(flags, message, tmp_path, capsys):
@@ -338,3 +343,19 @@ def test_bad_arguments_exit_with_a_clear_message(flags, message, tmp_path, capsy
 def test_bad_input_raises_a_clear_error(call, message):
     with pytest.raises(ValueError, match=message.replace("[", r"\[")):
         call()
+
+
+@pytest.mark.parametrize(("model_type", "mask_threshold"), [("maskrcnn", 0.3), ("maskrcnn", 0.5), ("retinanet", None)])
+def test_the_saved_processor_holds_the_models_mask_threshold(tmp_path, model_type, mask_threshold):
+    """The processor a run saves is the authors' test pipeline at `--image_scale`, with a Mask R-CNN's
+    `config.mask_threshold` as its post-processing default (RetinaNet: the class default, unused)."""
+    args = parse_detection_training_args(["--output_dir", str(tmp_path), "--model_type", model_type])
+    model_class = DenseClipForInstanceSegmentation if model_type == "maskrcnn" else DenseClipForObjectDetection
+    config = tiny_config("maskrcnn" if model_type == "maskrcnn" else "retinanet")
+    if mask_threshold is not None:
+        config.mask_threshold = mask_threshold
+    processor = args.make_task().build_image_processor(model_class(config))
+    longest, shortest = args.augmentation.image_scale
+    assert processor.size == {"shortest_edge": shortest, "longest_edge": longest}
+    assert processor.num_labels == config.num_labels
+    assert processor.mask_threshold == (0.5 if mask_threshold is None else mask_threshold)

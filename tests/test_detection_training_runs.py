@@ -27,6 +27,7 @@ from denseclip_hf import (
 from denseclip_hf.training.detection_arguments import parse_detection_training_args
 from denseclip_hf.training.detection_data import load_detection_data
 from denseclip_hf.training.detection_evaluation import evaluate_detection
+from denseclip_hf.training.detection_task import DetectionTask
 from denseclip_hf.training.loop import train
 from denseclip_hf.training.model_loading import load_detection_model
 
@@ -115,6 +116,26 @@ def test_resumed_run_ends_with_the_weights_of_an_uninterrupted_run(tmp_path, mod
     assert set(weights) == set(uninterrupted)
     assert all(torch.equal(weights[name], uninterrupted[name]) for name in weights)
     assert resumed == {**first, "train_runtime_seconds": resumed["train_runtime_seconds"]}
+
+
+def test_coco_recipe_validates_once_per_epoch(tmp_path, monkeypatch):
+    """A COCO recipe (`--eval_steps epoch`, the authors' `evaluation = dict(interval=1)`) on a tiny dataset: 2 images
+    in batches of 1 are 2 steps per epoch, so 3 epochs validate after steps 2 and 4, and at the end (step 6)."""
+    validations = []
+    validate = DetectionTask.validate
+
+    def recording_validate(self, run, step):
+        validations.append((step, run.steps_per_epoch, run.eval_steps))
+        return validate(self, run, step)
+
+    monkeypatch.setattr(DetectionTask, "validate", recording_validate)
+    argv = ["--recipe", "coco-retinanet-denseclip-rn50", "--output_dir", str(tmp_path), "--num_train_epochs", "3"]
+    argv += ["--image_scale", "256", "128", "--max_train_samples", "2", "--max_eval_samples", "1"]
+    argv += ["--per_device_train_batch_size", "1", "--total_train_batch_size", "1", "--num_warmup_steps", "1"]
+    argv += ["--dataloader_num_workers", "0", "--checkpointing_steps", "100"]
+    results = run_detection_training(argv)
+    assert results["train_steps"] == 6
+    assert validations == [(2, 2, 2), (4, 2, 2), (6, 2, 2)]
 
 
 def test_two_processes_train_and_validate_as_one(tmp_path):

@@ -13,7 +13,9 @@ from PIL import Image
 from pycocotools import mask as mask_utils
 from safetensors.numpy import load_file
 
+from denseclip_hf.configuration_denseclip_detection import DenseClipMaskRCNNConfig
 from denseclip_hf.image_processing_denseclip_detection import DenseClipDetectionImageProcessor
+from denseclip_hf.modeling_denseclip_detection import DenseClipInstanceSegmentationOutput
 
 FIXTURES = Path(__file__).parent / "fixtures"
 DETECTORS = ["retinanet", "maskrcnn"]
@@ -421,6 +423,42 @@ ANNOTATION_ERRORS = [
 def test_annotation_errors(annotations, kwargs, message):
     with pytest.raises(ValueError, match=message):
         small_processor()(random_rgb(20, 30), annotations=annotations, **kwargs)
+
+
+def test_mask_threshold_defaults_to_the_processors_saved_setting(tmp_path):
+    """`post_process_instance_segmentation(mask_threshold=None)` takes the processor's `mask_threshold` (the authors'
+    0.5 by default; a model's `config.mask_threshold` where saved so), which `preprocessor_config.json` keeps; an
+    explicit value still wins. Masks of constant probability 0.45: the whole box at 0.4, nothing at 0.5."""
+    boxes = torch.tensor([[2.0, 2.0, 8.0, 9.0]])
+    outputs = DenseClipInstanceSegmentationOutput(
+        pred_boxes=(boxes,),
+        scores=(torch.tensor([0.9]),),
+        labels=(torch.tensor([1]),),
+        frame_sizes=torch.tensor([[12, 10]]),
+        pred_masks=(torch.full((1, 28, 28), 0.45),),
+        mask_boxes=(boxes,),
+    )
+    in_box = torch.zeros(12, 10, dtype=torch.bool)
+    in_box[2:9, 2:8] = True  # the pixels whose centres lie inside the box
+
+    def masks(processor, **kwargs) -> torch.Tensor:
+        result = processor.post_process_instance_segmentation(
+            outputs, threshold=0.0, return_binary_maps=True, **kwargs
+        )
+        return result[0]["segmentation"][0]
+
+    authors = DenseClipDetectionImageProcessor()
+    assert authors.mask_threshold == DenseClipMaskRCNNConfig().mask_threshold == 0.5
+    assert not masks(authors).any() and torch.equal(masks(authors, mask_threshold=0.4), in_box)
+    DenseClipDetectionImageProcessor(mask_threshold=0.4).save_pretrained(tmp_path)
+    assert json.loads((tmp_path / "preprocessor_config.json").read_text())["mask_threshold"] == 0.4
+    loaded = DenseClipDetectionImageProcessor.from_pretrained(tmp_path)
+    assert torch.equal(masks(loaded), in_box) and not masks(loaded, mask_threshold=0.5).any()
+    for bad in (1.5, -0.1, "0.5"):
+        with pytest.raises(ValueError, match=r"mask_threshold must be a number in \[0, 1\]"):
+            DenseClipDetectionImageProcessor(mask_threshold=bad)
+        with pytest.raises(ValueError, match=r"mask_threshold must be a number in \[0, 1\]"):
+            masks(authors, mask_threshold=bad)
 
 
 SETTING_ERRORS = [

@@ -14,9 +14,12 @@ from denseclip_hf.training.arguments import (
     ARGUMENT_GROUPS,
     RECIPE_SETTING_GROUPS,
     DataArguments,
+    OptimizationArguments,
+    SharedOptimizationArguments,
     parse_training_args,
 )
 from denseclip_hf.training.data import load_segmentation_data
+from denseclip_hf.training.detection_arguments import DETECTION_ARGUMENT_GROUPS, DetectionOptimizationArguments
 from denseclip_hf.training.evaluation_job import EVALUATION_ARGUMENT_GROUPS
 from denseclip_hf.training.optimization import WEIGHT_DECAY_EXEMPTIONS
 from denseclip_hf.training.recipes import RECIPE_SETTINGS, RECIPES
@@ -47,7 +50,8 @@ def test_recipe_defaults_and_overrides(tmp_path):
         1500,
     )
     assert optimization.loss_reduction == "mean_all_pixels"
-    assert (paper.checkpoints.checkpointing_steps, optimization.eval_steps) == ("8000", 8_000)
+    assert (paper.checkpoints.checkpointing_steps, optimization.eval_steps) == ("8000", "8000")
+    assert optimization.resolve_eval_steps(steps_per_epoch=633) == 8_000
     assert optimization.resolve_gradient_accumulation_steps(num_processes=8) == 1
     assert optimization.resolve_gradient_accumulation_steps(num_processes=2) == 4
     epochs = parse_training_args(
@@ -250,3 +254,48 @@ def test_choice_flags_offer_and_explain_every_choice(parser, flag, choices):
     assert offered == list(choices)
     for name, meaning in choices.items():
         assert f"{name}: {meaning}" in text
+
+
+def test_both_scripts_share_one_optimization_base_and_quote_their_own_authors_values():
+    """The optimization settings both training scripts have are declared once (`SharedOptimizationArguments`): each
+    task's group starts with them, with the same defaults, and adds only its own settings (and its `--recipe`
+    presets). Each script's `--help` quotes its own authors' values, taken from its recipes."""
+    shared = [field.name for field in dataclasses.fields(SharedOptimizationArguments)]
+    own = {OptimizationArguments: ["lr_power", "min_learning_rate", "loss_reduction"]}
+    own[DetectionOptimizationArguments] = ["lr_milestones", "lr_decay", "max_grad_norm", "clip_text_encoder_gradients"]
+    for group, names in own.items():
+        assert issubclass(group, SharedOptimizationArguments)
+        assert [field.name for field in dataclasses.fields(group)] == shared + names
+        assert set(group.__annotations__) == {"recipe", *names}  # declared in the task: its own, and its presets
+        defaults = {field.name: field.default for field in dataclasses.fields(group) if field.name in shared}
+        assert defaults == {
+            name: (True if name == "sync_batchnorm" else 42 if name == "seed" else None) for name in shared
+        }
+
+    segmentation = HfArgumentParser(ARGUMENT_GROUPS)
+    detection = HfArgumentParser(DETECTION_ARGUMENT_GROUPS)
+    expected = [
+        (segmentation, "--learning_rate", "AdamW learning rate (paper: 1e-4)."),
+        (segmentation, "--weight_decay", "AdamW weight decay (paper: 1e-4)."),
+        (segmentation, "--min_learning_rate", "Final learning rate (paper: 1e-6)."),
+        (segmentation, "--warmup_ratio", "Learning-rate factor at the start of the warmup (paper: 1e-6)."),
+        (segmentation, "--max_train_steps", "Optimizer steps (paper: 80000); replaces --num_train_epochs when given."),
+        (segmentation, "--per_device_train_batch_size", "Batch per device (paper: 4)."),
+        (detection, "--learning_rate", "AdamW learning rate (authors: 1e-4 RetinaNet, 2e-4 Mask R-CNN)."),
+        (detection, "--image_encoder_lr_multiplier", "Learning-rate factor of the image encoder (authors: 0.1)."),
+        (detection, "--warmup_ratio", "Learning-rate factor at the start of the warmup (authors: 0.001)."),
+        (detection, "--num_warmup_steps", "Linear warmup steps (authors: 500)."),
+        (
+            detection,
+            "--lr_milestones",
+            "Epochs (0-based) from which the learning rate drops by --lr_decay (authors: 8 11).",
+        ),
+        (detection, "--max_train_steps", "Optimizer steps; replaces --num_train_epochs when given."),  # epochs there
+        (detection, "--per_device_train_batch_size", "Batch per device (authors: 2)."),
+    ]
+    for parser, flag, text in expected:
+        assert parser._option_string_actions[flag].help == text, flag
+    for parser in (segmentation, detection):
+        assert not any("{authors}" in (action.help or "") for action in parser._actions)
+    base_help = {field.name: field.metadata["help"] for field in dataclasses.fields(SharedOptimizationArguments)}
+    assert base_help["learning_rate"] == "AdamW learning rate{authors}."  # the tasks' quotes are their own copies

@@ -655,6 +655,9 @@ class DenseClipConfig(PreTrainedConfig):
     """
 
     model_type = "denseclip"
+    # The input size (pixels) that `from_clip_pretrained` resizes CLIP's positional embedding to, once, as it loads
+    # the weights; `None`: CLIP's own 224-pixel grid stays (segmentation training resizes it to its crop size).
+    clip_position_embedding_size = None
     sub_configs_defaults = {
         "text_config": CLIPTextConfig,
         "vision_config": VisionConfigSpec(

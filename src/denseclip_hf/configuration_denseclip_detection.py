@@ -25,6 +25,9 @@ from .configuration_denseclip import (
 # The positional grid of the authors' detectors' attention pool: 42 x 42 cells (`input_resolution=1344`), cropped to
 # the stride-32 feature map of inputs of up to 1344 pixels per side (the test pipeline's longest edge 1333, padded).
 AUTHORS_DETECTION_IMAGE_SIZE = 1344
+# The authors' mask binarization threshold (mmdet `test_cfg.rcnn.mask_thr_binary`): the default of
+# `DenseClipMaskRCNNConfig.mask_threshold` and of `DenseClipDetectionImageProcessor.mask_threshold`.
+AUTHORS_MASK_THRESHOLD = 0.5
 
 
 def fpn_levels(strides: list[int], owner: str, name: str) -> tuple[int, int]:
@@ -85,6 +88,9 @@ class DenseClipDetectionConfig(DenseClipConfig):
     """
 
     model_type = "denseclip_detection"
+    # The authors' detection backbone resizes CLIP's positional embedding to its `input_resolution` (1344) when it
+    # loads the CLIP weights: `from_clip_pretrained` does the same.
+    clip_position_embedding_size = AUTHORS_DETECTION_IMAGE_SIZE
     sub_configs_defaults = {
         "text_config": CLIPTextConfig,
         "vision_config": VisionConfigSpec(
@@ -280,7 +286,9 @@ class DenseClipMaskRCNNConfig(DenseClipDetectionConfig):
             3x3 convolution + ReLU layers of the mask head and their width; a 2x transposed convolution then gives
             masks of `2 * mask_roi_size` (28) pixels per side.
         mask_threshold (`float`, *optional*, defaults to 0.5):
-            Test time: mask probabilities at or above it are foreground (mmdet `mask_thr_binary`).
+            Test time: mask probabilities at or above it are foreground (mmdet `mask_thr_binary`). The image
+            processor saved with the model holds the same value (`DenseClipDetectionImageProcessor.mask_threshold`,
+            the default of its `post_process_instance_segmentation`).
 
     Training (the authors' `train_cfg` and losses):
 
@@ -321,7 +329,7 @@ class DenseClipMaskRCNNConfig(DenseClipDetectionConfig):
     box_coder_stds: list[float | int] | tuple[float | int, ...] = (0.1, 0.1, 0.2, 0.2)
     mask_head_convs: int = 4
     mask_head_channels: int = 256
-    mask_threshold: float | int = 0.5
+    mask_threshold: float | int = AUTHORS_MASK_THRESHOLD
     rpn_train_nms_pre: int = 2000
     rpn_assigner_pos_iou_threshold: float | int = 0.7
     rpn_assigner_neg_iou_threshold: float | int = 0.3

@@ -91,6 +91,7 @@ from .configuration_denseclip import (
 from .configuration_denseclip_detection import (
     AUTHORS_DETECTION_IMAGE_SIZE,
     DenseClipDetectionConfig,
+    DenseClipMaskRCNNConfig,
 )
 from .image_processing_denseclip import DenseClipImageProcessor
 from .image_processing_denseclip_detection import DenseClipDetectionImageProcessor
@@ -647,19 +648,24 @@ def infer_detection_config(
     return config
 
 
-def detection_image_processor(checkpoint_config: dict[str, Any] | None = None) -> DenseClipDetectionImageProcessor:
+def detection_image_processor(
+    checkpoint_config: dict[str, Any] | None = None, config: DenseClipConfig | None = None
+) -> DenseClipDetectionImageProcessor:
     """The authors' mmdet test pipeline as a `DenseClipDetectionImageProcessor`: by default theirs
     (`img_scale=(1333, 800)`, keep ratio, CLIP mean / std, padding to 32); from the test pipeline of
     `checkpoint_config` (the training config mmcv embeds, `data.test.pipeline` or `test_pipeline`) where given: its
     scale (`MultiScaleFlipAug` or `Resize` `img_scale`), `keep_ratio`, `Normalize` mean / std and `Pad` divisor. What
     the processor cannot do (test-time flips or several scales, BGR input, padding to a fixed size) is logged as a
-    warning and left out."""
+    warning and left out. The `mask_threshold` of a Mask R-CNN `config` becomes the processor's (the default of its
+    `post_process_instance_segmentation`)."""
     checkpoint_config = checkpoint_config or {}
     pipeline = config_value(checkpoint_config, "data.test.pipeline") or checkpoint_config.get("test_pipeline") or []
     steps, unsupported = [], []
     for step in pipeline:  # MultiScaleFlipAug holds the resize, normalisation and padding
         steps += [step, *step.get("transforms", [])]
     settings: dict[str, Any] = {}
+    if isinstance(config, DenseClipMaskRCNNConfig):
+        settings["mask_threshold"] = config.mask_threshold
     scale, keep_ratio = None, True
     for step in steps:
         kind = step.get("type")
@@ -814,7 +820,9 @@ def convert_denseclip_checkpoint(
     model.load_state_dict(converted, strict=True)
     model.eval()
     if output_dir is not None:
-        processor = image_processor_for(config) if detector is None else detection_image_processor(checkpoint_config)
+        processor = (
+            image_processor_for(config) if detector is None else detection_image_processor(checkpoint_config, config)
+        )
         model.save_pretrained(output_dir)
         processor.save_pretrained(output_dir)
     return model

@@ -10,8 +10,9 @@ masks; mmdet's filtering of bad annotations).
 transformers' result formats (the `object-detection` and `image-segmentation` pipelines call them).
 
 OpenCV (and pycocotools, for masks) is an optional dependency, imported when first needed:
-`pip install "denseclip_hf[detection]"`. This module imports only its siblings `image_processing_denseclip` and
-`box_ops` (flat relative imports), so they ship next to saved checkpoints as remote code.
+`pip install "denseclip_hf[detection]"`. This module imports only its siblings `image_processing_denseclip`,
+`box_ops` and `configuration_denseclip_detection` (flat relative imports), so they ship next to saved checkpoints as
+remote code.
 """
 
 import importlib
@@ -38,6 +39,7 @@ from transformers.processing_utils import ImagesKwargs, Unpack
 from transformers.utils import TensorType
 
 from .box_ops import paste_masks
+from .configuration_denseclip_detection import AUTHORS_MASK_THRESHOLD
 from .image_processing_denseclip import (
     _fetch_images_keeping_mode,
     _flatten_images,
@@ -60,11 +62,14 @@ class DenseClipDetectionImageProcessorKwargs(ImagesKwargs, total=False):
     num_labels (`int` or `None`):
         Number of classes; annotations whose `category_id` is not in `[0, num_labels)` are rejected. `None` only
         rejects negative ids.
+    mask_threshold (`float`):
+        The default of `post_process_instance_segmentation`'s `mask_threshold` (the model's `config.mask_threshold`).
     """
 
     size_divisor: int
     return_masks: bool | None
     num_labels: int | None
+    mask_threshold: float
 
 
 def _optional_module(name: str, purpose: str) -> ModuleType:
@@ -203,6 +208,13 @@ def _output_field(outputs: Any, name: str, owner: str) -> Any:
     return value
 
 
+def _check_mask_threshold(mask_threshold: Any) -> None:
+    if not _is_real(mask_threshold) or not 0 <= mask_threshold <= 1:
+        raise ValueError(
+            f"mask_threshold must be a number in [0, 1] (a probability; the authors' 0.5), got {mask_threshold!r}."
+        )
+
+
 def _target_sizes(target_sizes: Any, frame_sizes: torch.Tensor) -> list[tuple[int, int]]:
     """`target_sizes` (None, a `(batch, 2)` tensor or a list of `(height, width)`) as a list of int pairs, one per
     image; `None` gives the outputs' own frame sizes."""
@@ -256,6 +268,11 @@ class DenseClipDetectionImageProcessor(PilBackend):
             Whether `labels` carry instance `masks`; `None`: when any annotation of the call has a `segmentation`.
         num_labels (`int` or `None`, defaults to `None`):
             Number of classes, to reject unknown `category_id`s.
+        mask_threshold (`float`, defaults to 0.5, the authors' `mask_thr_binary`):
+            Post-processing only: the mask probability from which a pixel belongs to an instance, when
+            `post_process_instance_segmentation` is not given one. A Mask R-CNN's processor holds its
+            `config.mask_threshold` (the converter and `examples/train_det.py` save it so, in
+            `preprocessor_config.json`).
 
     `do_center_crop=True`, `do_pad=False` and channels-last outputs are not supported (`ValueError`).
     """
@@ -278,9 +295,11 @@ class DenseClipDetectionImageProcessor(PilBackend):
     size_divisor = 32
     return_masks = None
     num_labels = None
+    mask_threshold = AUTHORS_MASK_THRESHOLD
 
     def __init__(self, **kwargs: Unpack[DenseClipDetectionImageProcessorKwargs]) -> None:
         check_size_setting(kwargs.get("size"))
+        _check_mask_threshold(kwargs.get("mask_threshold", AUTHORS_MASK_THRESHOLD))
         super().__init__(**kwargs)
 
     def preprocess(
@@ -611,7 +630,7 @@ class DenseClipDetectionImageProcessor(PilBackend):
         self,
         outputs: Any,
         threshold: float = 0.5,
-        mask_threshold: float = 0.5,
+        mask_threshold: float | None = None,
         overlap_mask_area_threshold: float = 0.0,
         target_sizes: Any = None,
         return_binary_maps: bool = False,
@@ -624,8 +643,9 @@ class DenseClipDetectionImageProcessor(PilBackend):
             outputs: The `DenseClipForInstanceSegmentation` output (boxes and mask boxes in `frame_sizes` frames,
                 see `post_process_object_detection`).
             threshold: Keep instances scoring above it (strictly); `0.0`: the authors' final detections.
-            mask_threshold: A pixel belongs to an instance when its mask probability is at least this (the authors'
-                `mask_thr_binary` = `config.mask_threshold`, 0.5).
+            mask_threshold: A pixel belongs to an instance when its mask probability is at least this. Default
+                (`None`): the processor's `mask_threshold`, which a Mask R-CNN's saved processor takes from its
+                `config.mask_threshold` (the authors' `mask_thr_binary`, 0.5).
             overlap_mask_area_threshold: Only without `return_binary_maps`: an instance stays in the id map when the
                 share of its mask left visible (pixels covered by a higher-scoring instance go to that one) is above
                 it; 0 keeps every instance with a visible pixel. The `image-segmentation` pipeline passes 0.5.
@@ -643,6 +663,8 @@ class DenseClipDetectionImageProcessor(PilBackend):
             value in the id map); `"boxes"` `(n, 4)` `(x1, y1, x2, y2)` of the same instances. By decreasing score.
         """
         owner = "post_process_instance_segmentation"
+        mask_threshold = self.mask_threshold if mask_threshold is None else mask_threshold
+        _check_mask_threshold(mask_threshold)
         masks, mask_boxes = (_output_field(outputs, name, owner) for name in ("pred_masks", "mask_boxes"))
         frames = [tuple(size) for size in torch.as_tensor(_output_field(outputs, "frame_sizes", owner)).tolist()]
         targets = _target_sizes(target_sizes, frames)

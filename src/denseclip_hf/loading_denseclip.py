@@ -208,9 +208,15 @@ def load_on_clip(
     and checked, every other tensor newly initialised. With `backbone_name_or_path`, the image encoder is that
     transformers backbone (its weights loaded) and only CLIP's text tower is read.
 
-    `kwargs` holds `DenseClipConfig` settings, Hub arguments (used for every checkpoint) and `from_pretrained`
-    arguments (`output_loading_info=True` returns `(model, loading_info)`).
+    `kwargs` holds `DenseClipConfig` settings, Hub arguments (used for every checkpoint), `from_pretrained`
+    arguments (`output_loading_info=True` returns `(model, loading_info)`) and `position_embedding_size`: the input
+    size in pixels the image encoder's positional embedding is resized to once loaded (`resize_position_embeddings`);
+    default: the config class's `clip_position_embedding_size` (the detectors: the authors' 1344; segmentation:
+    `None`, CLIP's grid kept).
     """
+    position_embedding_size = kwargs.pop(
+        "position_embedding_size", model_class.config_class.clip_position_embedding_size
+    )
     hub_kwargs = {key: kwargs.pop(key) for key in _HUB_KWARGS if key in kwargs}
     config_settings = {setting.name for setting in fields(model_class.config_class)}
     settings = {key: kwargs.pop(key) for key in list(kwargs) if key in config_settings}
@@ -244,6 +250,8 @@ def load_on_clip(
     check_clip_towers(info, source, towers, unused)
     if backbone_name_or_path is not None:
         model.base_model.image_encoder.load_backbone_weights(backbone_name_or_path, **hub_kwargs)
+    if position_embedding_size is not None:
+        model.resize_position_embeddings(position_embedding_size)
     logger.info(
         f"Loaded the CLIP towers ({', '.join(towers)}) from {source.name!r}"
         + (f" and the backbone from {backbone_name_or_path!r}" if backbone_name_or_path else "")

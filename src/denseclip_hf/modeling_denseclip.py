@@ -1193,7 +1193,11 @@ class DenseClipPreTrainedModel(PreTrainedModel):
                 `channels // 64` (the pool has `32 * width` channels); and the activation of both transformers,
                 `"quick_gelu"` by default (OpenAI's; OpenCLIP models without `-quickgelu` in their name use `"gelu"`).
             kwargs: `DenseClipConfig` settings (e.g. `num_context_tokens=8`), Hub arguments (`revision`,
-                `cache_dir`, `local_files_only`, ...) and `from_pretrained` arguments (`dtype`, `attn_implementation`).
+                `cache_dir`, `local_files_only`, ...), `from_pretrained` arguments (`dtype`, `attn_implementation`)
+                and `position_embedding_size`: the input size (pixels) CLIP's positional embedding is resized to once
+                loaded (`resize_position_embeddings`), by default the config class's `clip_position_embedding_size`:
+                the detectors' the authors' `input_resolution` 1344 (a 42 x 42 grid for the ResNets), segmentation's
+                `None` (CLIP's grid kept).
         """
         return load_on_clip(
             cls,

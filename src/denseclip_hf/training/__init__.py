@@ -17,7 +17,7 @@ one module per concern.
 | `metrics` | mIoU and accuracies from a confusion matrix |
 | `checkpointing` | atomic training checkpoints and resuming, atomic result files |
 | `repository` | the output folder's model repository, written atomically |
-| `model_card` | the README of a trained model |
+| `model_card` | the README of a trained model of any task (one builder; each task supplies its `TaskCard`) |
 | `launch` | what every launched script checks and sets up first (launch settings, logging) |
 | `loop` | `train(args)`: the whole Accelerate training job of every task (`TrainingTask`) |
 | `segmentation_task` | what is segmentation's in a training run (`SegmentationTask`) |

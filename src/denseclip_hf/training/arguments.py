@@ -10,14 +10,21 @@
 | [`TrackingArguments`] | experiment trackers |
 | [`HubArguments`] | the upload of the output folder |
 
+The optimization settings every training script shares (`examples/train_det.py` too) are those of
+[`SharedOptimizationArguments`]; each task's group adds its own and quotes its authors' values in its help texts
+([`quote_recipe_values`]).
+
 Settings left `None` take the value of the recipe: [`SegmentationTrainingArguments`] holds one dataclass of each kind,
 chooses the recipe, fills those settings and then checks them. [`DataArguments`] needs no recipe and checks itself, so
 that other scripts (evaluation) take the same dataset flags by adding it to their own parser.
 """
 
+import copy
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field, fields
 from pathlib import Path
+from types import MappingProxyType
 from typing import Any, ClassVar
 
 from accelerate.tracking import LOGGER_TYPE_TO_CLASS, get_available_trackers
@@ -28,7 +35,14 @@ from ..loss_denseclip import LOSS_REDUCTIONS
 from .checkpointing import checkpoint_step, checkpoints_root
 from .data import SegmentationData, load_segmentation_data
 from .optimization import WEIGHT_DECAY_EXEMPTIONS
-from .recipes import RECIPE_SETTINGS, RECIPES, Recipe, default_recipe_name, recipes_help
+from .recipes import (
+    DEFAULT_RECIPE_FOR_REAL_DATA,
+    RECIPE_SETTINGS,
+    RECIPES,
+    Recipe,
+    default_recipe_name,
+    recipes_help,
+)
 
 # The trackers Accelerate knows: tensorboard, wandb, comet_ml, mlflow, aim, clearml, dvclive, swanlab, trackio.
 TRACKER_NAMES = tuple(LOGGER_TYPE_TO_CLASS)
@@ -47,6 +61,13 @@ def choice_metadata(text: str, choices: dict[str, str]) -> dict:
     """The `field` metadata of a flag that takes one of `choices` (names and what they mean, e.g. `PROMPTING_TYPES`):
     argparse's `choices`, and a help of `text` followed by each choice and its meaning."""
     return {"help": f"{text}. {describe_choices(choices)}.", "choices": list(choices)}
+
+
+def check_interval(value: str | None, flag: str) -> None:
+    """A `ValueError` unless `value` (of `--checkpointing_steps`, `--eval_steps`) is `None`, a positive number of steps
+    or `epoch`."""
+    if value is not None and value != "epoch" and not (value.isdigit() and int(value) > 0):
+        raise ValueError(f"--{flag} must be a positive number of steps or 'epoch', got {value!r}.")
 
 
 def _check_positive(arguments, names: tuple[str, ...]) -> None:
@@ -164,17 +185,61 @@ class DataArguments:
         )
 
 
+def recipe_value_text(value: Any) -> str:
+    """A recipe value as the help texts quote it: `1e-4` (not `0.0001`), `0.001`, `80000`, `8 11` for a list."""
+    if isinstance(value, (list, tuple)):
+        return " ".join(recipe_value_text(item) for item in value)
+    if isinstance(value, float) and value != 0 and abs(value) < 1e-3:
+        mantissa, exponent = f"{value:e}".split("e")
+        return f"{mantissa.rstrip('0').rstrip('.')}e{int(exponent)}"
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
+def quote_recipe_values(label: str, recipes: dict[str, Any]) -> Callable[[type], type]:
+    """A class decorator for a task's argument dataclass: fills the `{authors}` mark in the help of each field with the
+    value of the field in `recipes` (the authors' presets by name, e.g. `{"RetinaNet": ..., "Mask R-CNN": ...}`), as
+    ` (<label>: 1e-4)` or, where the presets differ, ` (<label>: 1e-4 RetinaNet, 2e-4 Mask R-CNN)`; the mark goes
+    where a preset has no such setting (or `None`). The help texts of the shared fields
+    ([`SharedOptimizationArguments`]) thus quote each task's own values, from its recipes; the base keeps its marks."""
+
+    def quote(name: str) -> str:
+        values = {preset: getattr(recipe, name, None) for preset, recipe in recipes.items()}
+        if any(value is None for value in values.values()):
+            return ""
+        texts = {preset: recipe_value_text(value) for preset, value in values.items()}
+        if len(set(texts.values())) == 1:
+            return f" ({label}: {next(iter(texts.values()))})"
+        return f" ({label}: {', '.join(f'{text} {preset}' for preset, text in texts.items())})"
+
+    def decorate(cls: type) -> type:
+        for name, spec in list(cls.__dataclass_fields__.items()):
+            help_text = spec.metadata.get("help", "")
+            if "{authors}" in help_text:
+                quoted = copy.copy(spec)  # the subclass's own copy: the base class and other tasks keep theirs
+                quoted.metadata = MappingProxyType(
+                    {**spec.metadata, "help": help_text.replace("{authors}", quote(name))}
+                )
+                cls.__dataclass_fields__[name] = quoted
+        return cls
+
+    return decorate
+
+
 @dataclass
-class OptimizationArguments:
-    """The recipe and the settings of the optimization it presets: optimizer, schedule, loss, steps, batches."""
+class SharedOptimizationArguments:
+    """What the optimization group of every training script holds: `--recipe` (each task's subclass names its
+    presets), the authors' AdamW and its parameter groups (`optimization.build_optimizer`), SyncBatchNorm, the linear
+    warmup, steps or epochs, batches and gradient accumulation, the validation interval, data workers and the seed.
+    Each task's subclass adds its own settings (the schedule after the warmup, the loss, clipping) and quotes its
+    authors' values in the help texts (the `{authors}` marks, [`quote_recipe_values`])."""
 
     _argument_group_name = "recipe and optimization"
 
-    recipe: str | None = field(default=None, metadata={"help": recipes_help(), "choices": list(RECIPES)})
-    learning_rate: float | None = field(default=None, metadata=_help("AdamW learning rate (paper: 1e-4)."))
-    weight_decay: float | None = field(default=None, metadata=_help("AdamW weight decay (paper: 1e-4)."))
+    recipe: str | None = field(default=None, metadata=_help("A preset of the settings below."))
+    learning_rate: float | None = field(default=None, metadata=_help("AdamW learning rate{authors}."))
+    weight_decay: float | None = field(default=None, metadata=_help("AdamW weight decay{authors}."))
     image_encoder_lr_multiplier: float | None = field(
-        default=None, metadata=_help("Learning-rate factor of the image encoder (paper: 0.1).")
+        default=None, metadata=_help("Learning-rate factor of the image encoder{authors}.")
     )
     weight_decay_exemptions: str | None = field(
         default=None,
@@ -186,47 +251,50 @@ class OptimizationArguments:
     sync_batchnorm: bool = field(
         default=True,
         metadata=_help("With more than one process on GPUs, BatchNorm becomes SyncBatchNorm, as in the authors' "
-        "configs (norm_cfg SyncBN); --no_sync_batchnorm keeps per-process statistics."),
+        "training (norm_cfg SyncBN); --no_sync_batchnorm keeps per-process statistics."),
     )  # fmt: skip
-    lr_power: float | None = field(default=None, metadata=_help("Power of the poly schedule (paper: 0.9)."))
-    min_learning_rate: float | None = field(default=None, metadata=_help("Final learning rate (paper: 1e-6)."))
-    num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps (paper: 1500)."))
+    num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps{authors}."))
     warmup_ratio: float | None = field(
-        default=None, metadata=_help("Learning-rate factor at the start of the warmup (paper: 1e-6).")
+        default=None, metadata=_help("Learning-rate factor at the start of the warmup{authors}.")
     )
-    max_train_steps: int | None = field(default=None, metadata=_help("Optimizer steps (paper: 80000)."))
+    max_train_steps: int | None = field(
+        default=None, metadata=_help("Optimizer steps{authors}; replaces --num_train_epochs when given.")
+    )
     num_train_epochs: int | None = field(
-        default=None, metadata=_help("Epochs; replaces the recipe's --max_train_steps unless that is given too.")
+        default=None,
+        metadata=_help("Epochs{authors}; replaces the recipe's --max_train_steps unless that is given too."),
     )
     total_train_batch_size: int | None = field(
         default=None,
-        metadata=_help("Global batch (paper: 32); sets --gradient_accumulation_steps from the device batch and the "
+        metadata=_help("Global batch{authors}; sets --gradient_accumulation_steps from the device batch and the "
         "number of processes."),
     )  # fmt: skip
-    per_device_train_batch_size: int | None = field(default=None, metadata=_help("Batch per device (paper: 4)."))
+    per_device_train_batch_size: int | None = field(default=None, metadata=_help("Batch per device{authors}."))
     per_device_eval_batch_size: int | None = field(default=None, metadata=_help("Validation batch per device."))
     gradient_accumulation_steps: int | None = field(
         default=None, metadata=_help("Batches per optimizer step; default: from --total_train_batch_size.")
     )
-    eval_steps: int | None = field(default=None, metadata=_help("Validate every N steps (and always at the end)."))
+    eval_steps: str | None = field(
+        default=None,
+        metadata=_help("Validate every N steps, or at the end of every epoch with 'epoch' (and always at the end of "
+        "the run){authors}."),
+    )  # fmt: skip
     dataloader_num_workers: int | None = field(default=None, metadata=_help("Data loading worker processes."))
-    loss_reduction: str | None = field(
-        default=None, metadata=choice_metadata("How the per-pixel cross-entropy is averaged", LOSS_REDUCTIONS)
+    seed: int = field(
+        default=42, metadata=_help("Seed of initialization, shuffling, augmentation, samplers and dropout.")
     )
-    seed: int = field(default=42, metadata=_help("Seed of initialization, shuffling, augmentation and dropout."))
 
     def validate(self) -> None:
-        """Checks the settings once the recipe has filled them."""
+        """Checks the shared settings once the recipe has filled them (a subclass checks its own after these)."""
         positive = (
             "learning_rate", "max_train_steps", "num_train_epochs", "per_device_train_batch_size",
-            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size", "eval_steps",
+            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size",
         )  # fmt: skip
         _check_positive(self, positive)
-        for name in ("weight_decay", "image_encoder_lr_multiplier", "min_learning_rate", "num_warmup_steps"):
+        check_interval(self.eval_steps, "eval_steps")
+        for name in ("weight_decay", "image_encoder_lr_multiplier", "num_warmup_steps", "dataloader_num_workers"):
             if getattr(self, name) < 0:
                 raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
-        if self.dataloader_num_workers < 0:
-            raise ValueError(f"--dataloader_num_workers must be >= 0, got {self.dataloader_num_workers}.")
         if not 0 < self.warmup_ratio <= 1:
             raise ValueError(f"--warmup_ratio must be in (0, 1], got {self.warmup_ratio}.")
         if self.max_train_steps is not None and self.num_warmup_steps >= self.max_train_steps:
@@ -243,6 +311,34 @@ class OptimizationArguments:
             self.gradient_accumulation_steps,
             num_processes,
         )
+
+    def resolve_eval_steps(self, steps_per_epoch: int) -> int | None:
+        """The step interval of the validations during training: `--eval_steps N`, or for `epoch` the optimizer steps
+        of one epoch (`steps_per_epoch`, from the dataset's length, the batch size, the processes and the
+        accumulation), so that the run validates at the end of every epoch; `None`: at the end of the run only."""
+        if self.eval_steps is None:
+            return None
+        return steps_per_epoch if self.eval_steps == "epoch" else int(self.eval_steps)
+
+
+@quote_recipe_values("paper", {"": RECIPES[DEFAULT_RECIPE_FOR_REAL_DATA]})
+@dataclass
+class OptimizationArguments(SharedOptimizationArguments):
+    """The optimization group of `examples/train_seg.py`: the shared settings, the segmentation recipes, the poly
+    schedule and the loss."""
+
+    recipe: str | None = field(default=None, metadata={"help": recipes_help(), "choices": list(RECIPES)})
+    lr_power: float | None = field(default=None, metadata=_help("Power of the poly schedule{authors}."))
+    min_learning_rate: float | None = field(default=None, metadata=_help("Final learning rate{authors}."))
+    loss_reduction: str | None = field(
+        default=None, metadata=choice_metadata("How the per-pixel cross-entropy is averaged", LOSS_REDUCTIONS)
+    )
+
+    def validate(self) -> None:
+        """Checks the settings once the recipe has filled them."""
+        super().validate()
+        if self.min_learning_rate < 0:
+            raise ValueError(f"--min_learning_rate must be >= 0, got {self.min_learning_rate}.")
 
 
 @dataclass
@@ -302,9 +398,7 @@ class CheckpointArguments:
     def validate(self) -> None:
         """Checks the settings once the recipe has filled them and `output_dir` is known."""
         _check_positive(self, ("checkpoints_total_limit",))
-        steps = self.checkpointing_steps
-        if steps is not None and steps != "epoch" and not (steps.isdigit() and int(steps) > 0):
-            raise ValueError(f"--checkpointing_steps must be a positive number of steps or 'epoch', got {steps!r}.")
+        check_interval(self.checkpointing_steps, "checkpointing_steps")
         resume = self.resume_from_checkpoint
         if resume not in (None, "latest") and not Path(resume).is_dir():
             raise ValueError(f"--resume_from_checkpoint {resume} is neither 'latest' nor a checkpoint folder.")
@@ -516,11 +610,15 @@ __all__ = [
     "OptimizationArguments",
     "RECIPE_SETTING_GROUPS",
     "SegmentationTrainingArguments",
+    "SharedOptimizationArguments",
     "TrainingArgumentGroups",
     "TrackingArguments",
     "apply_recipe",
+    "check_interval",
     "choice_metadata",
     "gradient_accumulation_steps",
     "parse_argument_groups",
     "parse_training_args",
+    "quote_recipe_values",
+    "recipe_value_text",
 ]

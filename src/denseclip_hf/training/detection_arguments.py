@@ -4,11 +4,13 @@
 |---|---|
 | [`DetectionModelArguments`] | the checkpoint, the detector (RetinaNet / Mask R-CNN), DenseCLIP or CLIP |
 | `DetectionTrainingDataArguments` | the dataset: a COCO folder, a Hub dataset or synthetic scenes |
-| [`DetectionOptimizationArguments`] | `--recipe`; optimizer, schedule, clipping, steps, batches, seed |
+| [`DetectionOptimizationArguments`] | `--recipe`; schedule, clipping; the shared settings of every task |
 | [`DetectionAugmentationArguments`] | the keep-ratio resize and the horizontal flip |
 | `CheckpointArguments`, `TrackingArguments`, `HubArguments` | as `examples/train_seg.py` (`arguments.py`) |
 
-Settings left `None` take the value of the recipe (`recipes.DETECTION_RECIPES`), as for segmentation.
+The optimization settings both training scripts share (optimizer, warmup, steps, batches, seed) are those of
+`arguments.SharedOptimizationArguments`. Settings left `None` take the value of the recipe
+(`recipes.DETECTION_RECIPES`), as for segmentation.
 """
 
 from dataclasses import dataclass, field, fields
@@ -17,17 +19,17 @@ from typing import ClassVar
 from .arguments import (
     CheckpointArguments,
     HubArguments,
+    SharedOptimizationArguments,
     TrackingArguments,
     TrainingArgumentGroups,
     _check_positive,
     _help,
     apply_recipe,
     choice_metadata,
-    gradient_accumulation_steps,
     parse_argument_groups,
+    quote_recipe_values,
 )
 from .detection_data import DetectionTrainingDataArguments
-from .optimization import WEIGHT_DECAY_EXEMPTIONS
 from .recipes import (
     DETECTION_RECIPE_SETTINGS,
     DETECTION_RECIPES,
@@ -45,6 +47,8 @@ DETECTION_PROMPTING_TYPES = {
     "post_model": "DenseCLIP: the score map of the prompted class text embeddings joins C5, with the Eq. 8 loss",
     "none": "the CLIP baseline: the CLIP ResNet fine-tuned under the detector, no text",
 }
+# The authors' recipes whose values the help texts quote (`quote_recipe_values`).
+_RETINANET_RECIPE, _MASKRCNN_RECIPE = "coco-retinanet-denseclip-rn50", "coco-maskrcnn-denseclip-rn50"
 
 
 @dataclass
@@ -70,45 +74,25 @@ class DetectionModelArguments:
     )
 
 
+@quote_recipe_values(
+    "authors",
+    {"RetinaNet": DETECTION_RECIPES[_RETINANET_RECIPE], "Mask R-CNN": DETECTION_RECIPES[_MASKRCNN_RECIPE]},
+)
 @dataclass
-class DetectionOptimizationArguments:
-    """The recipe and the settings of the optimization it presets: optimizer, schedule, clipping, steps, batches."""
-
-    _argument_group_name = "recipe and optimization"
+class DetectionOptimizationArguments(SharedOptimizationArguments):
+    """The optimization group of `examples/train_det.py`: the shared settings, the detection recipes, the step
+    schedule and gradient clipping."""
 
     recipe: str | None = field(
         default=None, metadata={"help": detection_recipes_help(), "choices": list(DETECTION_RECIPES)}
     )
-    learning_rate: float | None = field(
-        default=None, metadata=_help("AdamW learning rate (authors: 1e-4 RetinaNet, 2e-4 Mask R-CNN).")
-    )
-    weight_decay: float | None = field(default=None, metadata=_help("AdamW weight decay (authors: 1e-4)."))
-    image_encoder_lr_multiplier: float | None = field(
-        default=None, metadata=_help("Learning-rate factor of the image encoder (authors: 0.1).")
-    )
-    weight_decay_exemptions: str | None = field(
-        default=None,
-        metadata=choice_metadata(
-            "Parameters trained without weight decay",
-            {name: exemption.description for name, exemption in WEIGHT_DECAY_EXEMPTIONS.items()},
-        ),
-    )
-    sync_batchnorm: bool = field(
-        default=True,
-        metadata=_help("With more than one process on GPUs, BatchNorm becomes SyncBatchNorm, as the authors' "
-        "train.py does; --no_sync_batchnorm keeps per-process statistics."),
-    )  # fmt: skip
-    num_warmup_steps: int | None = field(default=None, metadata=_help("Linear warmup steps (authors: 500)."))
-    warmup_ratio: float | None = field(
-        default=None, metadata=_help("Learning-rate factor at the start of the warmup (authors: 0.001).")
-    )
     lr_milestones: list[int] | None = field(
         default=None,
-        metadata=_help("Epochs (0-based) from which the learning rate drops by --lr_decay (authors: 8 11)."),
+        metadata=_help("Epochs (0-based) from which the learning rate drops by --lr_decay{authors}."),
     )
-    lr_decay: float | None = field(default=None, metadata=_help("Factor of each learning-rate step (authors: 0.1)."))
+    lr_decay: float | None = field(default=None, metadata=_help("Factor of each learning-rate step{authors}."))
     max_grad_norm: float | None = field(
-        default=None, metadata=_help("Clip the gradients' global L2 norm to this (authors: 0.1); 0: no clipping.")
+        default=None, metadata=_help("Clip the gradients' global L2 norm to this{authors}; 0: no clipping.")
     )
     clip_text_encoder_gradients: bool | None = field(
         default=None,
@@ -116,60 +100,20 @@ class DetectionOptimizationArguments:
         "they count in the clipped norm, as in the authors' training; slower. Default: the recipe's (no: the tower "
         "is frozen and the clip covers the trained parameters)."),
     )  # fmt: skip
-    max_train_steps: int | None = field(
-        default=None, metadata=_help("Optimizer steps; replaces --num_train_epochs when given.")
-    )
-    num_train_epochs: int | None = field(default=None, metadata=_help("Epochs (authors: 12)."))
-    total_train_batch_size: int | None = field(
-        default=None,
-        metadata=_help("Global batch (authors: 16); sets --gradient_accumulation_steps from the device batch and the "
-        "number of processes."),
-    )  # fmt: skip
-    per_device_train_batch_size: int | None = field(default=None, metadata=_help("Batch per device (authors: 2)."))
-    per_device_eval_batch_size: int | None = field(default=None, metadata=_help("Validation batch per device."))
-    gradient_accumulation_steps: int | None = field(
-        default=None, metadata=_help("Batches per optimizer step; default: from --total_train_batch_size.")
-    )
-    eval_steps: int | None = field(default=None, metadata=_help("Validate every N steps (and always at the end)."))
-    dataloader_num_workers: int | None = field(default=None, metadata=_help("Data loading worker processes."))
-    seed: int = field(default=42, metadata=_help("Seed of initialization, shuffling, flips, samplers and dropout."))
 
     def validate(self) -> None:
         """Checks the settings once the recipe has filled them."""
-        positive = (
-            "learning_rate", "max_train_steps", "num_train_epochs", "per_device_train_batch_size",
-            "per_device_eval_batch_size", "gradient_accumulation_steps", "total_train_batch_size", "eval_steps",
-            "lr_decay",
-        )  # fmt: skip
-        _check_positive(self, positive)
-        for name in ("weight_decay", "image_encoder_lr_multiplier", "num_warmup_steps", "dataloader_num_workers"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"--{name} must be >= 0, got {getattr(self, name)}.")
+        super().validate()
+        _check_positive(self, ("lr_decay",))
         if self.max_grad_norm is not None and self.max_grad_norm < 0:
             raise ValueError(f"--max_grad_norm must be >= 0 (0: no clipping), got {self.max_grad_norm}.")
-        if not 0 < self.warmup_ratio <= 1:
-            raise ValueError(f"--warmup_ratio must be in (0, 1], got {self.warmup_ratio}.")
         if any(milestone < 0 for milestone in self.lr_milestones) or self.lr_milestones != sorted(self.lr_milestones):
             raise ValueError(f"--lr_milestones takes increasing epochs >= 0, got {self.lr_milestones}.")
-        if self.max_train_steps is not None and self.num_warmup_steps >= self.max_train_steps:
-            raise ValueError(
-                f"--num_warmup_steps ({self.num_warmup_steps}) must be smaller than --max_train_steps "
-                f"({self.max_train_steps}): pass a shorter warmup for a short run."
-            )
 
     @property
     def clips_gradients(self) -> bool:
         """Whether the run clips the gradients' norm (`--max_grad_norm` set and > 0)."""
         return bool(self.max_grad_norm)
-
-    def resolve_gradient_accumulation_steps(self, num_processes: int) -> int:
-        """Batches per optimizer step: `--gradient_accumulation_steps`, else from `--total_train_batch_size`."""
-        return gradient_accumulation_steps(
-            self.total_train_batch_size,
-            self.per_device_train_batch_size,
-            self.gradient_accumulation_steps,
-            num_processes,
-        )
 
 
 @dataclass

@@ -19,6 +19,7 @@ from accelerate.logging import get_logger
 from torch.optim.lr_scheduler import LambdaLR
 from torch.utils.data import DataLoader
 
+from ..configuration_denseclip_detection import DenseClipMaskRCNNConfig
 from ..image_processing_denseclip_detection import DenseClipDetectionImageProcessor
 from .detection_arguments import DetectionTrainingArguments
 from .detection_batches import DetectionAugmentation, detection_training_dataloader
@@ -26,7 +27,7 @@ from .detection_data import DetectionData, coco_annotations
 from .detection_evaluation import detection_picture, evaluate_detection, predict_detections
 from .detection_evaluation_job import format_detection_metrics
 from .loop import TrainingRun
-from .model_card import write_detection_model_card
+from .model_card import detection_card, write_model_card
 from .model_loading import convert_batchnorm_for_launch, detection_input_size, load_detection_model
 from .optimization import step_schedule_with_warmup
 
@@ -74,9 +75,12 @@ class DetectionTask:
         )
 
     def build_image_processor(self, model: torch.nn.Module) -> DenseClipDetectionImageProcessor:
+        """The authors' test pipeline at `--image_scale`, with the model's classes and (Mask R-CNN) mask threshold."""
         longest, shortest = self.args.augmentation.image_scale
+        config = model.config
+        settings = {"mask_threshold": config.mask_threshold} if isinstance(config, DenseClipMaskRCNNConfig) else {}
         return DenseClipDetectionImageProcessor(
-            size={"shortest_edge": shortest, "longest_edge": longest}, num_labels=model.config.num_labels
+            size={"shortest_edge": shortest, "longest_edge": longest}, num_labels=config.num_labels, **settings
         )
 
     def build_dataloaders(
@@ -155,7 +159,7 @@ class DetectionTask:
         def write(folder: Path) -> None:
             picture = detection_picture(examples, detections, config, VISUALIZATION_THRESHOLD)
             picture.save(folder / "validation_predictions.png")
-            write_detection_model_card(folder, config, results, self.args)
+            write_model_card(folder, detection_card(config, results, self.args), config, results, self.args)
 
         return write
 

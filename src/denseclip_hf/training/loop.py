@@ -2,9 +2,10 @@
 
 `train(args)` runs the whole job of a training script (`examples/train_seg.py`, `examples/train_det.py`): the task's
 data, model, optimizer and schedule, the training loop with gradient accumulation (and the task's gradient clipping),
-periodic and final validation, atomic checkpoints with exact resume (`checkpointing.py`), and the output folder as a
-complete Hub model repository (weights and code, processor, results, the task's prediction picture and model card),
-published atomically (`repository.py`). Trackers (`--with_tracking`) log to `<output_dir>/runs/`.
+periodic (`--eval_steps`: every N steps or every epoch) and final validation, atomic checkpoints with exact resume
+(`checkpointing.py`), and the output folder as a complete Hub model repository (weights and code, processor, results,
+the task's prediction picture and model card), published atomically (`repository.py`). Trackers (`--with_tracking`)
+log to `<output_dir>/runs/`.
 
 What differs between tasks comes from a [`TrainingTask`] that the arguments make (`args.make_task()`): semantic
 segmentation (`segmentation_task.SegmentationTask`) or detection (`detection_task.DetectionTask`). The loop itself
@@ -158,6 +159,7 @@ class TrainingRun:
     id2label: dict[int, str]
     max_train_steps: int
     steps_per_epoch: int
+    eval_steps: int | None  # validations during training every this many steps (`resolve_eval_steps`)
 
     @property
     def args(self) -> Any:
@@ -218,6 +220,7 @@ def _prepare_run(task: TrainingTask, accelerator: Accelerator, data: TaskData) -
         id2label=data.id2label,
         max_train_steps=max_train_steps,
         steps_per_epoch=steps_per_epoch,
+        eval_steps=optimization.resolve_eval_steps(steps_per_epoch),
     )
 
 
@@ -294,8 +297,7 @@ def _train(run: TrainingRun, completed_steps: int) -> int:
             every = checkpoints.checkpoint_every_n_steps
             if every is not None and completed_steps % every == 0:
                 run.save_checkpoint(completed_steps)
-            eval_steps = optimization.eval_steps
-            if eval_steps and completed_steps % eval_steps == 0 and completed_steps < run.max_train_steps:
+            if run.eval_steps and completed_steps % run.eval_steps == 0 and completed_steps < run.max_train_steps:
                 run.validate(completed_steps)
             if completed_steps >= run.max_train_steps:
                 break

@@ -235,10 +235,11 @@ def load_detection_model(
     image_size: int = 1344,
 ) -> DenseClipDetectionPreTrainedModel:
     """The detector to train (`model_type` of [`DETECTOR_CLASSES`]): a random [`offline_detection_config`] model (no
-    path; a RetinaNet's classifier bias at the [`FOCAL_PRIOR_PROBABILITY`] prior), a detector on CLIP weights (an
-    OpenAI `RN50.pt` / `RN101.pt` file or a transformers CLIP folder; class names from `id2label`, the positional grid
-    resized once to `image_size` as the authors' `init_weights` does), or a DenseCLIP detection checkpoint of that
-    type (its classes must be `id2label`'s)."""
+    path; a RetinaNet's classifier bias at the [`FOCAL_PRIOR_PROBABILITY`] prior; its positional grid for `image_size`
+    pixels, [`detection_input_size`]), a detector on CLIP weights (an OpenAI `RN50.pt` / `RN101.pt` file or a
+    transformers CLIP folder; class names from `id2label`; `from_clip_pretrained` resizes CLIP's positional grid once
+    to the authors' `input_resolution` 1344, as their `init_weights` does, or to `image_size` where that is larger),
+    or a DenseCLIP detection checkpoint of that type (its classes must be `id2label`'s)."""
     if model_type not in DETECTOR_CLASSES:
         raise ValueError(f"Unknown detector {model_type!r}: pass one of {list(DETECTOR_CLASSES)}.")
     model_class = DETECTOR_CLASSES[model_type]
@@ -275,9 +276,11 @@ def load_detection_model(
                 f"{model_name_or_path} is a {checkpoint_type!r} model: pass a CLIP checkpoint (RN50.pt, a CLIP "
                 "folder) or a DenseCLIP detection checkpoint."
             )
-    model = model_class.from_clip_pretrained(model_name_or_path, id2label=id2label, prompting_type=prompting_type)
-    model.resize_position_embeddings(image_size)
-    return model
+    # The authors' grid (the config's, which `from_clip_pretrained` makes), or a larger one for larger inputs.
+    grid_size = max(image_size, model_class.config_class.clip_position_embedding_size)
+    return model_class.from_clip_pretrained(
+        model_name_or_path, id2label=id2label, prompting_type=prompting_type, position_embedding_size=grid_size
+    )
 
 
 def sync_batchnorm_devices() -> tuple[str, ...]:

@@ -37,7 +37,7 @@ class Recipe:
     image_scale: tuple[int, int]
     ratio_range: tuple[float, float]
     cat_max_ratio: float
-    eval_steps: int | None
+    eval_steps: str | None  # every N steps, or "epoch"; None: at the end only
     checkpointing_steps: str | None
     dataloader_num_workers: int
     loss_reduction: str
@@ -68,7 +68,7 @@ _ADE20K_VIT_B16 = Recipe(
     image_scale=(2048, 640),
     ratio_range=(0.5, 2.0),
     cat_max_ratio=0.75,
-    eval_steps=8_000,
+    eval_steps="8000",
     checkpointing_steps="8000",
     dataloader_num_workers=4,
     loss_reduction="mean_all_pixels",  # mmseg 0.x, which the authors used: ignored pixels count as 0 in the mean
@@ -89,7 +89,7 @@ _ADE20K_SWIN_UPERNET = dataclasses.replace(
     lr_power=1.0,
     max_train_steps=160_000,
     total_train_batch_size=16,
-    eval_steps=16_000,
+    eval_steps="16000",
     checkpointing_steps="16000",
     decoder_type="upernet",
     decode_head_channels=512,
@@ -257,7 +257,7 @@ class DetectionRecipe:
     flip_probability: float
     max_grad_norm: float | None
     clip_text_encoder_gradients: bool
-    eval_steps: int | None
+    eval_steps: str | None  # every N steps, or "epoch"; None: at the end only
     checkpointing_steps: str | None
     dataloader_num_workers: int
     max_train_steps: int | None = None  # None: num_train_epochs epochs
@@ -288,8 +288,8 @@ _COCO_RETINANET = DetectionRecipe(
     # The authors' clip also covers the text tower's gradients (their tower trains at lr 0 but takes gradients); by
     # default the tower is frozen and the clip covers the trained parameters only (docs/detection.md, "Training").
     clip_text_encoder_gradients=False,
-    eval_steps=None,
-    checkpointing_steps="epoch",  # the authors validate and save every epoch
+    eval_steps="epoch",  # the authors validate (`evaluation = dict(interval=1)`) and save every epoch
+    checkpointing_steps="epoch",
     dataloader_num_workers=2,
 )
 _COCO_MASKRCNN = dataclasses.replace(_COCO_RETINANET, model_type="maskrcnn", learning_rate=2e-4)
@@ -337,6 +337,7 @@ DETECTION_RECIPES = {
         per_device_eval_batch_size=8,
         image_scale=(256, 128),
         max_grad_norm=None,
+        eval_steps=None,
         checkpointing_steps=None,
         dataloader_num_workers=0,
     ),

@@ -19,7 +19,7 @@ from .data import SegmentationData, check_label_range, evaluation_dataloader, tr
 from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .loop import TrainingRun
 from .metrics import format_metrics_table, segmentation_metrics
-from .model_card import write_model_card
+from .model_card import segmentation_card, write_model_card
 from .model_loading import convert_batchnorm_for_launch, load_model
 from .optimization import poly_schedule_with_warmup
 from .transforms import SegmentationAugmentation
@@ -167,7 +167,7 @@ class SegmentationTask:
                 palette=palette_for(config),
             )
             grid.save(folder / "validation_predictions.png")
-            write_model_card(folder, config, results, self.args)
+            write_model_card(folder, segmentation_card(config, results, self.args), config, results, self.args)
 
         return write
 

@@ -1,6 +1,7 @@
-"""`examples/train_seg.py` that stops at a chosen moment, so that a test can SIGKILL it exactly there.
+"""A training script (`examples/train_seg.py`, `examples/train_det.py`) that stops at a chosen moment, so that a test
+can SIGKILL it exactly there.
 
-Launched by the crash tests as `accelerate launch tests/pausing_train_seg.py <train_seg.py flags>`. With
+Launched by the crash tests as `accelerate launch tests/pausing_train.py examples/train_<task>.py <its flags>`. With
 `DENSECLIP_PAUSE_AT` set, the process writes the file `DENSECLIP_PAUSED_FILE` when it reaches the moment and then
 waits for the test to kill it:
 
@@ -24,9 +25,11 @@ import torch
 import transformers.modeling_utils
 
 from denseclip_hf.modeling_denseclip import DenseClipForSemanticSegmentation
+from denseclip_hf.modeling_denseclip_detection import DenseClipForInstanceSegmentation, DenseClipForObjectDetection
 from denseclip_hf.training.repository import STAGING_DIR_NAME
 
-SCRIPT = Path(__file__).parents[1] / "examples" / "train_seg.py"
+# The models the training scripts train; `forward:N` counts the forward passes of whichever the run builds.
+MODEL_CLASSES = (DenseClipForSemanticSegmentation, DenseClipForObjectDetection, DenseClipForInstanceSegmentation)
 
 
 def pause(moment: str) -> None:
@@ -48,15 +51,19 @@ def write_half(data: bytes, path: str | os.PathLike, moment: str) -> None:
 def install(moment: str) -> None:
     kind, _, value = moment.partition(":")
     if kind == "forward":
-        forward, calls = DenseClipForSemanticSegmentation.forward, []
+        calls = []
 
-        def counting_forward(self, *args, **kwargs):
-            calls.append(1)
-            if len(calls) == int(value):
-                pause(moment)
-            return forward(self, *args, **kwargs)
+        def counting(forward):
+            def counting_forward(self, *args, **kwargs):
+                calls.append(1)
+                if len(calls) == int(value):
+                    pause(moment)
+                return forward(self, *args, **kwargs)
 
-        DenseClipForSemanticSegmentation.forward = counting_forward
+            return counting_forward
+
+        for model_class in MODEL_CLASSES:
+            model_class.forward = counting(model_class.forward)
     elif kind == "checkpoint":
         torch_save = torch.save
 
@@ -84,5 +91,6 @@ def install(moment: str) -> None:
 if __name__ == "__main__":
     if os.environ.get("DENSECLIP_PAUSE_AT"):
         install(os.environ["DENSECLIP_PAUSE_AT"])
-    sys.argv[0] = str(SCRIPT)
-    runpy.run_path(str(SCRIPT), run_name="__main__")
+    script = sys.argv.pop(1)  # the training script; its flags follow
+    sys.argv[0] = script
+    runpy.run_path(script, run_name="__main__")
