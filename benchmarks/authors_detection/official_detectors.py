@@ -6,10 +6,10 @@ of `setup.sh`; none of their code is copied: it is imported from `$DENSECLIP_SRC
     config, model = od.build("retinanet")       # their RN50 config, 80 COCO classes, no pretrained weights
     od.randomize_(model, seed=7)                # every parameter and buffer, reproducibly
 
-What `test.py` / `train.py` of the authors do to build a model, minus the checkpoint: `Config.fromfile` of their
-config, `model.class_names` = COCO's classes, `build_detector(cfg.model, train_cfg=cfg.train_cfg, test_cfg=cfg.test_cfg)`
-(their configs keep both at the top level, as `train.py` passes them), `pretrained=None` (the configs name CLIP's `pretrained/RN50.pt`; the weights are random
-here).
+What the authors' `train.py` does to build a model, minus the checkpoint: `Config.fromfile` of their config,
+`model.class_names` = COCO's classes, `build_detector(cfg.model, train_cfg=cfg.train_cfg, test_cfg=cfg.test_cfg)`
+(their configs keep both at the top level), `pretrained=None` (the configs name CLIP's `pretrained/RN50.pt`; the
+weights are random here).
 """
 
 import os
