@@ -198,10 +198,11 @@ def authors_infer(name: str, workdir: Path, repeats: int) -> dict:
 def authors_train(name: str, workdir: Path, steps: int) -> dict:
     import numpy as np
     import torch
+
+    config, model = _authors(name, workdir)  # first: it installs the op shim that mmcv and mmdet need
     from mmcv.runner import build_optimizer
     from mmdet.core import BitmapMasks
 
-    config, model = _authors(name, workdir)
     model.train()
     optimizer = build_optimizer(model, config.optimizer)
     clip = config.optimizer_config.grad_clip

@@ -21,6 +21,7 @@ schemas are declared here (no kernels): nothing in these runs calls a torchvisio
     import ops_shim; ops_shim.install(package_src)  # before importing mmcv.ops / mmdet
 """
 
+import importlib.machinery
 import importlib.util
 import sys
 import types
@@ -70,6 +71,9 @@ class _Extension(types.ModuleType):
 
     def __init__(self, box_ops) -> None:
         super().__init__("mmcv._ext")
+        # No loader: mmcv's `check_ops_exist()` (its optimizer builder's test for deformable convolutions, which
+        # these models have none of) answers False.
+        self.__spec__ = importlib.machinery.ModuleSpec("mmcv._ext", None)
         self._box_ops = box_ops
 
     def nms(self, boxes: torch.Tensor, scores: torch.Tensor, iou_threshold: float, offset: int = 0) -> torch.Tensor:
