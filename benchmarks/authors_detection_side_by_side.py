@@ -5,7 +5,8 @@ step (batch 2), RN50 RetinaNet and Mask R-CNN, 80 COCO classes (issues 18 and 19
     PYTHONPATH=src python benchmarks/authors_detection_side_by_side.py \\
         [--det_python ~/.cache/denseclip-peer/venv-det/bin/python] \\
         [--denseclip_src ~/.cache/denseclip-peer/official] \\
-        [--models retinanet mask_rcnn] [--rounds 1] [--repeats 1] [--train_steps 1] [--no_train] [--workdir DIR] \\
+        [--models retinanet mask_rcnn] [--rounds 1] [--repeats 1] [--train_steps 1] [--no_train] [--quick] \\
+        [--workdir DIR] \\
         [--output benchmarks/results/authors_detection_side_by_side.json]
 
 Optional: it needs the reference venv that `benchmarks/authors_detection/setup.sh` builds (mmdet 2.28.2 on mmcv 1.7.2
@@ -24,7 +25,8 @@ unchanged. The stage tables give those operators' share.
 
 Every phase is its own process (its peak resident memory is its own), 2 threads; the authors' and the package's phases
 alternate for `--rounds` rounds, each timing the median over all rounds of `--repeats` calls (`--train_steps` steps)
-after a first untimed one. What is timed:
+after a first untimed one (`--quick`: the first one is timed too, which then includes first-call costs on both
+sides: the package's text-embedding cache, optimizer state; a rough check, about half the time). What is timed:
 
 - "inference": one 800 x 1333 image padded to 800 x 1344 (a fixed synthetic picture; both sides get the same
   normalized, padded tensor from the package's processor, and the authors the img_metas of their test pipeline for
@@ -46,13 +48,15 @@ Ratios (authors / package) are what to read; on a busy 2-core machine they move 
 
 import argparse
 import datetime
+import json
 import os
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
-from authors_side_by_side import _machine, _median, _peak_gib, _phase, _timed
+from authors_side_by_side import _machine, _median, _peak_gib, _phase
 from stage_timer import StageTimer
 
 HERE = Path(__file__).resolve().parent
@@ -65,6 +69,24 @@ BOX_TOLERANCE = 1e-3  # pixels
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
+def _repeat(call, count: int, warmup: int) -> tuple[list, object]:
+    """`call()` `warmup + count` times: the results of the last `count` calls, and the first call's result."""
+    results, first = [], None
+    for index in range(warmup + count):
+        result = call()
+        if index == 0:
+            first = result
+        if index >= warmup:
+            results.append(result)
+    return results, first
+
+
+def _seconds(call) -> float:
+    start = time.perf_counter()
+    call()
+    return time.perf_counter() - start
+
+
 def prepare_inputs(workdir: Path) -> None:
     """The processor's tensors for one synthetic 1333 x 800 picture (`inputs.pt`) and a training batch of 2 images
     with 10 random boxes each and their box-shaped masks (`train_batch.pt`), shared by both sides."""
@@ -170,7 +192,7 @@ def _authors_detections(result) -> dict:
     return detections
 
 
-def authors_infer(name: str, workdir: Path, repeats: int) -> dict:
+def authors_infer(name: str, workdir: Path, repeats: int, warmup: int) -> dict:
     import torch
 
     _, model = _authors(name, workdir)
@@ -183,19 +205,18 @@ def authors_infer(name: str, workdir: Path, repeats: int) -> dict:
         return model(img=[image], img_metas=[metas], return_loss=False, rescale=True)
 
     with torch.no_grad():
-        first = timer.run(call)[2]
-        runs = [timer.run(call)[:2] for _ in range(repeats)]
+        runs, first = _repeat(lambda: timer.run(call), repeats, warmup)
     output_file = workdir / "authors_detections.pt"
     if not output_file.exists():
-        torch.save(_authors_detections(first[0]), output_file)
+        torch.save(_authors_detections(first[2][0]), output_file)
     return {
-        "times": {"inference": [total for total, _ in runs]},
-        "stages": [stages for _, stages in runs],
+        "times": {"inference": [total for total, _, _ in runs]},
+        "stages": [stages for _, stages, _ in runs],
         "peak_rss_gib": _peak_gib(),
     }
 
 
-def authors_train(name: str, workdir: Path, steps: int) -> dict:
+def authors_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
     import numpy as np
     import torch
 
@@ -229,7 +250,7 @@ def authors_train(name: str, workdir: Path, steps: int) -> dict:
         torch.nn.utils.clip_grad_norm_(parameters, **clip)
         optimizer.step()
 
-    return {"times": _timed({"train step": step}, steps), "peak_rss_gib": _peak_gib()}
+    return {"times": {"train step": _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
 
 
 # ---------------------------------------------------------------------------------------------------- package's side
@@ -269,7 +290,7 @@ def _compare(ours: dict, theirs: dict) -> dict:
     return comparison
 
 
-def package_infer(name: str, workdir: Path, repeats: int) -> dict:
+def package_infer(name: str, workdir: Path, repeats: int, warmup: int) -> dict:
     import torch
     from detection import STAGES as PACKAGE_STAGES
     from detection import instrument, post_process
@@ -284,17 +305,16 @@ def package_infer(name: str, workdir: Path, repeats: int) -> dict:
         return post_process(model, model(**inputs))
 
     with torch.no_grad():
-        first = timer.run(call)[2]
-        runs = [timer.run(call)[:2] for _ in range(repeats)]
+        runs, first = _repeat(lambda: timer.run(call), repeats, warmup)
     return {
-        "times": {"inference": [total for total, _ in runs]},
-        "stages": [stages for _, stages in runs],
-        "comparison": _compare(first[0], torch.load(workdir / "authors_detections.pt")),
+        "times": {"inference": [total for total, _, _ in runs]},
+        "stages": [stages for _, stages, _ in runs],
+        "comparison": _compare(first[2][0], torch.load(workdir / "authors_detections.pt")),
         "peak_rss_gib": _peak_gib(),
     }
 
 
-def package_train(name: str, workdir: Path, steps: int) -> dict:
+def package_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
     import torch
     from detection_training import RECIPES as TRAINING_RECIPES
 
@@ -318,7 +338,7 @@ def package_train(name: str, workdir: Path, steps: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"times": _timed({"train step": step}, steps), "peak_rss_gib": _peak_gib()}
+    return {"times": {"train step": _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
@@ -359,7 +379,7 @@ def summarize(results: dict) -> tuple[list[dict], str]:
     rows = []
     lines = [
         "| model | run | authors | package | ratio | target | detections (authors / package) | identical | "
-        "max box diff. | masks differing |",
+        "max box diff. | masks differing (pixels) |",
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for name, result in results.items():
@@ -379,7 +399,9 @@ def summarize(results: dict) -> tuple[list[dict], str]:
                     f"{comparison['authors_detections']} / {comparison['detections']}",
                     "yes" if comparison["identical"] else "NO",
                     f"{comparison['max_box_difference_px']:.1e} px" if "max_box_difference_px" in comparison else "",
-                    str(comparison.get("masks_differing", "")),
+                    f"{comparison['masks_differing']} ({comparison['mask_pixels_differing']} px)"
+                    if "masks_differing" in comparison
+                    else "",
                 ]
             rows.append(row)
             lines.append(
@@ -424,7 +446,7 @@ def summarize(results: dict) -> tuple[list[dict], str]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--phase", nargs=4, help=argparse.SUPPRESS)
+    parser.add_argument("--phase", nargs=5, help=argparse.SUPPRESS)
     parser.add_argument("--det_python", help="python of the reference venv (setup.sh); or DET_PY")
     parser.add_argument("--denseclip_src", help="the authors' repository, exported; or DENSECLIP_SRC")
     parser.add_argument("--models", nargs="+", default=list(RECIPES), choices=list(RECIPES))
@@ -434,18 +456,28 @@ def main() -> None:
         "--train_steps", type=int, default=1, help="timed training steps per phase (after a first one)"
     )
     parser.add_argument("--no_train", action="store_true", help="inference only")
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="time the first call and step too (no untimed one before): a rough check in about half the time",
+    )
     parser.add_argument("--workdir", type=Path, help="where the weights and outputs go (default: a temporary folder)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "authors_detection_side_by_side.json")
     args = parser.parse_args()
     if args.phase:  # inside a phase process (the reference venv's python or this package's)
-        phase, name, workdir, count = args.phase[0], args.phase[1], Path(args.phase[2]), int(args.phase[3])
+        phase, name, workdir, count, warmup = (
+            args.phase[0],
+            args.phase[1],
+            Path(args.phase[2]),
+            *map(int, args.phase[3:]),
+        )
         functions = {
             "authors_infer": authors_infer,
             "authors_train": authors_train,
             "package_infer": package_infer,
             "package_train": package_train,
         }
-        print("@@RESULT@@" + __import__("json").dumps(functions[phase](name, workdir, count)))
+        print("@@RESULT@@" + json.dumps(functions[phase](name, workdir, count, warmup)))
         return
 
     det_python, source = _reference_paths(args)
@@ -473,13 +505,15 @@ def main() -> None:
         for _ in range(args.rounds):
             for side, python, phase, count in phases:
                 print(f"{name}: {phase} ...", file=sys.stderr, flush=True)
-                out = _phase(python, [phase, name, str(workdir), str(count)], env, script=__file__)
+                out = _phase(
+                    python, [phase, name, str(workdir), str(count), "0" if args.quick else "1"], env, script=__file__
+                )
                 for run, times in out["times"].items():
                     result[side].setdefault(run, []).extend(times)
                 result["stages"][side].extend(out.get("stages", []))
+                print(f"{name}: {phase}: {json.dumps(out)}", file=sys.stderr, flush=True)
                 if "comparison" in out:
                     result["comparison"] = out["comparison"]
-                    print(f"{name}: {out['comparison']}", file=sys.stderr, flush=True)
                 if phase.endswith("train"):
                     peaks[side] = max(peaks[side], out["peak_rss_gib"])
         if not args.no_train:
@@ -491,8 +525,8 @@ def main() -> None:
         f"RoIAlign on both sides), {started:%Y-%m-%d %H:%M} UTC: {machine_before['cpu']}, {machine_before['cores']} "
         f"cores, 2 threads per side; load average {machine_before['load_average']} before, "
         f"{machine_after['load_average']} after; {args.rounds} round(s) x {args.repeats} inference call(s)"
-        f"{'' if args.no_train else f' and {args.train_steps} training step(s)'} after a first untimed one, "
-        "medians.\n\n"
+        f"{'' if args.no_train else f' and {args.train_steps} training step(s)'}"
+        f"{' (--quick: the first ones, timed)' if args.quick else ' after a first untimed one'}, medians.\n\n"
     )
     from configs import save_results
 
@@ -506,6 +540,7 @@ def main() -> None:
         rounds=args.rounds,
         repeats=args.repeats,
         train_steps=args.train_steps,
+        quick=args.quick,
         raw=results,
     )
 
