@@ -239,9 +239,10 @@ def package_train(workdir: Path, name: str, steps: int) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
-def _phase(python: str, args: list[str], env: dict) -> dict:
+def _phase(python: str, args: list[str], env: dict, script: str = __file__) -> dict:
+    """`script --phase *args` run by `python`: the JSON it prints after `@@RESULT@@`."""
     done = subprocess.run(
-        [python, str(Path(__file__).resolve()), "--phase", *args], capture_output=True, text=True, env=env
+        [python, str(Path(script).resolve()), "--phase", *args], capture_output=True, text=True, env=env
     )
     if done.returncode or "@@RESULT@@" not in done.stdout:
         raise RuntimeError(f"phase {args[0]} failed (status {done.returncode}):\n{done.stderr[-3000:]}")

@@ -21,7 +21,6 @@ changes absolute times.
 
 import argparse
 import statistics
-import time
 from collections import defaultdict
 from collections.abc import Callable
 from pathlib import Path
@@ -29,6 +28,7 @@ from pathlib import Path
 import torch
 from authors import text_as_the_authors
 from configs import CLIP_TEXT, save_results
+from stage_timer import StageTimer
 from torch import nn
 from transformers import CLIPTokenizer
 
@@ -49,69 +49,6 @@ IMAGE = (800, 1333)  # the test pipeline's output for a 1333 x 800 image (scale 
 PADDED = (800, 1344)
 MODELS = {"retinanet": DenseClipForObjectDetection, "mask_rcnn": DenseClipForInstanceSegmentation}
 STAGES = ["image encoder", "text tower", "prompting", "FPN", "heads", "NMS", "RoIAlign", "mask paste", "other"]
-
-
-class StageTimer:
-    """Wall time per stage of the calls made while it is `active`: modules timed by forward hooks, functions of the
-    package by wrappers; nested stages are subtracted from their parent (exclusive times)."""
-
-    def __init__(self) -> None:
-        self.totals: dict[str, float] = defaultdict(float)
-        self.active = False
-        self._stack: list[list] = []  # [stage, start, time of nested stages]
-
-    def _enter(self) -> None:
-        self._stack.append([None, time.perf_counter(), 0.0])
-
-    def _leave(self, stage: str) -> None:
-        _, start, nested = self._stack.pop()
-        elapsed = time.perf_counter() - start
-        self.totals[stage] += elapsed - nested
-        if self._stack:
-            self._stack[-1][2] += elapsed
-
-    def module(self, module: nn.Module | None, stage: str) -> None:
-        if module is None:
-            return
-
-        def enter(*args) -> None:  # hooks return None: the inputs and outputs stay as they are
-            if self.active:
-                self._enter()
-
-        def leave(*args) -> None:
-            if self.active:
-                self._leave(stage)
-
-        module.register_forward_pre_hook(enter)
-        module.register_forward_hook(leave)
-
-    def function(self, owner: object, name: str, stage: str) -> None:
-        original = getattr(owner, name)
-
-        def timed(*args, **kwargs):
-            if not self.active:
-                return original(*args, **kwargs)
-            self._enter()
-            try:
-                return original(*args, **kwargs)
-            finally:
-                self._leave(stage)
-
-        setattr(owner, name, timed)
-
-    def run(self, call: Callable[[], object]) -> tuple[float, dict[str, float], object]:
-        """`call()` timed: total seconds, seconds per stage ("other": the rest), and its result."""
-        self.totals.clear()
-        self.active = True
-        start = time.perf_counter()
-        try:
-            result = call()
-        finally:
-            total = time.perf_counter() - start
-            self.active = False
-        stages = {stage: self.totals.get(stage, 0.0) for stage in STAGES[:-1]}
-        stages["other"] = total - sum(stages.values())
-        return total, stages, result
 
 
 def config(name: str) -> DenseClipRetinaNetConfig | DenseClipMaskRCNNConfig:
@@ -137,6 +74,20 @@ def calibrate(model: nn.Module, inputs: dict[str, torch.Tensor]) -> None:
         scale = std / logits.std()
         classifier.weight.mul_(scale)
         classifier.bias.copy_((classifier.bias - logits.mean()) * scale + mean)
+
+
+def instrument(timer: StageTimer, detectors: tuple[nn.Module, ...]) -> None:
+    """Times the stages of `STAGES` in `detectors` (forward hooks) and in the package's module functions."""
+    for detector in detectors:
+        timer.module(detector.denseclip.image_encoder, "image encoder")
+        timer.module(detector.denseclip.text_encoder, "text tower")
+        timer.module(detector.denseclip, "prompting")  # the base model minus its image encoder and text tower
+        timer.module(detector.fpn, "FPN")
+        for head in ("head", "rpn", "box_head", "mask_head"):
+            timer.module(getattr(detector, head, None), "heads")
+    timer.function(modeling_module, "batched_nms", "NMS")
+    timer.function(modeling_module, "multi_level_roi_align", "RoIAlign")
+    timer.function(processing_module, "paste_masks", "mask paste")
 
 
 def post_process(model: nn.Module, outputs) -> list[dict]:
@@ -181,17 +132,8 @@ def measure(name: str, repeats: int) -> dict:
     authors = MODELS[name](model.config).eval()
     authors.load_state_dict(model.state_dict())
     text_as_the_authors(authors.denseclip)
-    timer = StageTimer()
-    for detector in (model, authors):
-        timer.module(detector.denseclip.image_encoder, "image encoder")
-        timer.module(detector.denseclip.text_encoder, "text tower")
-        timer.module(detector.denseclip, "prompting")  # the base model minus its image encoder and text tower
-        timer.module(detector.fpn, "FPN")
-        for head in ("head", "rpn", "box_head", "mask_head"):
-            timer.module(getattr(detector, head, None), "heads")
-    timer.function(modeling_module, "batched_nms", "NMS")
-    timer.function(modeling_module, "multi_level_roi_align", "RoIAlign")
-    timer.function(processing_module, "paste_masks", "mask paste")
+    timer = StageTimer(STAGES)
+    instrument(timer, (model, authors))
 
     def call(detector: nn.Module) -> Callable[[], list[dict]]:
         return lambda: post_process(detector, detector(**inputs))
