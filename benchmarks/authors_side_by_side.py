@@ -34,11 +34,22 @@ on a busy machine they move by 10-25%, so run it on an idle one. What is timed, 
 - "train step": batch 2, 512x512 crops, forward with the losses, backward, optimizer step (theirs: their config's
   AdamW through mmcv's `build_optimizer`, `forward_train`; the package's: the training script's `build_optimizer`
   with the recipe's settings), the median of `--train_steps` after a first untimed one; peak resident memory.
+- ", channels-last": the package's eval 512x512 and slide 512x683 again with its weights in channels-last memory
+  (`model.to(memory_format=torch.channels_last)`, the evaluation script's `--channels_last`: its fastest exact path,
+  the same values up to float rounding), against the same runs of the authors.
 
-The outputs are compared: the package's logits and probabilities against the authors' on the same input.
+The eval 512x512 forward is also broken into parts on both sides (`PARTS`: image encoder, text encoder, context
+decoder, neck, decode head, resize to the input, and the rest as "other"): the harness wraps those modules' methods
+and the final resize function with timers for `--repeats` more calls, and counts the GFLOPs of each part in one call
+with torch's `FlopCounterMode` (matrix products, convolutions and attention; 2 FLOPs per multiply-add), then puts the
+originals back; neither side's code is edited. The package's text encoder shows 0 where its output is cached.
+
+The outputs are compared: the package's logits and probabilities (channels-last ones too) against the authors' on the
+same input.
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import os
@@ -59,6 +70,20 @@ TARGETS = {
     "r50": {"eval 512x512": 2.5, "slide 512x683": 2.2, "train step": 1.3},
 }
 MEMORY_TARGET = 0.75
+# The package's runs and the authors' run each is compared with: the default path, and the package with its weights in
+# channels-last memory (`model.to(memory_format=torch.channels_last)`, the evaluation script's `--channels_last`).
+COMPARED = {
+    "eval 512x512": "eval 512x512",
+    "eval 512x512, channels-last": "eval 512x512",
+    "slide 512x683": "slide 512x683",
+    "slide 512x683, channels-last": "slide 512x683",
+    "probabilities 512x683": "probabilities 512x683",
+    "image side 512x512": "image side 512x512",
+    "train step": "train step",
+}
+# The parts of the eval 512x512 forward timed on both sides (`_authors_parts`, `_package_parts`), then what is left.
+PARTS = ("image encoder", "text encoder", "context decoder", "neck (FPN)", "decode head", "resize to the input")
+BREAKDOWN_ROWS = (*PARTS, "other", "total")
 HERE = Path(__file__).resolve().parent
 
 
@@ -81,6 +106,69 @@ def _timed(calls: dict, repeats: int) -> dict:
             call()
             times[name].append(time.perf_counter() - start)
     return times
+
+
+def _attention_flops(query, key, value, *args, out_shape=None, **kwargs) -> int:
+    """FLOPs of CPU attention (`_scaled_dot_product_flash_attention_for_cpu`, which torch's counter does not know):
+    the two batched products, queries x keys and weights x values, 2 FLOPs per multiply-add."""
+    batch, heads, queries, depth = query
+    return 2 * batch * heads * queries * key[2] * (depth + value[3])
+
+
+@contextlib.contextmanager
+def _instrumented(parts: dict, counter=None):
+    """Wraps each part's methods and functions (`parts`: label -> `[(owner, attribute name)]`) with a timer and, given
+    a `FlopCounterMode`, a FLOP reading; yields the seconds and FLOPs spent in each part, summed over the calls, and
+    puts the originals back on exit. Neither side's code is edited: the harness sets and removes attributes."""
+    seconds, flops, restore = dict.fromkeys(parts, 0.0), dict.fromkeys(parts, 0), []
+    for label, targets in parts.items():
+        for owner, name in targets:
+            original = getattr(owner, name)
+
+            def wrapped(*args, _original=original, _label=label, **kwargs):
+                flops_before = counter.get_total_flops() if counter is not None else 0
+                start = time.perf_counter()
+                try:
+                    return _original(*args, **kwargs)
+                finally:
+                    seconds[_label] += time.perf_counter() - start
+                    if counter is not None:
+                        flops[_label] += counter.get_total_flops() - flops_before
+
+            restore.append((owner, name, original, name in vars(owner)))
+            setattr(owner, name, wrapped)
+    try:
+        yield seconds, flops
+    finally:
+        for owner, name, original, own_attribute in reversed(restore):
+            setattr(owner, name, original) if own_attribute else delattr(owner, name)
+
+
+def _breakdown(call, parts: dict, repeats: int) -> dict:
+    """`call` by parts: seconds per call of each part over `repeats` calls (timers on the parts), and GFLOPs of one
+    call (torch's `FlopCounterMode`, 2 FLOPs per multiply-add of matrix products, convolutions and attention; resizes,
+    norms and elementwise operations count 0); "other" is the rest of the call, "total" the whole call."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    times: dict[str, list[float]] = {label: [] for label in BREAKDOWN_ROWS}
+    for _ in range(repeats):
+        with _instrumented(parts) as (seconds, _):
+            start = time.perf_counter()
+            call()
+            total = time.perf_counter() - start
+        for label, spent in seconds.items():
+            times[label].append(spent)
+        times["other"].append(total - sum(seconds.values()))
+        times["total"].append(total)
+    attention = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    counter = FlopCounterMode(display=False, custom_mapping={attention: _attention_flops})
+    with counter, _instrumented(parts, counter) as (_, flops):
+        call()
+    total = counter.get_total_flops()
+    gflops = {label: count / 1e9 for label, count in flops.items()}
+    gflops.update(other=(total - sum(flops.values())) / 1e9, total=total / 1e9)
+    return {"times": times, "gflops": gflops}
 
 
 def _peak_gib() -> float:
@@ -115,6 +203,21 @@ def _metas(height: int, width: int) -> list[dict]:
     return [dict(img_shape=shape, ori_shape=shape, pad_shape=shape, flip=False)]
 
 
+def _authors_parts(model) -> dict:
+    """The parts of the authors' `encode_decode`: their backbone (ViT / ResNet with its pyramid and attention pool),
+    text encoder, context decoder, neck and decode head (`forward_test`, which calls the head's `forward` directly),
+    and the final `resize` of their segmentor's module."""
+    segmentor_module = sys.modules[type(model).__module__]
+    return {
+        "image encoder": [(model.backbone, "forward")],
+        "text encoder": [(model.text_encoder, "forward")],
+        "context decoder": [(model.context_decoder, "forward")],
+        "neck (FPN)": [(model.neck, "forward")],
+        "decode head": [(model.decode_head, "forward_test")],
+        "resize to the input": [(segmentor_module, "resize")],
+    }
+
+
 def authors_infer(peer_dir: str, name: str, workdir: Path, repeats: int) -> dict:
     import torch
 
@@ -130,6 +233,7 @@ def authors_infer(peer_dir: str, name: str, workdir: Path, repeats: int) -> dict
             "probabilities 512x683": lambda: model.inference(slide, _metas(*SLIDE_IMAGE), True),
         }
         times = _timed(calls, repeats)
+        breakdown = _breakdown(calls["eval 512x512"], _authors_parts(model), repeats)
         outputs = {name: calls[name]() for name in ("eval 512x512", "slide 512x683", "probabilities 512x683")}
         text_embeddings = model.text_encoder(model.texts, model.contexts)
 
@@ -142,7 +246,7 @@ def authors_infer(peer_dir: str, name: str, workdir: Path, repeats: int) -> dict
     output_file = workdir / "authors_outputs.pt"
     if not output_file.exists():
         torch.save(outputs, output_file)
-    return {"times": times, "peak_rss_gib": _peak_gib()}
+    return {"times": times, "breakdown": breakdown, "peak_rss_gib": _peak_gib()}
 
 
 def authors_train(peer_dir: str, name: str, workdir: Path, steps: int) -> dict:
@@ -188,12 +292,39 @@ def _package_model(workdir: Path):
     return DenseClipForSemanticSegmentation.from_pretrained(folder)
 
 
+def _package_parts(model) -> dict:
+    """The parts of the package's default eval forward that correspond to `_authors_parts`: the image encoder (ViT /
+    ResNet with its pyramid and attention pool), the text encoder (not called where its output is cached), the
+    context decoder, the FPN neck, the Semantic FPN head, and the test protocol's resize of the logits to the input
+    (with its float32 channels-last view of them)."""
+    from denseclip_hf import protocol_denseclip
+
+    base = model.denseclip
+    return {
+        "image encoder": [(base.image_encoder, "forward")],
+        "text encoder": [(base.text_encoder, "forward")],
+        "context decoder": [(base.prompting.context_decoder, "forward")],
+        "neck (FPN)": [(model.decoder.neck, "forward")],
+        "decode head": [(model.decoder.head, "forward")],
+        "resize to the input": [(protocol_denseclip, "resize_bilinear"), (protocol_denseclip, "channels_last_float")],
+    }
+
+
 def package_infer(workdir: Path, repeats: int) -> dict:
     import torch
 
     torch.set_num_threads(2)
     model = _package_model(workdir).eval()
     whole, slide = _inputs()
+    reference = torch.load(workdir / "authors_outputs.pt")
+    differences = {}
+
+    def compare(calls: dict) -> None:
+        for name, call in calls.items():
+            if COMPARED.get(name) in reference:
+                expected = reference[COMPARED[name]]
+                differences[name] = float((call() - expected).abs().max() / expected.abs().max())
+
     with torch.no_grad():
         calls = {
             "eval 512x512": lambda: model(whole, test_mode=model.config.test_mode).logits,
@@ -203,12 +334,16 @@ def package_infer(workdir: Path, repeats: int) -> dict:
             "single pass 512x512 (1/4 resolution)": lambda: model(whole, test_mode="plain").logits,
         }
         times = _timed(calls, repeats)
-        reference = torch.load(workdir / "authors_outputs.pt")
-        differences = {}
-        for name, expected in reference.items():
-            got = calls[name]()
-            differences[name] = float((got - expected).abs().max() / expected.abs().max())
-    return {"times": times, "relative_difference": differences, "peak_rss_gib": _peak_gib()}
+        breakdown = _breakdown(calls["eval 512x512"], _package_parts(model), repeats)
+        compare(calls)
+        model.to(memory_format=torch.channels_last)  # the fastest path (`--channels_last`), on the same weights
+        channels_last = {
+            "eval 512x512, channels-last": calls["eval 512x512"],
+            "slide 512x683, channels-last": calls["slide 512x683"],
+        }
+        times.update(_timed(channels_last, repeats))
+        compare(channels_last)
+    return {"times": times, "breakdown": breakdown, "relative_difference": differences, "peak_rss_gib": _peak_gib()}
 
 
 def package_train(workdir: Path, name: str, steps: int) -> dict:
@@ -299,15 +434,15 @@ def summarize(results: dict) -> tuple[list[dict], str]:
     lines.append("|---|---|---|---|---|---|---|")
     for name, result in results.items():
         authors, package = result["authors"], result["package"]
-        target = TARGETS.get(name, {})
+        target = dict(TARGETS.get(name, {}))
         differences = result.get("relative_difference", {})
-        for run in ("eval 512x512", "slide 512x683", "probabilities 512x683", "image side 512x512", "train step"):
-            if run not in authors or run not in package:
+        for run, authors_run in COMPARED.items():
+            if authors_run not in authors or run not in package:
                 continue
-            theirs, ours = _median(authors[run]), _median(package[run])
+            theirs, ours = _median(authors[authors_run]), _median(package[run])
             row = {"model": name, "run": run, "authors_s": theirs, "package_s": ours, "speedup": theirs / ours}
-            if run in target:
-                row["target"] = target[run]
+            if authors_run in target:
+                row["target"] = target[run] = target[authors_run]
             if run in differences:
                 row["relative_difference"] = differences[run]
             rows.append(row)
@@ -343,6 +478,35 @@ def summarize(results: dict) -> tuple[list[dict], str]:
             )
             goal = f"<= {MEMORY_TARGET}x: {'met' if ratio <= MEMORY_TARGET else 'NOT met'}"
             lines.append(f"| {name} | train peak memory (GiB) | {theirs:.2f} | {ours:.2f} | {ratio:.2f}x | {goal} | |")
+    breakdown = [(name, result["breakdown"]) for name, result in results.items() if "breakdown" in result]
+    if breakdown:
+        lines += [
+            "",
+            "Per part of the eval 512x512 forward (seconds: medians per call, with timers on each part; GFLOPs: one "
+            "call under torch's FLOP counter):",
+            "",
+            "| model | part | authors (s) | package (s) | speed-up | authors GFLOPs | package GFLOPs | FLOP ratio |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+    for name, sides in breakdown:
+        for part in BREAKDOWN_ROWS:
+            theirs, ours = (_median(sides[side]["times"][part]) for side in ("authors", "package"))
+            flops = [sides[side]["gflops"][part] for side in ("authors", "package")]
+            rows.append(
+                {
+                    "model": name,
+                    "run": f"eval 512x512: {part}",
+                    "authors_s": theirs,
+                    "package_s": ours,
+                    "authors_gflops": flops[0],
+                    "package_gflops": flops[1],
+                }
+            )
+            speedup, flop_ratio = (f"{a / b:.2f}x" if b > 0 else "" for a, b in ((theirs, ours), flops))
+            lines.append(
+                f"| {name} | {part} | {theirs:.3f} | {ours:.3f} | {speedup} | {flops[0]:.1f} | {flops[1]:.1f} | "
+                f"{flop_ratio} |"
+            )
     return rows, "\n".join(lines) + "\n"
 
 
@@ -400,6 +564,11 @@ def main() -> None:
                     result[side].setdefault(run, []).extend(times)
                 if "relative_difference" in out:
                     result["relative_difference"] = out["relative_difference"]
+                if "breakdown" in out:
+                    parts = result.setdefault("breakdown", {}).setdefault(side, {"times": {}})
+                    for part, times in out["breakdown"]["times"].items():
+                        parts["times"].setdefault(part, []).extend(times)
+                    parts["gflops"] = out["breakdown"]["gflops"]
                 if phase.endswith("train"):
                     peaks[side] = max(peaks[side], out["peak_rss_gib"])
         if not args.no_train:

@@ -19,7 +19,7 @@ from denseclip_hf import (
 )
 from denseclip_hf.configuration_denseclip import DECODER_TYPES, PROMPTING_TYPES
 from denseclip_hf.loss_denseclip import UpsampledCrossEntropy, pixel_cross_entropy
-from denseclip_hf.modeling_denseclip import DECODERS, PROMPTINGS, drop_path
+from denseclip_hf.modeling_denseclip import DECODERS, PROMPTINGS, DenseClipQuickGelu, drop_path
 
 
 def comparable(config: DenseClipConfig) -> dict:
@@ -595,6 +595,33 @@ def test_drop_path_rises_per_layer_and_only_acts_in_training(tokenizer):
             runs.append(encoder(pixel_values).global_embedding)
     torch.testing.assert_close(runs[0], runs[1])
     assert not torch.allclose(runs[0], runs[2]) and not torch.allclose(runs[0], plain(pixel_values).global_embedding)
+
+
+@pytest.mark.parametrize("needs_grad", [False, True])
+def test_quick_gelu_has_the_values_and_gradients_of_clips_formula(needs_grad):
+    inputs = torch.randn(3, 7, 64).requires_grad_(needs_grad)
+    expected = inputs * torch.sigmoid(1.702 * inputs)  # CLIP's QuickGELU, written out
+    with torch.set_grad_enabled(needs_grad):
+        got = DenseClipQuickGelu()(inputs)
+    torch.testing.assert_close(got, expected, rtol=0, atol=0)
+    if needs_grad:
+        upstream = torch.randn_like(got)
+        (got_grad,) = torch.autograd.grad(got, inputs, upstream)
+        (expected_grad,) = torch.autograd.grad(expected, inputs, upstream)
+        torch.testing.assert_close(got_grad, expected_grad, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("hidden_act", ["quick_gelu", "gelu"])
+def test_clip_towers_swap_only_quick_gelu_for_the_fewer_pass_one(tokenizer, hidden_act):
+    config = tiny_config(tokenizer)
+    config.vision_config.hidden_act = config.text_config.hidden_act = hidden_act
+    model = make_model(config).base_model
+    inputs = torch.randn(2, 5, 8)
+    expected = inputs * torch.sigmoid(1.702 * inputs) if hidden_act == "quick_gelu" else F.gelu(inputs)
+    for tower in (model.image_encoder.vision_model, model.text_encoder.text_model):
+        for layer in tower.encoder.layers:
+            assert isinstance(layer.mlp.activation_fn, DenseClipQuickGelu) == (hidden_act == "quick_gelu")
+            torch.testing.assert_close(layer.mlp.activation_fn(inputs), expected, rtol=0, atol=0)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
