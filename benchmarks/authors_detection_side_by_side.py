@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from authors_side_by_side import _machine, _median, _peak_gib, _phase
+from authors_side_by_side import _machine, _median, _peak_gib, _phase, save_side_by_side
 from stage_timer import StageTimer
 
 HERE = Path(__file__).resolve().parent
@@ -519,30 +519,13 @@ def main() -> None:
         if not args.no_train:
             result["train_peak_gib"] = peaks
     rows, markdown = summarize(results)
-    machine_after = _machine()
-    header = (
-        f"Side by side with the authors' detection code (mmdet 2.28.2, mmcv 1.7.2 lite + the package's NMS and "
-        f"RoIAlign on both sides), {started:%Y-%m-%d %H:%M} UTC: {machine_before['cpu']}, {machine_before['cores']} "
-        f"cores, 2 threads per side; load average {machine_before['load_average']} before, "
-        f"{machine_after['load_average']} after; {args.rounds} round(s) x {args.repeats} inference call(s)"
-        f"{'' if args.no_train else f' and {args.train_steps} training step(s)'}"
-        f"{' (--quick: the first ones, timed)' if args.quick else ' after a first untimed one'}, medians.\n\n"
+    runs = f"{args.rounds} round(s) x {args.repeats} inference call(s)"
+    runs += "" if args.no_train else f" and {args.train_steps} training step(s)"
+    runs += " (--quick: the first ones, timed)" if args.quick else " after a first untimed one"
+    against = (
+        "the authors' detection code (mmdet 2.28.2, mmcv 1.7.2 lite + the package's NMS and RoIAlign on both sides)"
     )
-    from configs import save_results
-
-    save_results(
-        args.output,
-        rows,
-        header + markdown,
-        started=started.isoformat(timespec="seconds"),
-        machine=machine_before,
-        load_average_after=machine_after["load_average"],
-        rounds=args.rounds,
-        repeats=args.repeats,
-        train_steps=args.train_steps,
-        quick=args.quick,
-        raw=results,
-    )
+    save_side_by_side(args, against, runs, started, machine_before, rows, markdown, results, quick=args.quick)
 
 
 if __name__ == "__main__":

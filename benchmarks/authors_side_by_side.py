@@ -574,15 +574,32 @@ def main() -> None:
         if not args.no_train:
             result["train_peak_gib"] = peaks
     rows, markdown = summarize(results)
-    machine_after = _machine()
-    header = (
-        f"Side by side with the authors' code, {started:%Y-%m-%d %H:%M} UTC: {machine_before['cpu']}, "
-        f"{machine_before['cores']} cores, 2 threads per side; load average {machine_before['load_average']} before, "
-        f"{machine_after['load_average']} after; {args.rounds} rounds x {args.repeats} calls "
-        f"({'inference only' if args.no_train else f'{args.train_steps} training steps'}), medians.\n\n"
-    )
+    runs = f"{args.rounds} rounds x {args.repeats} calls "
+    runs += f"({'inference only' if args.no_train else f'{args.train_steps} training steps'})"
+    save_side_by_side(args, "the authors' code", runs, started, machine_before, rows, markdown, results)
+
+
+def save_side_by_side(
+    args: argparse.Namespace,
+    against: str,
+    runs: str,
+    started: datetime.datetime,
+    machine_before: dict,
+    rows: list[dict],
+    markdown: str,
+    results: dict,
+    **extra,
+) -> None:
+    """Write a side-by-side run's JSON and Markdown (`args.output`), headed by the date, the machine, the load average
+    before and after and what was run (`runs`). Shared with `authors_detection_side_by_side.py`."""
     from configs import save_results
 
+    machine_after = _machine()
+    header = (
+        f"Side by side with {against}, {started:%Y-%m-%d %H:%M} UTC: {machine_before['cpu']}, "
+        f"{machine_before['cores']} cores, 2 threads per side; load average {machine_before['load_average']} before, "
+        f"{machine_after['load_average']} after; {runs}, medians.\n\n"
+    )
     save_results(
         args.output,
         rows,
@@ -594,6 +611,7 @@ def main() -> None:
         repeats=args.repeats,
         train_steps=args.train_steps,
         raw=results,
+        **extra,
     )
 
 
