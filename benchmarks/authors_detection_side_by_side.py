@@ -56,7 +56,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from authors_side_by_side import _machine, _median, _peak_gib, _phase, save_side_by_side
+from authors_side_by_side import _machine, _median, _peak_gib, _phase, alternating_phases, save_side_by_side
 from stage_timer import StageTimer
 
 HERE = Path(__file__).resolve().parent
@@ -492,15 +492,7 @@ def main() -> None:
         workdir = root / name
         workdir.mkdir(exist_ok=True)
         result = results[name] = {"authors": {}, "package": {}, "stages": {"authors": [], "package": []}}
-        phases = [
-            ("authors", det_python, "authors_infer", args.repeats),
-            ("package", sys.executable, "package_infer", args.repeats),
-        ]
-        if not args.no_train:
-            phases += [
-                ("authors", det_python, "authors_train", args.train_steps),
-                ("package", sys.executable, "package_train", args.train_steps),
-            ]
+        phases = alternating_phases(det_python, args)
         peaks = {"authors": 0.0, "package": 0.0}
         for _ in range(args.rounds):
             for side, python, phase, count in phases:

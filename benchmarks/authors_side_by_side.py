@@ -546,15 +546,7 @@ def main() -> None:
         workdir = args.workdir / name if args.workdir else Path(tempfile.mkdtemp(prefix=f"authors-{name}-"))
         workdir.mkdir(parents=True, exist_ok=True)
         result = results[name] = {"authors": {}, "package": {}, "workdir": str(workdir)}
-        phases = [
-            ("authors", peer_python, "authors_infer", args.repeats),
-            ("package", sys.executable, "package_infer", args.repeats),
-        ]
-        if not args.no_train:
-            phases += [
-                ("authors", peer_python, "authors_train", args.train_steps),
-                ("package", sys.executable, "package_train", args.train_steps),
-            ]
+        phases = alternating_phases(peer_python, args)
         peaks = {"authors": 0.0, "package": 0.0}
         for _ in range(args.rounds):
             for side, python, phase, count in phases:
@@ -577,6 +569,22 @@ def main() -> None:
     runs = f"{args.rounds} rounds x {args.repeats} calls "
     runs += f"({'inference only' if args.no_train else f'{args.train_steps} training steps'})"
     save_side_by_side(args, "the authors' code", runs, started, machine_before, rows, markdown, results)
+
+
+def alternating_phases(reference_python: str, args: argparse.Namespace) -> list[tuple[str, str, str, int]]:
+    """One round's phases as `(side, python, phase, count)`: inference on the authors' side (the reference venv's
+    `reference_python`) and the package's, then, unless `args.no_train`, a training step on each. Shared with
+    `authors_detection_side_by_side.py`."""
+    phases = [
+        ("authors", reference_python, "authors_infer", args.repeats),
+        ("package", sys.executable, "package_infer", args.repeats),
+    ]
+    if not args.no_train:
+        phases += [
+            ("authors", reference_python, "authors_train", args.train_steps),
+            ("package", sys.executable, "package_train", args.train_steps),
+        ]
+    return phases
 
 
 def save_side_by_side(
