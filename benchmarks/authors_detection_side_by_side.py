@@ -56,7 +56,16 @@ import tempfile
 import time
 from pathlib import Path
 
-from authors_side_by_side import _machine, _median, _peak_gib, _phase, alternating_phases, save_side_by_side
+from authors_side_by_side import (
+    _machine,
+    _median,
+    _peak_gib,
+    _phase,
+    add_allocator_argument,
+    allocator_environment,
+    alternating_phases,
+    save_side_by_side,
+)
 from stage_timer import StageTimer
 
 HERE = Path(__file__).resolve().parent
@@ -66,6 +75,9 @@ STAGES = ["image encoder", "text tower", "prompting", "FPN", "heads", "NMS", "Ro
 RECIPES = {"retinanet": "coco-retinanet-denseclip-rn50", "mask_rcnn": "coco-maskrcnn-denseclip-rn50"}
 SPEED_TARGET, MEMORY_TARGET = 1.3, 0.8  # issues 18 and 19: speed-ups (authors / package), memory (package / authors)
 BOX_TOLERANCE = 1e-3  # pixels
+CHANNELS_LAST_INFERENCE, CHANNELS_LAST_TRAINING = "inference, channels-last", "train step, channels-last"
+MASK_BANDS = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2)  # distances from the mask threshold (`_threshold_band`)
+RUNS = ["inference", CHANNELS_LAST_INFERENCE, "train step", CHANNELS_LAST_TRAINING]
 
 
 # ------------------------------------------------------------------------------------------------------------ inputs
@@ -267,8 +279,10 @@ def _package_model(name: str, workdir: Path):
     return MODELS[name].from_pretrained(folder)
 
 
-def _compare(ours: dict, theirs: dict) -> dict:
-    """The package's detections (by score, as the processor gives them) against the authors' (per class)."""
+def _compare(ours: dict, theirs: dict, masks_at=None) -> dict:
+    """The package's detections (by score, as the processor gives them) against the authors' (per class). Where masks
+    differ, `masks_at(threshold)` (the package's masks at another mask threshold) tells how close to the threshold
+    the differing pixels' mask probabilities are (`_threshold_band`)."""
     import torch
 
     labels = ours["labels"] if "labels" in ours else torch.tensor([s["label_id"] for s in ours["segments_info"]])
@@ -285,15 +299,32 @@ def _compare(ours: dict, theirs: dict) -> dict:
             different = (ours["segmentation"][order] != theirs["masks"]).sum(dim=(1, 2))
             comparison["masks_differing"] = int((different > 0).sum())
             comparison["mask_pixels_differing"] = int(different.sum())
+            if comparison["masks_differing"] and masks_at is not None:
+                comparison["differing_pixels_within"] = _threshold_band(ours, theirs["masks"], order, masks_at)
             same = same and comparison["masks_differing"] == 0
     comparison["identical"] = bool(same)
     return comparison
+
+
+def _threshold_band(ours: dict, theirs, order, masks_at) -> float | None:
+    """The smallest distance `d` of `MASK_BANDS` such that every pixel where the package's masks differ from the
+    authors' takes the authors' value at the mask threshold `t - d` or `t + d`: the package's mask probability there
+    lies within `d` of the threshold `t`, where a float-rounding difference in the mask head or in the box the mask
+    is pasted in can move it across. `None`: some pixel is further away."""
+    differing = ours["segmentation"][order] != theirs
+    for band in MASK_BANDS:
+        below, above = (masks_at(ours["mask_threshold"] + sign * band)[order] for sign in (-1, 1))
+        if bool(((below == theirs) | (above == theirs))[differing].all()):
+            return band
+    return None
 
 
 def package_infer(name: str, workdir: Path, repeats: int, warmup: int) -> dict:
     import torch
     from detection import STAGES as PACKAGE_STAGES
     from detection import instrument, post_process
+
+    from denseclip_hf import DenseClipDetectionImageProcessor
 
     assert PACKAGE_STAGES == STAGES
     model = _package_model(name, workdir).eval()
@@ -302,19 +333,41 @@ def package_infer(name: str, workdir: Path, repeats: int, warmup: int) -> dict:
     instrument(timer, (model,))
 
     def call():
-        return post_process(model, model(**inputs))
+        outputs = model(**inputs)
+        return outputs, post_process(model, outputs)
 
+    def compare(outputs, detections: list[dict]) -> dict:
+        def masks_at(threshold: float):
+            processor = DenseClipDetectionImageProcessor()
+            return processor.post_process_instance_segmentation(
+                outputs, threshold=0.0, mask_threshold=threshold, return_binary_maps=True
+            )[0]["segmentation"]
+
+        mask_threshold = getattr(model.config, "mask_threshold", None)
+        return _compare({**detections[0], "mask_threshold": mask_threshold}, theirs, masks_at)
+
+    theirs = torch.load(workdir / "authors_detections.pt")
     with torch.no_grad():
         runs, first = _repeat(lambda: timer.run(call), repeats, warmup)
+        comparison = {"inference": compare(*first[2])}
+        model.to(memory_format=torch.channels_last)  # the fastest path (`--channels_last`), on the same weights
+        fastest, first = _repeat(lambda: _timed_call(call), repeats, warmup)
+        comparison[CHANNELS_LAST_INFERENCE] = compare(*first[1])
     return {
-        "times": {"inference": [total for total, _, _ in runs]},
+        "times": {"inference": [total for total, _, _ in runs], CHANNELS_LAST_INFERENCE: [t for t, _ in fastest]},
         "stages": [stages for _, stages, _ in runs],
-        "comparison": _compare(first[2][0], torch.load(workdir / "authors_detections.pt")),
+        "comparison": comparison,
         "peak_rss_gib": _peak_gib(),
     }
 
 
-def package_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
+def _timed_call(call) -> tuple[float, object]:
+    start = time.perf_counter()
+    result = call()
+    return time.perf_counter() - start, result
+
+
+def package_train(name: str, workdir: Path, steps: int, warmup: int, channels_last: bool = False) -> dict:
     import torch
     from detection_training import RECIPES as TRAINING_RECIPES
 
@@ -323,6 +376,8 @@ def package_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
 
     recipe = DETECTION_RECIPES[TRAINING_RECIPES[name]]
     model = _package_model(name, workdir).train()
+    if channels_last:  # `examples/train_det.py --channels_last`
+        model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(
         model, recipe.learning_rate, recipe.weight_decay, recipe.image_encoder_lr_multiplier, device_type="cpu"
     )
@@ -338,7 +393,8 @@ def package_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
 
-    return {"times": {"train step": _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
+    run = CHANNELS_LAST_TRAINING if channels_last else "train step"
+    return {"times": {run: _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
@@ -375,6 +431,16 @@ def _mean_stages(runs: list[dict]) -> dict:
     return {stage: statistics.mean(run[stage] for run in runs) for stage in STAGES}
 
 
+def _masks_cell(comparison: dict) -> str:
+    if "masks_differing" not in comparison:
+        return ""
+    cell = f"{comparison['masks_differing']} ({comparison['mask_pixels_differing']} px)"
+    if comparison["masks_differing"]:
+        band = comparison.get("differing_pixels_within")
+        cell += f", each within {band:.0e} of the threshold" if band else ", NOT at the threshold"
+    return cell
+
+
 def summarize(results: dict) -> tuple[list[dict], str]:
     rows = []
     lines = [
@@ -384,24 +450,22 @@ def summarize(results: dict) -> tuple[list[dict], str]:
     ]
     for name, result in results.items():
         authors, package = result["authors"], result["package"]
-        comparison = result.get("comparison", {})
-        for run in ("inference", "train step"):
-            if run not in authors:
+        for run in RUNS:
+            if run not in package:
                 continue
-            theirs, ours = _median(authors[run]), _median(package[run])
+            theirs, ours = _median(authors[run.split(",")[0]]), _median(package[run])  # the authors' default path
             row = {"model": name, "run": run, "authors_s": theirs, "package_s": ours, "speedup": theirs / ours}
             row["target"] = SPEED_TARGET
             goal = f">= {SPEED_TARGET}x: {'met' if theirs / ours >= SPEED_TARGET else 'NOT met'}"
             cells = ["", "", "", ""]
-            if run == "inference":
+            comparison = result.get("comparison", {}).get(run)
+            if comparison:
                 row.update(comparison)
                 cells = [
                     f"{comparison['authors_detections']} / {comparison['detections']}",
                     "yes" if comparison["identical"] else "NO",
                     f"{comparison['max_box_difference_px']:.1e} px" if "max_box_difference_px" in comparison else "",
-                    f"{comparison['masks_differing']} ({comparison['mask_pixels_differing']} px)"
-                    if "masks_differing" in comparison
-                    else "",
+                    _masks_cell(comparison),
                 ]
             rows.append(row)
             lines.append(
@@ -409,23 +473,16 @@ def summarize(results: dict) -> tuple[list[dict], str]:
                 + " | ".join(cells)
                 + " |"
             )
-        if "train_peak_gib" in result:
-            theirs, ours = result["train_peak_gib"]["authors"], result["train_peak_gib"]["package"]
+        for run, peaks in result.get("train_peak_gib", {}).items():
+            theirs, ours = result["train_peak_gib"]["train step"]["authors"], peaks["package"]
             ratio = ours / theirs
+            label = run.replace("train step", "train peak RSS")
             rows.append(
-                {
-                    "model": name,
-                    "run": "train peak RSS (GiB)",
-                    "authors": theirs,
-                    "package": ours,
-                    "ratio": ratio,
-                    "target": MEMORY_TARGET,
-                }
+                {"model": name, "run": label, "authors_gib": theirs, "package_gib": ours, "ratio": ratio}
+                | {"target": MEMORY_TARGET}
             )
             goal = f"<= {MEMORY_TARGET}x: {'met' if ratio <= MEMORY_TARGET else 'NOT met'}"
-            lines.append(
-                f"| {name} | train peak RSS | {theirs:.2f} GiB | {ours:.2f} GiB | {ratio:.2f}x | {goal} | | | | |"
-            )
+            lines.append(f"| {name} | {label} | {theirs:.2f} GiB | {ours:.2f} GiB | {ratio:.2f}x | {goal} | | | | |")
     lines += ["", "Inference time per stage (s, mean over the timed calls; share of the run in brackets):", ""]
     lines.append("| model | side | " + " | ".join(STAGES) + " |")
     lines.append("|---|---|" + "---|" * len(STAGES))
@@ -456,6 +513,7 @@ def main() -> None:
         "--train_steps", type=int, default=1, help="timed training steps per phase (after a first one)"
     )
     parser.add_argument("--no_train", action="store_true", help="inference only")
+    add_allocator_argument(parser)
     parser.add_argument(
         "--quick",
         action="store_true",
@@ -476,6 +534,7 @@ def main() -> None:
             "authors_train": authors_train,
             "package_infer": package_infer,
             "package_train": package_train,
+            "package_train_channels_last": lambda *phase: package_train(*phase, channels_last=True),
         }
         print("@@RESULT@@" + json.dumps(functions[phase](name, workdir, count, warmup)))
         return
@@ -483,6 +542,7 @@ def main() -> None:
     det_python, source = _reference_paths(args)
     env = dict(os.environ, DENSECLIP_SRC=source, PYTHONWARNINGS="ignore")
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(PACKAGE_SRC), str(HERE), env.get("PYTHONPATH")]))
+    allocator = allocator_environment(env, args)
     started, machine_before = datetime.datetime.now(datetime.timezone.utc), _machine()
     root = args.workdir or Path(tempfile.mkdtemp(prefix="authors-detection-"))
     root.mkdir(parents=True, exist_ok=True)
@@ -493,7 +553,9 @@ def main() -> None:
         workdir.mkdir(exist_ok=True)
         result = results[name] = {"authors": {}, "package": {}, "stages": {"authors": [], "package": []}}
         phases = alternating_phases(det_python, args)
-        peaks = {"authors": 0.0, "package": 0.0}
+        if not args.no_train:  # the fastest path's training step, a process of its own (its own peak memory)
+            phases.append(("package", sys.executable, "package_train_channels_last", args.train_steps))
+        peaks = {}
         for _ in range(args.rounds):
             for side, python, phase, count in phases:
                 print(f"{name}: {phase} ...", file=sys.stderr, flush=True)
@@ -506,14 +568,19 @@ def main() -> None:
                 print(f"{name}: {phase}: {json.dumps(out)}", file=sys.stderr, flush=True)
                 if "comparison" in out:
                     result["comparison"] = out["comparison"]
-                if phase.endswith("train"):
-                    peaks[side] = max(peaks[side], out["peak_rss_gib"])
+                if "_train" in phase:
+                    run = next(iter(out["times"]))
+                    peaks[run] = {
+                        **peaks.get(run, {}),
+                        side: max(peaks.get(run, {}).get(side, 0.0), out["peak_rss_gib"]),
+                    }
         if not args.no_train:
             result["train_peak_gib"] = peaks
     rows, markdown = summarize(results)
     runs = f"{args.rounds} round(s) x {args.repeats} inference call(s)"
     runs += "" if args.no_train else f" and {args.train_steps} training step(s)"
     runs += " (--quick: the first ones, timed)" if args.quick else " after a first untimed one"
+    runs += f", {allocator}"
     against = (
         "the authors' detection code (mmdet 2.28.2, mmcv 1.7.2 lite + the package's NMS and RoIAlign on both sides)"
     )

@@ -521,6 +521,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--train_steps", type=int, default=2)
     parser.add_argument("--no_train", action="store_true", help="inference only")
+    add_allocator_argument(parser)
     parser.add_argument("--workdir", type=Path, help="where the weights and outputs go (default: a temporary folder)")
     parser.add_argument("--output", type=Path, default=HERE / "results" / "authors_side_by_side.json")
     args = parser.parse_args()
@@ -540,6 +541,7 @@ def main() -> None:
     env = dict(os.environ, PEER_DIR=peer_dir, DENSECLIP_SRC=source, PYTHONWARNINGS="ignore")
     src = str(HERE.parent / "src")
     env["PYTHONPATH"] = os.pathsep.join([src, env["PYTHONPATH"]]) if env.get("PYTHONPATH") else src
+    allocator = allocator_environment(env, args)
     started, machine_before = datetime.datetime.now(datetime.timezone.utc), _machine()
     results = {}
     for name in args.models:
@@ -567,8 +569,33 @@ def main() -> None:
             result["train_peak_gib"] = peaks
     rows, markdown = summarize(results)
     runs = f"{args.rounds} rounds x {args.repeats} calls "
-    runs += f"({'inference only' if args.no_train else f'{args.train_steps} training steps'})"
+    runs += f"({'inference only' if args.no_train else f'{args.train_steps} training steps'}), {allocator}"
     save_side_by_side(args, "the authors' code", runs, started, machine_before, rows, markdown, results)
+
+
+# glibc's allocator, the same on both sides (`--malloc`, both side-by-side scripts). "default": glibc hands large
+# freed blocks back to the kernel, so the next forward faults fresh zeroed pages in (a process that first
+# `torch.load`ed a checkpoint starts with a warmer heap: fewer faults). "retain": it keeps what is freed for the next
+# allocation (no mmap for large blocks, no trimming): almost no page faults, a higher peak.
+ALLOCATORS = {"default": {}, "retain": {"MALLOC_MMAP_MAX_": "0", "MALLOC_TRIM_THRESHOLD_": str(2**40)}}
+
+
+def add_allocator_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--malloc",
+        choices=list(ALLOCATORS),
+        default="default",
+        help="glibc allocator settings for both sides' processes: default, or retain (freed memory kept for reuse: "
+        + " ".join(f"{k}={v}" for k, v in ALLOCATORS["retain"].items())
+        + ")",
+    )
+
+
+def allocator_environment(env: dict, args: argparse.Namespace) -> str:
+    """`env` with `args.malloc`'s settings, and the words for the results' header."""
+    env.update(ALLOCATORS[args.malloc])
+    settings = " ".join(f"{k}={v}" for k, v in ALLOCATORS[args.malloc].items())
+    return f"glibc allocator {args.malloc}" + (f" ({settings}) on both sides" if settings else "")
 
 
 def alternating_phases(reference_python: str, args: argparse.Namespace) -> list[tuple[str, str, str, int]]:

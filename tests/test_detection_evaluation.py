@@ -266,6 +266,32 @@ def test_job_outputs_on_the_synthetic_scenes(single_process, tmp_path):
         assert picture.width > 2 * 320 and picture.height > 2 * 320
 
 
+def test_channels_last_gives_the_detections_of_the_default_layout(single_process, model_dirs, tmp_path, monkeypatch):
+    """--channels_last evaluates with the convolution weights in channels-last memory: the same detections as the
+    default layout (`single_process`) up to float rounding, and the setting is recorded."""
+    from denseclip_hf.training import detection_evaluation_job
+
+    evaluated = []
+    original = detection_evaluation_job.detection_results
+
+    def recording(model, *args, **kwargs):
+        evaluated.append([module.weight for module in model.modules() if isinstance(module, torch.nn.Conv2d)])
+        return original(model, *args, **kwargs)
+
+    monkeypatch.setattr(detection_evaluation_job, "detection_results", recording)
+    argv = ["--model_name_or_path", str(model_dirs["maskrcnn"]), "--max_eval_samples", "5", "--channels_last"]
+    summary = run_job([*argv, "--output_dir", str(tmp_path), "--num_visualized_images", "0"])
+    (weights,) = evaluated
+    assert all(weight.is_contiguous(memory_format=torch.channels_last) for weight in weights)
+    assert any(not weight.is_contiguous() for weight in weights)  # 1x1 kernels are both; the 3x3 ones changed
+    assert summary["channels_last"] is True and single_process[0]["channels_last"] is False
+    ours = json.loads((tmp_path / "coco_results.json").read_text())
+    default = json.loads((single_process[1] / "coco_results.json").read_text())
+    assert [(r["image_id"], r["category_id"]) for r in ours] == [(r["image_id"], r["category_id"]) for r in default]
+    np.testing.assert_allclose([r["bbox"] for r in ours], [r["bbox"] for r in default], rtol=0, atol=1e-3)
+    np.testing.assert_allclose([r["score"] for r in ours], [r["score"] for r in default], rtol=1e-4, atol=1e-6)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -647,14 +647,17 @@ def test_sigmoid_focal_loss_gradient(gamma, alpha):
 
     assert torch.autograd.gradcheck(loss, (logits.clone().requires_grad_(),), eps=1e-6, atol=1e-8)
     x32 = logits.float().requires_grad_()
-    loss(x32).backward()
+    value = sigmoid_focal_loss(x32, labels, weights.float(), 3.0, gamma, alpha)
+    value.backward()
     reference = logits.float().requires_grad_()
     targets = F.one_hot(labels, 5)[:, :4].float()
     p = reference.sigmoid()
     pt = (1 - p) * targets + p * (1 - targets)
     elementwise = F.binary_cross_entropy_with_logits(reference, targets, reduction="none")
-    elementwise = elementwise * (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
-    ((elementwise * weights.float().view(-1, 1)).sum() / (3.0 + FLOAT32_EPS)).backward()
+    elementwise = elementwise * ((alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma))
+    expected = (elementwise * weights.float().view(-1, 1)).sum() / (3.0 + FLOAT32_EPS)
+    expected.backward()
+    assert torch.equal(value, expected)  # the value: mmdet's formula bit for bit (in place, from the labels)
     torch.testing.assert_close(x32.grad, reference.grad, rtol=1e-5, atol=1e-7)
 
 

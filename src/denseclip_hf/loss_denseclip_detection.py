@@ -75,9 +75,13 @@ def _reduce(loss: torch.Tensor, weights: torch.Tensor | None, avg_factor: float)
 def _one_hot_without_background(labels: torch.Tensor, num_classes: int, dtype: torch.dtype) -> torch.Tensor:
     """`(N,)` labels in `0..num_classes` (`num_classes` = background) -> `(N, num_classes)` 0/1 targets, a
     background row all 0 (mmdet's one-hot targets of sigmoid classifiers)."""
+    _check_labels(labels, num_classes)
+    return F.one_hot(labels.long(), num_classes + 1)[:, :num_classes].to(dtype)
+
+
+def _check_labels(labels: torch.Tensor, num_classes: int) -> None:
     if labels.numel() and not (0 <= int(labels.min()) and int(labels.max()) <= num_classes):
         raise ValueError(f"labels must be in 0..{num_classes} ({num_classes} = background), got {labels.unique()}.")
-    return F.one_hot(labels.long(), num_classes + 1)[:, :num_classes].to(dtype)
 
 
 def _check_classification(logits: torch.Tensor, labels: torch.Tensor, weights: torch.Tensor | None) -> None:
@@ -92,31 +96,59 @@ def _check_classification(logits: torch.Tensor, labels: torch.Tensor, weights: t
 
 class _SigmoidFocalLoss(torch.autograd.Function):
     """The elementwise focal loss `(N, K)` of `sigmoid_focal_loss` with its closed-form gradient, keeping only the
-    logits and targets for the backward pass (what mmcv's compiled `sigmoid_focal_loss` does on GPUs). Autograd
-    through the formula keeps about eight `(N, K)` intermediates: on RetinaNet's P3 level at 1333x800 that is
-    N * K = 151,200 anchors * 80 classes per image, about 0.8 GB for a batch of 2."""
+    logits and the `(N,)` labels for the backward pass (what mmcv's compiled `sigmoid_focal_loss` keeps on GPUs).
+    Autograd through the formula keeps about eight `(N, K)` intermediates: on RetinaNet's P3 level at 1333x800 that is
+    N * K = 151,200 anchors * 80 classes per image, about 0.8 GB for a batch of 2. Both passes work in place, at most
+    three `(N, K)` buffers at a time besides the logits and the incoming gradient, and the forward's value is mmdet's
+    formula bit for bit: with one-hot targets t, `pt = (1 - p) t + p (1 - t)` is `1 - p` at the one positive class of
+    a row and `p` elsewhere, and `alpha t + (1 - alpha)(1 - t)` is `alpha` there and `1 - alpha` elsewhere, exactly."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, targets: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
-        probabilities = logits.sigmoid()
-        pt = (1 - probabilities) * targets + probabilities * (1 - targets)
-        focal_weight = (alpha * targets + (1 - alpha) * (1 - targets)) * pt.pow(gamma)
-        ctx.save_for_backward(logits, targets)
+    def forward(ctx, logits: torch.Tensor, labels: torch.Tensor, gamma: float, alpha: float) -> torch.Tensor:
+        rows, classes = _positives(labels, logits.shape[1])
+        focal_weight = logits.sigmoid()  # p, then pt, then pt ** gamma, then the focal weight, in place
+        focal_weight[rows, classes] = 1 - focal_weight[rows, classes]
+        focal_weight.pow_(gamma)
+        positive = focal_weight[rows, classes] * alpha  # a_t = alpha at the positives, 1 - alpha elsewhere
+        focal_weight.mul_(1 - alpha)
+        focal_weight[rows, classes] = positive
+        targets = _one_hot_without_background(labels, logits.shape[1], logits.dtype)
+        loss = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
+        del targets
+        ctx.save_for_backward(logits, labels)
         ctx.gamma, ctx.alpha = gamma, alpha
-        return F.binary_cross_entropy_with_logits(logits, targets, reduction="none") * focal_weight
+        return loss.mul_(focal_weight)
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple[torch.Tensor | None, None, None, None]:
-        # With p = sigmoid(x), pt = (1 - p) t + p (1 - t): d BCE / dx = p - t and d pt / dx = (1 - 2t) p (1 - p)
-        # = (1 - 2t) pt (1 - pt), so d(BCE * a_t * pt^g) / dx = a_t pt^g ((p - t) + g BCE (1 - pt)(1 - 2t)).
-        logits, targets = ctx.saved_tensors
+        # With p = sigmoid(x), pt = (1 - p) t + p (1 - t) = |p - t|: d BCE / dx = p - t and d pt / dx
+        # = (1 - 2t) p (1 - p) = (1 - 2t) pt (1 - pt), so d(BCE * a_t * pt^g) / dx = a_t pt^g ((p - t) + g BCE (1 - pt)
+        # (1 - 2t)), with 1 - 2t = -1 at the positive class and 1 elsewhere.
+        logits, labels = ctx.saved_tensors
         gamma, alpha = ctx.gamma, ctx.alpha
-        probabilities = logits.sigmoid()
-        pt = (1 - probabilities) * targets + probabilities * (1 - targets)
+        rows, classes = _positives(labels, logits.shape[1])
+        targets = _one_hot_without_background(labels, logits.shape[1], logits.dtype)
         bce = F.binary_cross_entropy_with_logits(logits, targets, reduction="none")
-        grad = (probabilities - targets).add_(bce.mul_(1 - pt).mul_(1 - 2 * targets), alpha=gamma)
-        grad.mul_(pt.pow_(gamma)).mul_(alpha * targets + (1 - alpha) * (1 - targets)).mul_(grad_output)
-        return grad, None, None, None
+        grad = logits.sigmoid().sub_(targets)  # p - t
+        del targets
+        pt = grad.abs()
+        bce.mul_(1 - pt)
+        bce[rows, classes] = -bce[rows, classes]  # (1 - 2t)
+        grad.add_(bce, alpha=gamma)
+        del bce
+        grad.mul_(pt.pow_(gamma))
+        del pt
+        positive = grad[rows, classes] * alpha  # a_t
+        grad.mul_(1 - alpha)
+        grad[rows, classes] = positive
+        return grad.mul_(grad_output), None, None, None
+
+
+def _positives(labels: torch.Tensor, num_classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The `(row, class)` indices of the one-hot targets' ones: the rows whose label is a class (not the background
+    `num_classes`), and their labels."""
+    (rows,) = (labels < num_classes).nonzero(as_tuple=True)
+    return rows, labels[rows].long()
 
 
 def sigmoid_focal_loss(
@@ -132,8 +164,8 @@ def sigmoid_focal_loss(
     `sum(BCE(x, t) * (alpha t + (1 - alpha)(1 - t)) * ((1 - p) t + p (1 - t)) ** gamma * w) / (avg_factor + eps)`,
     `p = sigmoid(x)`. The value is computed as mmdet computes it; the gradient in closed form (`_SigmoidFocalLoss`)."""
     _check_classification(logits, labels, weights)
-    targets = _one_hot_without_background(labels, logits.shape[1], logits.dtype)
-    loss = _SigmoidFocalLoss.apply(logits, targets, gamma, alpha)
+    _check_labels(labels, logits.shape[1])
+    loss = _SigmoidFocalLoss.apply(logits, labels, gamma, alpha)
     return _reduce(loss, None if weights is None else weights.view(-1, 1), avg_factor)
 
 

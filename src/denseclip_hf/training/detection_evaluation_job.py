@@ -20,6 +20,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
 from accelerate import Accelerator
 from accelerate.logging import get_logger
 
@@ -135,6 +136,8 @@ def evaluate_detector(args: DetectionEvaluationArguments) -> dict:
 
     model = DETECTOR_CLASSES[type(config)].from_pretrained(model_args.model_name_or_path, revision=model_args.revision)
     model.to(accelerator.device).eval()
+    if run_args.channels_last:
+        model.to(memory_format=torch.channels_last)
     iou_types = default_iou_types(model)
     logger.info(
         f"***** Evaluating {model_args.model_name_or_path} on {len(data.validation)} images ({args.data.source}): "
@@ -185,6 +188,7 @@ def evaluate_detector(args: DetectionEvaluationArguments) -> dict:
             "evaluator": "pycocotools COCOeval",
         },
         "mixed_precision": accelerator.mixed_precision,
+        "channels_last": run_args.channels_last,
         "num_processes": accelerator.num_processes,
         "num_detections": len(results),
         **{f"eval_{name}": value for name, value in metrics.items()},

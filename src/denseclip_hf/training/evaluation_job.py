@@ -32,7 +32,7 @@ from ..file_utils import write_text_atomically
 from ..image_processing_denseclip import MULTI_SCALE_RATIOS, DenseClipImageProcessor
 from ..modeling_denseclip import DenseClipForSemanticSegmentation
 from ..visualization import palette_for, prediction_grid, save_figure
-from .arguments import DataArguments, choice_metadata, parse_argument_groups
+from .arguments import CHANNELS_LAST_HELP, DataArguments, choice_metadata, parse_argument_groups
 from .data import check_label_range, evaluation_dataloader
 from .evaluation import EvaluationProtocol, evaluate, predict_examples
 from .launch import check_launch, configure_logging
@@ -112,7 +112,7 @@ class ProtocolArguments:
 
 @dataclass
 class EvaluationOutputArguments:
-    """Batches, outputs and precision: the run options every evaluation script has."""
+    """Batches, outputs, precision and memory layout: the run options every evaluation script has."""
 
     _argument_group_name = "run"
 
@@ -130,6 +130,7 @@ class EvaluationOutputArguments:
         default=6, metadata=_help("Validation images drawn in eval_predictions.png (0: no picture).")
     )
     bf16: bool = field(default=False, metadata=_help("Run the model under bfloat16 autocast."))
+    channels_last: bool = field(default=False, metadata=_help(CHANNELS_LAST_HELP))
 
     def __post_init__(self):
         if self.per_device_eval_batch_size <= 0:
@@ -149,11 +150,6 @@ class EvaluationRunArguments(EvaluationOutputArguments):
         default=42,
         metadata=_help("Draws the held-out validation share of a dataset without a validation split, like "
         "train_seg.py's --seed (pass the training run's value)."),
-    )  # fmt: skip
-    channels_last: bool = field(
-        default=False,
-        metadata=_help("Store the model's convolution weights in channels-last memory, so that its convolutions run "
-        "channels-last (faster on CPU; the same outputs up to float rounding)."),
     )  # fmt: skip
     torch_compile: bool = field(default=False, metadata=_help("Compile the model's modules with torch.compile."))
     torch_compile_backend: str = field(default="inductor", metadata=_help("The torch.compile backend."))

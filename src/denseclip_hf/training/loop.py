@@ -178,6 +178,8 @@ def _prepare_run(task: TrainingTask, accelerator: Accelerator, data: TaskData) -
     """The task's model, processor, data loaders, optimizer and schedule, prepared for the launch."""
     optimization = task.args.optimization
     model = task.build_model(data, accelerator)
+    if optimization.channels_last:  # before the optimizer: its state takes the weights' layout
+        model.to(memory_format=torch.channels_last)
     image_processor = task.build_image_processor(model)
     train_dataloader, eval_dataloader = task.build_dataloaders(data, image_processor, model)
     optimizer = build_optimizer(  # the authors' AdamW groups, for every task
