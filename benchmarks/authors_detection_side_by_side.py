@@ -6,7 +6,7 @@ step (batch 2), RN50 RetinaNet and Mask R-CNN, 80 COCO classes (issues 18 and 19
         [--det_python ~/.cache/denseclip-peer/venv-det/bin/python] \\
         [--denseclip_src ~/.cache/denseclip-peer/official] \\
         [--models retinanet mask_rcnn] [--rounds 1] [--repeats 1] [--train_steps 1] [--no_train] [--quick] \\
-        [--workdir DIR] \\
+        [--malloc retain] [--workdir DIR] \\
         [--output benchmarks/results/authors_detection_side_by_side.json]
 
 Optional: it needs the reference venv that `benchmarks/authors_detection/setup.sh` builds (mmdet 2.28.2 on mmcv 1.7.2
@@ -42,6 +42,12 @@ sides: the package's text-embedding cache, optimizer state; a rough check, about
   parameter with a gradient (mmcv's `OptimizerHook`). Package: what `examples/train_det.py` runs with the coco-*
   recipe (`benchmarks/detection_training.py`'s default path): the recipe's fused AdamW, text tower frozen, clip 0.1.
   Peak resident memory of each process.
+
+The package side also runs both with its convolution weights in channels-last memory ("channels-last" rows:
+`--channels_last` of `examples/evaluate_det.py` and `examples/train_det.py`), inference with its detections compared
+again, its training step in a process of its own. Where pasted masks differ from the authors', the table says how
+close to the mask threshold the package's mask probabilities are at those pixels (`_threshold_band`). `--malloc
+retain` runs both sides' processes with glibc keeping freed memory for reuse (`authors_side_by_side.ALLOCATORS`).
 
 Ratios (authors / package) are what to read; on a busy 2-core machine they move by 10-25%, so run it on an idle one.
 """
@@ -477,10 +483,8 @@ def summarize(results: dict) -> tuple[list[dict], str]:
             theirs, ours = result["train_peak_gib"]["train step"]["authors"], peaks["package"]
             ratio = ours / theirs
             label = run.replace("train step", "train peak RSS")
-            rows.append(
-                {"model": name, "run": label, "authors_gib": theirs, "package_gib": ours, "ratio": ratio}
-                | {"target": MEMORY_TARGET}
-            )
+            row = {"model": name, "run": label, "authors_gib": theirs, "package_gib": ours, "ratio": ratio}
+            rows.append({**row, "target": MEMORY_TARGET})
             goal = f"<= {MEMORY_TARGET}x: {'met' if ratio <= MEMORY_TARGET else 'NOT met'}"
             lines.append(f"| {name} | {label} | {theirs:.2f} GiB | {ours:.2f} GiB | {ratio:.2f}x | {goal} | | | | |")
     lines += ["", "Inference time per stage (s, mean over the timed calls; share of the run in brackets):", ""]

@@ -4,7 +4,7 @@ image side alone and a training step.
 
     PYTHONPATH=src python benchmarks/authors_side_by_side.py --peer_dir ../shared/peer \\
         [--peer_python ~/.cache/denseclip-peer/venv/bin/python] [--denseclip_src ~/.cache/denseclip-peer/official] \\
-        [--models vit-b r50] [--rounds 2] [--repeats 3] [--train_steps 2] [--no_train] \\
+        [--models vit-b r50] [--rounds 2] [--repeats 3] [--train_steps 2] [--no_train] [--malloc retain] \\
         [--output benchmarks/results/authors_side_by_side.json]
 
 Optional: it needs the reference environment that `<peer_dir>/setup.sh` builds (a venv with mmcv 1.7.2 lite,

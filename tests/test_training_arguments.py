@@ -268,9 +268,8 @@ def test_both_scripts_share_one_optimization_base_and_quote_their_own_authors_va
         assert [field.name for field in dataclasses.fields(group)] == shared + names
         assert set(group.__annotations__) == {"recipe", *names}  # declared in the task: its own, and its presets
         defaults = {field.name: field.default for field in dataclasses.fields(group) if field.name in shared}
-        assert defaults == {
-            name: (True if name == "sync_batchnorm" else 42 if name == "seed" else None) for name in shared
-        }
+        flags = {"sync_batchnorm": True, "seed": 42, "channels_last": False}  # the rest: None, the recipe's value
+        assert defaults == {name: flags.get(name) for name in shared}
 
     segmentation = HfArgumentParser(ARGUMENT_GROUPS)
     detection = HfArgumentParser(DETECTION_ARGUMENT_GROUPS)
