@@ -12,8 +12,9 @@ from denseclip_hf.checkpoint_conversion import clip_resnet_rules, convert_keys
 from denseclip_hf.modeling_clip_resnet import DenseClipAttentionPool, DenseClipResNetVisionModel
 
 
-def resnet_config(tokenizer, **overrides) -> DenseClipConfig:
-    return tiny_config(tokenizer, vision_config=DenseClipResNetConfig(**TINY_RESNET), **overrides)
+def resnet_config(tokenizer, recompute_stem_in_backward: bool = True, **overrides) -> DenseClipConfig:
+    vision_config = DenseClipResNetConfig(**TINY_RESNET, recompute_stem_in_backward=recompute_stem_in_backward)
+    return tiny_config(tokenizer, vision_config=vision_config, **overrides)
 
 
 def test_config_defaults_by_family_and_round_trip(tokenizer, tmp_path):
@@ -135,3 +136,43 @@ def test_every_module_gets_its_own_init(tokenizer):
     assert 0.8 < lateral.std() / (2 / sum(lateral.shape[:2])) ** 0.5 < 1.2
     linear = model.base_model.prompting.context_decoder.layers[0].fc1.weight  # truncated normal, std 0.02
     assert 0.015 < linear.std() < 0.025 and linear.abs().max() <= 2
+
+
+@pytest.mark.parametrize("recompute_stem, reentrant", [(True, None), (False, False), (False, True), (True, True)])
+def test_recomputed_activations_give_the_plain_step(tokenizer, recompute_stem, reentrant):
+    """The stem recomputed in the backward pass (`recompute_stem_in_backward`, the default) and transformers' gradient
+    checkpointing of the bottlenecks (`reentrant`: its `use_reentrant`; `None`: off) give a plain training step's
+    gradients (bit for bit, up to the summation order with re-entry) and BatchNorm running statistics (bit for bit:
+    each replay leaves them as the forward left them, instead of updating them again), and the stem's activations are
+    not kept for the backward pass."""
+    pixel_values, labels = torch.randn(2, 3, 64, 64), torch.randint(0, 4, (2, 64, 64))
+    width = TINY_RESNET["width"]
+    steps = []
+    for recompute, use_reentrant in ((False, None), (recompute_stem, reentrant)):
+        model = make_model(resnet_config(tokenizer, recompute_stem_in_backward=recompute)).train()
+        if use_reentrant is not None:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        kept = []
+
+        def keep(tensor: torch.Tensor, kept: list = kept) -> torch.Tensor:
+            kept.append(tuple(tensor.shape))
+            return tensor
+
+        torch.manual_seed(0)  # the decode head's dropout
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+            loss = model(pixel_values, labels=labels).loss
+        loss.backward()
+        gradients = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
+        statistics = {name: b for name, b in model.named_buffers() if "running" in name or "num_batches" in name}
+        steps.append((gradients, statistics, kept))
+    (plain_gradients, plain_statistics, plain_kept), (gradients, statistics, kept) = steps
+    assert gradients.keys() == plain_gradients.keys() and statistics.keys() == plain_statistics.keys()
+    for name in gradients:
+        if reentrant:  # a nested backward pass per block: some gradients are summed in another order
+            scale = plain_gradients[name].abs().max().item()
+            torch.testing.assert_close(gradients[name], plain_gradients[name], rtol=0, atol=1e-5 * scale, msg=name)
+        else:
+            assert torch.equal(gradients[name], plain_gradients[name]), name
+    assert all(torch.equal(statistics[name], plain_statistics[name]) for name in statistics)
+    stem_activation = (2, width // 2, 32, 32)  # the first convolution's output, at half the input resolution
+    assert stem_activation in plain_kept and (stem_activation in kept) == (not recompute_stem)

@@ -10,10 +10,14 @@ models as remote code. Each module with its own initialisation has `_init_densec
 """
 
 import math
+from collections.abc import Callable
+from contextlib import contextmanager
+from functools import partial
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils.checkpoint import checkpoint
 from transformers import initialization as init
 from transformers.modeling_layers import GradientCheckpointingLayer
 
@@ -58,6 +62,41 @@ def resize_position_embedding(table: torch.Tensor, size: tuple[int, int], mode: 
     return torch.cat([table[:1], grid.flatten(2).transpose(1, 2)[0]])
 
 
+@contextmanager
+def _running_statistics_restored(module: nn.Module):
+    """Puts the running statistics of `module`'s BatchNorms back as they were on entry when the block exits."""
+    norms = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
+    saved = [(norm.running_mean.clone(), norm.running_var.clone(), norm.num_batches_tracked.clone()) for norm in norms]
+    try:
+        yield
+    finally:  # through `.data`: the replay's own graph keeps the statistics' tensors, whose versions must not move
+        for norm, (mean, var, count) in zip(norms, saved, strict=True):
+            norm.running_mean.data.copy_(mean)
+            norm.running_var.data.copy_(var)
+            norm.num_batches_tracked.data.copy_(count)
+
+
+def recompute_in_backward(
+    module: nn.Module, function: Callable, *inputs: torch.Tensor, checkpoint_function: Callable | None = None
+) -> torch.Tensor:
+    """`function(*inputs)` (a part of `module`) with its activations recomputed in the backward pass instead of kept
+    (`checkpoint_function`, by default `torch.utils.checkpoint` without re-entry; transformers' gradient
+    checkpointing passes its own), such that the replay leaves the running statistics of `module`'s train-mode
+    BatchNorms as the forward left them: a BatchNorm updates them on every call, and the replay would otherwise
+    apply the momentum a second time. The gradients are those of the plain call."""
+    checkpoint_function = checkpoint_function or partial(checkpoint, use_reentrant=False)
+    calls = []
+
+    def run(*arguments: torch.Tensor) -> torch.Tensor:
+        if not calls:  # the forward pass
+            calls.append(True)
+            return function(*arguments)
+        with _running_statistics_restored(module):  # the replay
+            return function(*arguments)
+
+    return checkpoint_function(run, *inputs)
+
+
 class DenseClipConvNormAct(nn.Module):
     """Convolution (no bias, "same" padding) -> BatchNorm -> ReLU (in place on the BatchNorm's output, which nothing
     else reads: one image-sized tensor fewer per layer)."""
@@ -77,9 +116,10 @@ class DenseClipConvNormAct(nn.Module):
 
 class DenseClipResNetStem(nn.Module):
     """CLIP's 3-convolution stem: 3x3 convolutions with stride 2, 1 and 1 (each with BatchNorm and ReLU), then a 2x
-    average pool. `(batch, channels, H, W)` -> `(batch, width, H / 4, W / 4)`."""
+    average pool. `(batch, channels, H, W)` -> `(batch, width, H / 4, W / 4)`. With `recompute_in_backward` its
+    activations are recomputed in the backward pass of training instead of kept (`recompute_in_backward`)."""
 
-    def __init__(self, in_channels: int, width: int):
+    def __init__(self, in_channels: int, width: int, recompute_in_backward: bool = False):
         super().__init__()
         self.layers = nn.Sequential(
             DenseClipConvNormAct(in_channels, width // 2, stride=2),
@@ -87,9 +127,15 @@ class DenseClipResNetStem(nn.Module):
             DenseClipConvNormAct(width // 2, width),
         )
         self.pool = nn.AvgPool2d(2)
+        self.recompute_in_backward = recompute_in_backward
+
+    def _forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return self.pool(self.layers(pixel_values))
 
     def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        return self.pool(self.layers(pixel_values))
+        if self.recompute_in_backward and self.training and torch.is_grad_enabled():
+            return recompute_in_backward(self, self._forward, pixel_values)
+        return self._forward(pixel_values)
 
 
 class DenseClipResNetShortcut(nn.Module):
@@ -135,6 +181,16 @@ class DenseClipResNetBottleneck(GradientCheckpointingLayer):
     def _init_denseclip_weights(self) -> None:
         init.kaiming_normal_(self.expand.weight, mode="fan_out", nonlinearity="relu")
         init.zeros_(self.expand_norm.weight)  # CLIP's init: each residual branch starts at zero
+
+    # transformers' gradient checkpointing (`model.gradient_checkpointing_enable()`) sets the checkpoint function of
+    # each layer; the block's replay must keep its BatchNorms' running statistics (`recompute_in_backward`).
+    @property
+    def _gradient_checkpointing_func(self) -> Callable:
+        return partial(recompute_in_backward, self, checkpoint_function=self._checkpoint_function)
+
+    @_gradient_checkpointing_func.setter
+    def _gradient_checkpointing_func(self, function: Callable) -> None:
+        self._checkpoint_function = function
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         residual = self.expand_norm(self.expand(self.pool(self.spatial(self.reduce(hidden_states)))))
@@ -194,7 +250,7 @@ class DenseClipResNetVisionModel(nn.Module):
         self, config: DenseClipResNetConfig, projection_dim: int, interpolation: str, needs_embeddings: bool = True
     ):
         super().__init__()
-        self.stem = DenseClipResNetStem(config.num_channels, config.width)
+        self.stem = DenseClipResNetStem(config.num_channels, config.width, config.recompute_stem_in_backward)
         stages, in_channels = [], config.width
         for stage, (depth, out_channels) in enumerate(zip(config.layers, config.pyramid_channels, strict=True)):
             blocks = []
