@@ -268,7 +268,12 @@ def test_both_scripts_share_one_optimization_base_and_quote_their_own_authors_va
         assert [field.name for field in dataclasses.fields(group)] == shared + names
         assert set(group.__annotations__) == {"recipe", *names}  # declared in the task: its own, and its presets
         defaults = {field.name: field.default for field in dataclasses.fields(group) if field.name in shared}
-        flags = {"sync_batchnorm": True, "seed": 42, "channels_last": False}  # the rest: None, the recipe's value
+        flags = {
+            "sync_batchnorm": True,
+            "seed": 42,
+            "channels_last": False,
+            "flush_denormal": True,
+        }  # else the recipe's
         assert defaults == {name: flags.get(name) for name in shared}
 
     segmentation = HfArgumentParser(ARGUMENT_GROUPS)

@@ -6,6 +6,7 @@ import dataclasses
 import json
 import logging
 
+import numpy as np
 import pytest
 import torch
 from accelerate import init_empty_weights
@@ -15,6 +16,7 @@ from denseclip_hf import DenseClipForSemanticSegmentation
 from denseclip_hf.checkpoint_conversion import convert_keys
 from denseclip_hf.convert_denseclip_original_to_hf import denseclip_rules, infer_config
 from denseclip_hf.training.arguments import OptimizationArguments, parse_training_args
+from denseclip_hf.training.loop import flushing_denormals
 from denseclip_hf.training.model_loading import convert_batchnorm_for_launch, uses_sync_batchnorm
 from denseclip_hf.training.optimization import (
     WEIGHT_DECAY_EXEMPTIONS,
@@ -220,3 +222,15 @@ def test_optimizer_group_flags(tmp_path):
         parse_training_args(["--output_dir", str(tmp_path), "--weight_decay_exemptions", "none"])
     choices = {field.name: field.metadata.get("choices") for field in dataclasses.fields(OptimizationArguments)}
     assert choices["weight_decay_exemptions"] == list(WEIGHT_DECAY_EXEMPTIONS)
+
+
+@pytest.mark.parametrize("enabled", [True, False])
+def test_denormals_are_flushed_for_the_run_only(enabled):
+    """`flushing_denormals` (the training loop's `--flush_denormal`, on by default on CPU): inside the block a float32
+    denormal (1e-39) reads as zero when enabled; after it, and when disabled, it keeps its IEEE value."""
+    denormal = torch.tensor([1e-39], dtype=torch.float32)
+    ieee_value = float(np.float32(1e-39) * np.float32(2))
+    with flushing_denormals(enabled):
+        inside = (denormal * 2).item()
+    assert inside == (0.0 if enabled else ieee_value)
+    assert (denormal * 2).item() == ieee_value

@@ -235,8 +235,8 @@ def quote_recipe_values(label: str, recipes: dict[str, Any]) -> Callable[[type],
 class SharedOptimizationArguments:
     """What the optimization group of every training script holds: `--recipe` (each task's subclass names its
     presets), the authors' AdamW and its parameter groups (`optimization.build_optimizer`), SyncBatchNorm, the linear
-    warmup, steps or epochs, batches and gradient accumulation, the validation interval, data workers, the seed and
-    the weights' memory layout.
+    warmup, steps or epochs, batches and gradient accumulation, the validation interval, data workers, the seed, the
+    weights' memory layout and the CPU's handling of denormal numbers.
     Each task's subclass adds its own settings (the schedule after the warmup, the loss, clipping) and quotes its
     authors' values in the help texts (the `{authors}` marks, [`quote_recipe_values`])."""
 
@@ -291,6 +291,12 @@ class SharedOptimizationArguments:
         default=42, metadata=_help("Seed of initialization, shuffling, augmentation, samplers and dropout.")
     )
     channels_last: bool = field(default=False, metadata=_help(CHANNELS_LAST_HELP))
+    flush_denormal: bool = field(
+        default=True,
+        metadata=_help("On CPU, float arithmetic flushes denormal numbers (below 1.2e-38) to zero during training "
+        "and validation (`torch.set_flush_denormal`): on x86 they are up to ~100x slower. --no_flush_denormal keeps "
+        "them."),
+    )  # fmt: skip
 
     def validate(self) -> None:
         """Checks the shared settings once the recipe has filled them (a subclass checks its own after these)."""

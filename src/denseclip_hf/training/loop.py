@@ -19,7 +19,8 @@ interrupted and resumed run computes the same steps as an uninterrupted one.
 import json
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -320,11 +321,11 @@ def train(args: Any) -> dict:
     with accelerator.main_process_first():
         data = task.load_data()
     run = _prepare_run(task, accelerator, data)
-    start_time = time.time()
-    completed_steps = _train(run, _resume(run))
-    train_runtime = time.time() - start_time
-
-    metrics = run.validate(completed_steps)
+    with flushing_denormals(args.optimization.flush_denormal and accelerator.device.type == "cpu"):
+        start_time = time.time()
+        completed_steps = _train(run, _resume(run))
+        train_runtime = time.time() - start_time
+        metrics = run.validate(completed_steps)
     logger.info(f"Validation ({len(data.validation)} images):\n{task.metrics_table(metrics)}")
     results = {f"eval_{name}": value for name, value in metrics.items()}
     per_device = args.optimization.per_device_train_batch_size
@@ -341,6 +342,21 @@ def train(args: Any) -> dict:
     accelerator.wait_for_everyone()
     accelerator.end_training()  # closes the trackers' logs and the process group
     return results
+
+
+@contextmanager
+def flushing_denormals(enabled: bool) -> Iterator[None]:
+    """The block with the CPU's float arithmetic flushing denormal numbers (magnitudes below 1.2e-38 in float32) to
+    zero (`torch.set_flush_denormal`), when `enabled` and the CPU can (x86 with SSE3); IEEE denormals again after it.
+    On x86 an operation on denormals is up to ~100x slower, and a training run can meet them (tiny gradients and
+    their squares): a 1333 x 800 Mask R-CNN step with random weights took 170 s instead of 21 s."""
+    if not (enabled and torch.set_flush_denormal(True)):
+        yield
+        return
+    try:
+        yield
+    finally:
+        torch.set_flush_denormal(False)
 
 
 def _save_outputs(run: TrainingRun, results: dict) -> None:
