@@ -70,6 +70,7 @@ from authors_side_by_side import (
     add_allocator_argument,
     allocator_environment,
     alternating_phases,
+    check_reference_environment,
     save_side_by_side,
 )
 from stage_timer import StageTimer
@@ -99,10 +100,11 @@ def _repeat(call, count: int, warmup: int) -> tuple[list, object]:
     return results, first
 
 
-def _seconds(call) -> float:
+def _timed_call(call) -> tuple[float, object]:
+    """`call()`'s seconds and result."""
     start = time.perf_counter()
-    call()
-    return time.perf_counter() - start
+    result = call()
+    return time.perf_counter() - start, result
 
 
 def prepare_inputs(workdir: Path) -> None:
@@ -268,7 +270,10 @@ def authors_train(name: str, workdir: Path, steps: int, warmup: int) -> dict:
         torch.nn.utils.clip_grad_norm_(parameters, **clip)
         optimizer.step()
 
-    return {"times": {"train step": _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
+    return {
+        "times": {"train step": [seconds for seconds, _ in _repeat(lambda: _timed_call(step), steps, warmup)[0]]},
+        "peak_rss_gib": _peak_gib(),
+    }
 
 
 # ---------------------------------------------------------------------------------------------------- package's side
@@ -367,12 +372,6 @@ def package_infer(name: str, workdir: Path, repeats: int, warmup: int) -> dict:
     }
 
 
-def _timed_call(call) -> tuple[float, object]:
-    start = time.perf_counter()
-    result = call()
-    return time.perf_counter() - start, result
-
-
 def package_train(name: str, workdir: Path, steps: int, warmup: int, channels_last: bool = False) -> dict:
     import torch
     from detection_training import RECIPES as TRAINING_RECIPES
@@ -400,7 +399,10 @@ def package_train(name: str, workdir: Path, steps: int, warmup: int, channels_la
         optimizer.zero_grad(set_to_none=True)
 
     run = CHANNELS_LAST_TRAINING if channels_last else "train step"
-    return {"times": {run: _repeat(lambda: _seconds(step), steps, warmup)[0]}, "peak_rss_gib": _peak_gib()}
+    return {
+        "times": {run: [seconds for seconds, _ in _repeat(lambda: _timed_call(step), steps, warmup)[0]]},
+        "peak_rss_gib": _peak_gib(),
+    }
 
 
 # ------------------------------------------------------------------------------------------------------------ driver
@@ -411,25 +413,12 @@ def _reference_paths(args) -> tuple[str, str]:
     source = os.path.expanduser(
         args.denseclip_src or os.environ.get("DENSECLIP_SRC") or "~/.cache/denseclip-peer/official"
     )
-    problems = []
-    if not os.access(python, os.X_OK):
-        problems.append(
-            f"--det_python (or DET_PY) {python!r} is not an executable: build the reference venv with "
-            "`bash benchmarks/authors_detection/setup.sh`"
-        )
-    if not (Path(source) / "detection" / "denseclip").is_dir():
-        problems.append(
-            f"--denseclip_src (or DENSECLIP_SRC) {source!r} holds no detection/denseclip: export the authors' "
-            "repository (github.com/raoyongming/DenseCLIP) there"
-        )
-    if problems:
-        print(
-            "The side-by-side run against the authors' detection code needs their reference environment:",
-            file=sys.stderr,
-        )
-        for problem in problems:
-            print(f"  - {problem}", file=sys.stderr)
-        sys.exit(2)
+    check_reference_environment(
+        "the authors' detection code",
+        ("--det_python (or DET_PY)", python, "bash benchmarks/authors_detection/setup.sh"),
+        ("detection", source, "(github.com/raoyongming/DenseCLIP) there"),
+        [],
+    )
     return python, source
 
 
@@ -574,10 +563,8 @@ def main() -> None:
                     result["comparison"] = out["comparison"]
                 if "_train" in phase:
                     run = next(iter(out["times"]))
-                    peaks[run] = {
-                        **peaks.get(run, {}),
-                        side: max(peaks.get(run, {}).get(side, 0.0), out["peak_rss_gib"]),
-                    }
+                    run_peaks = peaks.setdefault(run, {})
+                    run_peaks[side] = max(run_peaks.get(side, 0.0), out["peak_rss_gib"])
         if not args.no_train:
             result["train_peak_gib"] = peaks
     rows, markdown = summarize(results)

@@ -394,22 +394,38 @@ def _reference_paths(args) -> tuple[str, str, str]:
         problems.append(
             f"--peer_dir (or PEER_DIR) must be the folder of the reference scripts with official.py, got {peer_dir!r}"
         )
-    if not os.access(peer_python, os.X_OK):
+    check_reference_environment(
+        "the authors' code",
+        ("--peer_python (or PEER_PY)", peer_python, "bash <peer_dir>/setup.sh"),
+        ("segmentation", source, "there (<peer_dir>/README.md, step 2)"),
+        problems,
+    )
+    return str(Path(peer_dir).resolve()), peer_python, source
+
+
+def check_reference_environment(
+    against: str, python: tuple[str, str, str], source: tuple[str, str, str], problems: list[str]
+) -> None:
+    """Exits with status 2, saying what is missing, unless the reference environment of a side-by-side run against
+    `against` is there: `python = (flag, path, setup command)`, the reference venv's python, must be an executable;
+    `source = (part, path, where to export)`, the authors' repository exported to `--denseclip_src`, must hold
+    `<part>/denseclip`; `problems` are the calling script's own findings. Shared with
+    `authors_detection_side_by_side.py`."""
+    flag, python_path, setup = python
+    part, source_path, export = source
+    problems = list(problems)
+    if not os.access(python_path, os.X_OK):
+        problems.append(f"{flag} {python_path!r} is not an executable: build the reference venv with `{setup}`")
+    if not (Path(source_path) / part / "denseclip").is_dir():
         problems.append(
-            f"--peer_python (or PEER_PY) {peer_python!r} is not an executable: build the reference venv with "
-            "`bash <peer_dir>/setup.sh`"
-        )
-    if not (Path(source) / "segmentation" / "denseclip").is_dir():
-        problems.append(
-            f"--denseclip_src (or DENSECLIP_SRC) {source!r} holds no segmentation/denseclip: export the authors' "
-            "repository there (<peer_dir>/README.md, step 2)"
+            f"--denseclip_src (or DENSECLIP_SRC) {source_path!r} holds no {part}/denseclip: export the authors' "
+            f"repository {export}"
         )
     if problems:
-        print("The side-by-side run against the authors' code needs their reference environment:", file=sys.stderr)
+        print(f"The side-by-side run against {against} needs their reference environment:", file=sys.stderr)
         for problem in problems:
             print(f"  - {problem}", file=sys.stderr)
         sys.exit(2)
-    return str(Path(peer_dir).resolve()), peer_python, source
 
 
 def _machine() -> dict:
